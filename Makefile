@@ -1,0 +1,43 @@
+# rwkv_ray developer targets. `make install` creates .venv at the repo root; every other
+# target depends on it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU torch for the test oracle (the official `rwkv` package). A plain `torch` would pull a
+# multi-GB CUDA build; override on machines that have a different CPU wheel.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-gpu demo bench lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q -ra tests
+
+test-gpu: install
+	$(BIN)/python -m pytest -q -ra -m gpu tests
+
+demo: install
+	$(BIN)/python -m rwkv_ray.cli demo
+
+bench: install
+	$(BIN)/python benchmarks/bench_wkv_cpu.py
+	$(BIN)/python benchmarks/bench_tokenizer.py
+
+lint: install
+	$(BIN)/ruff check rwkv_ray tests benchmarks jobs
+	$(BIN)/ruff format --check rwkv_ray tests benchmarks jobs
+
+format: install
+	$(BIN)/ruff format rwkv_ray tests benchmarks jobs
+	$(BIN)/ruff check --fix rwkv_ray tests benchmarks jobs
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

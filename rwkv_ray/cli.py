@@ -1,0 +1,94 @@
+"""`rwkv-ray`: the command line. Each subcommand is a thin call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  rwkv-ray convert RWKV-x060-World-1B6.pth models/1b6      # .pth -> config.json + weights
+  rwkv-ray export models/1b6 out.pth --dtype bfloat16       # back to the official layout
+  rwkv-ray info models/1b6                                  # sizes, parameter count
+  rwkv-ray demo                                             # a short local end-to-end run
+"""
+
+
+def _convert(args) -> None:
+    from rwkv_ray.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.checkpoint, args.out_dir)
+    print(f"wrote {out / 'config.json'} and {out / 'model.weights.h5'}")
+
+
+def _export(args) -> None:
+    from rwkv_ray.convert import export_checkpoint, load_model
+
+    path = export_checkpoint(load_model(args.model), args.out, dtype=args.dtype)
+    print(f"wrote {path}")
+
+
+def _info(args) -> None:
+    from rwkv_ray.convert import load_model
+
+    model = load_model(args.model)
+    info = model.config.to_dict()
+    info["num_heads"] = model.config.num_heads
+    info["parameters"] = int(sum(int(w.numpy().size) for w in model.weights))
+    print(json.dumps(info, indent=2))
+
+
+def _demo(args) -> None:
+    from rwkv_ray.demo import run_demo
+
+    run_demo(Path(args.out_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rwkv-ray",
+        description="Fine-tune and serve RWKV6 (x060, Finch) models on Ray, in Keras 3 on JAX.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="official .pth -> converted model directory")
+    p.add_argument("checkpoint", help="official RWKV6 .pth (read without executing code)")
+    p.add_argument("out_dir", help="directory to write config.json and model.weights.h5 to")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("export", help="model (directory or .pth) -> official-layout .pth")
+    p.add_argument("model", help="converted model directory (or a .pth)")
+    p.add_argument("out", help="path of the .pth to write")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="tensor dtype (default: the dtype of the checkpoint the model came from)",
+    )
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("info", help="print a model's config and parameter count")
+    p.add_argument("model", help="converted model directory or .pth")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("demo", help="short local run: build, export, convert, load, score")
+    p.add_argument("--out-dir", default="demo_out", help="where the demo writes its files")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"rwkv-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

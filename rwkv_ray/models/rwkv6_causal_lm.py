@@ -1,0 +1,77 @@
+"""`RWKV6CausalLM`: the backbone plus the vocabulary head; `forward` is the main entry."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from rwkv_ray.models import rwkv6_init as init
+from rwkv_ray.models.rwkv6_backbone import RWKV6Backbone
+from rwkv_ray.models.rwkv6_config import RWKV6Config
+from rwkv_ray.models.rwkv6_state import RWKV6State
+
+
+class RWKV6CausalLM(keras.Model):
+    """RWKV6 language model.
+
+    Args:
+        backbone: an `RWKV6Backbone` (its dtype policy is used for the head too).
+
+    Example:
+        model = RWKV6CausalLM.from_model_config(RWKV6Config(vocab_size=1000, num_layers=2,
+                                                            hidden_size=128))
+        logits, state = model.forward([[0, 0, 17, 42]])        # left-padded batch of 1
+        more, state = model.forward([[7]], state)               # continue from the state
+    """
+
+    def __init__(self, backbone: RWKV6Backbone, **kwargs):
+        kwargs.setdefault("dtype", backbone.dtype_policy)
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self._convert_input_args = False
+        cfg = backbone.config
+        self.head = keras.layers.Dense(
+            cfg.vocab_size,
+            use_bias=False,
+            kernel_initializer=init.head(cfg.vocab_size, cfg.hidden_size, backbone.init_weights),
+            dtype=backbone.dtype_policy,
+            name="head",
+        )
+        self.head.build((None, None, cfg.hidden_size))
+        self.built = True
+
+    @classmethod
+    def from_model_config(
+        cls, config: RWKV6Config | dict, wkv_impl: str | None = None, dtype=None
+    ) -> RWKV6CausalLM:
+        """A freshly initialised model (official init rules) of the given shape."""
+        return cls(RWKV6Backbone(config, wkv_impl=wkv_impl, dtype=dtype))
+
+    @property
+    def config(self) -> RWKV6Config:
+        return self.backbone.config
+
+    def call(self, token_ids, state: RWKV6State | None = None):
+        hidden, state = self.backbone(token_ids, state=state)
+        return ops.cast(self.head(hidden), "float32"), state
+
+    def forward(self, token_ids, state: RWKV6State | None = None):
+        """token_ids [B,T] (0 = left padding) -> (logits [B,T,V] float32, `RWKV6State`).
+
+        `state=None` starts from the model's initial state (zeros, or a tuned state)."""
+        return self(ops.convert_to_tensor(token_ids, "int32"), state=state)
+
+    def initial_state(self, batch_size: int) -> RWKV6State:
+        return self.backbone.initial_state(batch_size)
+
+    def get_config(self):
+        return {
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)

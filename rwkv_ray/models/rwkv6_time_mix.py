@@ -1,0 +1,169 @@
+"""`RWKV6TimeMix`: the x060 attention ("time mixing") sub-layer, without its LayerNorm.
+
+Math (a = ln1(x), one sequence; see ../shared/docs/rwkv6-reference.md §2):
+  xx = shift(a) - a;  xxx = a + xx * maa_x
+  m = tanh(xxx @ maa_w1) -> 5 slots -> @ maa_w2[s]     (slots in the order w, k, v, r, g)
+  x_s = a + xx * (maa_s + m_s)
+  r, k, v = x_r Wr, x_k Wk, x_v Wv;  g = silu(x_g Wg)
+  log_w = -exp(time_decay + tanh(x_w @ decay_w1) @ decay_w2)      (float32)
+  y = wkv6(r, k, v, log_w, u=time_faaaa, state);  out = (GroupNorm_H(y) * g) Wo
+Left padding (token id 0) must not touch any state: padded steps get k = 0 and log_w = 0
+(decay 1), and the token shift of the first real token reads the carried shift state.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from rwkv_ray.models import rwkv6_init as init
+from rwkv_ray.models.rwkv6_config import RWKV6Config
+from rwkv_ray.ops import wkv6
+
+MIX_SLOTS = ("w", "k", "v", "r", "g")
+
+
+def token_shift(a, mask, shift_state):
+    """Previous real token's value for every step: [B,T,C], plus the new shift state.
+
+    `mask` [B,T] is True on real tokens. Padding is on the left, so the previous value is
+    a[t-1] when t-1 is real and the carried state otherwise.
+    """
+    carried = ops.cast(shift_state, a.dtype)[:, None, :]
+    previous = ops.concatenate([carried, a[:, :-1]], axis=1)
+    previous_is_real = ops.concatenate([ops.zeros_like(mask[:, :1]), mask[:, :-1]], axis=1)
+    previous = ops.where(previous_is_real[..., None], previous, carried)
+    new_state = ops.where(mask[:, -1:], ops.cast(a[:, -1], "float32"), shift_state)
+    return previous, new_state
+
+
+class RWKV6TimeMix(keras.layers.Layer):
+    """TimeMix of one block. Arguments as in `RWKV6Block`."""
+
+    def __init__(
+        self, config: RWKV6Config, layer_index: int, wkv_impl=None, init_weights=True, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.config = config
+        self.layer_index = layer_index
+        self.wkv_impl = wkv_impl
+        self.init_weights = init_weights
+        # States are float32 whatever the compute dtype: never let Keras autocast them.
+        self._convert_input_args = False
+        self.receptance = self._projection("receptance", 1.0)
+        self.key = self._projection("key", 0.1)
+        self.value = self._projection("value", 1.0)
+        self.gate = self._projection("gate", 0.1)
+        self.output_projection = self._projection("output", 0.0)
+
+    def _projection(self, name: str, gain: float) -> keras.layers.Dense:
+        return keras.layers.Dense(
+            self.config.hidden_size,
+            use_bias=False,
+            kernel_initializer=init.projection(gain, self.init_weights),
+            dtype=self.dtype_policy,
+            name=name,
+        )
+
+    def build(self, input_shape=None):
+        cfg, i, L = self.config, self.layer_index, self.config.num_layers
+        c, h, n = cfg.hidden_size, cfg.num_heads, cfg.head_size
+        self.maa = {
+            slot: self.add_weight(
+                (c,), init.token_shift_mix(slot, i, L, c), name=f"time_maa_{slot}"
+            )
+            for slot in ("x",) + MIX_SLOTS
+        }
+        self.maa_w1 = self.add_weight((c, 5 * cfg.mix_lora_size), "zeros", name="time_maa_w1")
+        self.maa_w2 = self.add_weight(
+            (5, cfg.mix_lora_size, c), init.small_uniform(self.init_weights), name="time_maa_w2"
+        )
+        # Decay, bonus and GroupNorm parameters stay float32 under any dtype policy.
+        self.time_decay = self.add_weight(
+            (c,), init.time_decay(i, L, c), name="time_decay", dtype="float32"
+        )
+        self.decay_w1 = self.add_weight((c, cfg.decay_lora_size), "zeros", name="time_decay_w1")
+        self.decay_w2 = self.add_weight(
+            (cfg.decay_lora_size, c), init.small_uniform(self.init_weights), name="time_decay_w2"
+        )
+        self.time_faaaa = self.add_weight(
+            (h, n), init.time_faaaa(i, L, h, n), name="time_faaaa", dtype="float32"
+        )
+        self.ln_x_gamma = self.add_weight(
+            (c,), init.group_norm_scale(i, L), name="ln_x_gamma", dtype="float32"
+        )
+        self.ln_x_beta = self.add_weight((c,), "zeros", name="ln_x_beta", dtype="float32")
+        # The initial state of this layer: zeros unless a tuned state is loaded. State
+        # tuning makes these trainable (shared over the batch).
+        self.initial_wkv = self.add_weight(
+            (h, n, n), "zeros", name="initial_wkv", trainable=False, dtype="float32"
+        )
+        self.initial_shift = self.add_weight(
+            (c,), "zeros", name="initial_shift", trainable=False, dtype="float32"
+        )
+        for dense in (self.receptance, self.key, self.value, self.gate):
+            dense.build((None, None, c))
+        self.output_projection.build((None, None, c))
+        self.built = True
+
+    def call(self, a, mask, shift_state, wkv_state):
+        """a: ln1 output [B,T,C]; mask [B,T] bool; shift_state [B,C]; wkv_state [B,H,N,N].
+
+        Returns (out [B,T,C], new shift_state, new wkv_state)."""
+        cfg = self.config
+        batch, steps = ops.shape(a)[0], ops.shape(a)[1]
+        heads_shape = (batch, steps, cfg.num_heads, cfg.head_size)
+        previous, new_shift = token_shift(a, mask, shift_state)
+        xx = previous - a
+        maa = {slot: ops.cast(w, a.dtype) for slot, w in self.maa.items()}
+        xxx = a + xx * maa["x"]
+        lora = ops.tanh(ops.matmul(xxx, ops.cast(self.maa_w1, a.dtype)))
+        lora = ops.reshape(lora, (batch, steps, 5, cfg.mix_lora_size))
+        lora = ops.einsum("btsd,sdc->btsc", lora, ops.cast(self.maa_w2, a.dtype))
+        mixed = {slot: a + xx * (maa[slot] + lora[:, :, s]) for s, slot in enumerate(MIX_SLOTS)}
+        r = ops.reshape(self.receptance(mixed["r"]), heads_shape)
+        k = ops.reshape(self.key(mixed["k"]), heads_shape)
+        v = ops.reshape(self.value(mixed["v"]), heads_shape)
+        g = ops.silu(self.gate(mixed["g"]))
+        log_w = self._log_decay(mixed["w"])
+        real = ops.cast(mask, "float32")[:, :, None, None]
+        # Padding: no write (k = 0) and no decay (log_w = 0) -> the state passes untouched.
+        k = k * ops.cast(real, k.dtype)
+        log_w = ops.reshape(log_w, heads_shape) * real
+        y, new_wkv = wkv6(
+            r, k, v, log_w, ops.cast(self.time_faaaa, "float32"), wkv_state, impl=self.wkv_impl
+        )
+        y = self._group_norm(y)
+        out = self.output_projection(ops.cast(y, g.dtype) * g)
+        return out, new_shift, new_wkv
+
+    def _log_decay(self, x_w):
+        """log_w = -exp(w) in float32 (the decay must not pass through bf16)."""
+        x_w = ops.cast(x_w, "float32")
+        lora = ops.matmul(ops.tanh(ops.matmul(x_w, self.decay_w1)), self.decay_w2)
+        return -ops.exp(ops.cast(self.time_decay, "float32") + lora)
+
+    def _group_norm(self, y):
+        """GroupNorm with one group per head, in float32; y [B,T,H,N] -> [B,T,C]."""
+        y = ops.cast(y, "float32")
+        mean = ops.mean(y, axis=-1, keepdims=True)
+        var = ops.mean(ops.square(y - mean), axis=-1, keepdims=True)
+        y = (y - mean) * ops.rsqrt(var + self.config.group_norm_epsilon)
+        y = ops.reshape(y, (ops.shape(y)[0], ops.shape(y)[1], self.config.hidden_size))
+        return y * ops.cast(self.ln_x_gamma, "float32") + ops.cast(self.ln_x_beta, "float32")
+
+    def get_config(self):
+        base = super().get_config()
+        base.update(
+            config=self.config.to_dict(),
+            layer_index=self.layer_index,
+            wkv_impl=self.wkv_impl,
+            init_weights=self.init_weights,
+        )
+        return base
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["config"] = RWKV6Config.from_dict(config["config"])
+        return cls(**config)

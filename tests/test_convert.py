@@ -1,0 +1,154 @@
+"""Conversion .pth <-> converted directory <-> .pth, strict key/shape checks, unsafe files,
+and the seed-compatible `build_transformer_model`."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from official import random_state_dict, torch_save
+
+import rwkv_ray
+from rwkv_ray.cli import main as cli_main
+from rwkv_ray.compat import build_transformer_model
+from rwkv_ray.convert import CheckpointMismatchError, assign_state_dict, model_state_dict
+from rwkv_ray.models import RWKV6CausalLM, RWKV6Config
+
+SHAPE = dict(vocab_size=61, num_layers=2, hidden_size=128, mix_lora=8, decay_lora=16)
+TOKENS = np.array([[0, 0, 5, 9, 33, 2, 60, 7]])
+
+
+def torch_tensors(path):
+    return torch.load(str(path), weights_only=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("time_state", [False, True])
+def test_round_trip_is_exact(tmp_path, dtype, time_state):
+    sd = random_state_dict(1, time_state=time_state, **SHAPE)
+    source = torch_save(sd, tmp_path / "source.pth", dtype=dtype)
+    assert cli_main(["convert", str(source), str(tmp_path / "converted")]) == 0
+    assert cli_main(["export", str(tmp_path / "converted"), str(tmp_path / "back.pth")]) == 0
+    original, back = torch_tensors(source), torch_tensors(tmp_path / "back.pth")
+    assert sorted(original) == sorted(back)
+    for key, tensor in original.items():
+        assert back[key].dtype == tensor.dtype, key
+        assert torch.equal(back[key], tensor), key
+
+
+def test_converted_directory_and_pth_give_identical_logits(tmp_path):
+    source = torch_save(random_state_dict(2, time_state=True, **SHAPE), tmp_path / "m.pth")
+    rwkv_ray.convert.convert_checkpoint(source, tmp_path / "dir")
+    from_dir = np.asarray(rwkv_ray.load_model(tmp_path / "dir").forward(TOKENS)[0])
+    from_pth = np.asarray(rwkv_ray.load_model(source).forward(TOKENS)[0])
+    np.testing.assert_array_equal(from_dir, from_pth)
+
+
+def test_mismatch_lists_every_offending_key(tmp_path):
+    sd = random_state_dict(3, **SHAPE)
+    sd["blocks.1.att.key.weight"] = sd["blocks.1.att.key.weight"][:, :64]
+    del sd["blocks.0.ffn.time_maa_r"]
+    sd["blocks.0.att.extra"] = np.zeros((3,), np.float32)
+    model = RWKV6CausalLM.from_model_config(
+        RWKV6Config.from_state_dict(random_state_dict(3, **SHAPE))
+    )
+    with pytest.raises(CheckpointMismatchError) as error:
+        assign_state_dict(model, sd)
+    message = str(error.value)
+    assert (
+        "shape mismatch: blocks.1.att.key.weight has (128, 64), the model needs (128, 128)"
+        in message
+    )
+    assert "missing: blocks.0.ffn.time_maa_r" in message
+    assert "unexpected: blocks.0.att.extra (3,)" in message
+
+
+def test_wrong_number_of_layers_is_refused(tmp_path):
+    sd = random_state_dict(4, **SHAPE)
+    model = RWKV6CausalLM.from_model_config(
+        RWKV6Config(
+            vocab_size=61, num_layers=1, hidden_size=128, mix_lora_size=8, decay_lora_size=16
+        )
+    )
+    with pytest.raises(CheckpointMismatchError, match="unexpected: blocks.1.ln1.weight"):
+        assign_state_dict(model, sd)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    with zipfile.ZipFile(evil, "w") as archive:
+        archive.writestr(
+            "evil/data.pkl", pickle.dumps({"emb.weight": _Payload(marker)}, protocol=2)
+        )
+        archive.writestr("evil/version", "3\n")
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        rwkv_ray.load_model(evil)
+    assert not marker.exists()
+
+
+def test_export_dtype_and_time_state_rules():
+    sd = random_state_dict(5, **SHAPE)
+    model = RWKV6CausalLM.from_model_config(RWKV6Config.from_state_dict(sd))
+    assign_state_dict(model, sd)
+    exported = model_state_dict(model, dtype="bfloat16")
+    assert not any(k.endswith("time_state") for k in exported)
+    assert exported["emb.weight"].dtype == ml_dtypes.bfloat16
+    model.backbone.blocks[1].time_mix.initial_wkv.assign(np.ones((2, 64, 64), np.float32))
+    assert "blocks.1.att.time_state" in model_state_dict(model)
+    with pytest.raises(ValueError, match="int8"):
+        model_state_dict(model, dtype="int8")
+
+
+def test_load_model_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model"):
+        rwkv_ray.load_model(tmp_path / "nope")
+    (tmp_path / "half").mkdir()
+    RWKV6Config(num_layers=1, hidden_size=64).to_json(tmp_path / "half" / "config.json")
+    with pytest.raises(FileNotFoundError, match="model.weights.h5"):
+        rwkv_ray.load_model(tmp_path / "half")
+
+
+def test_build_transformer_model_seed_compat(tmp_path):
+    source = torch_save(random_state_dict(6, time_state=True, **SHAPE), tmp_path / "m.pth")
+    rwkv_ray.convert.convert_checkpoint(source, tmp_path / "dir")
+    seed_config = {
+        "vocab_size": 61, "num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 128,
+        "intermediate_size": 448, "attention_head_size": 64, "decomposer_size": 8,
+        "time_decay_size": 16,
+    }  # fmt: skip
+    (tmp_path / "seed.json").write_text(__import__("json").dumps(seed_config))
+    built = build_transformer_model(
+        config_path=tmp_path / "seed.json",
+        model="rwkv6",
+        keras_weights_path=tmp_path / "dir" / "model.weights.h5",
+        return_keras_model=False,
+        with_lm="softmax",
+        penalty=1.2,
+    )
+    probs = np.asarray(built.model(TOKENS))
+    logits = np.asarray(rwkv_ray.load_model(source).forward(TOKENS)[0])
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)
+    assert built.generation_settings == {"penalty": 1.2}
+    built.enable_state_tunig(time_shitf_tuning=True)
+    trainable = {v.path.split("/")[-1] for v in built.causal_lm.trainable_weights}
+    assert trainable == {"initial_wkv", "initial_shift"}
+    assert len(built.causal_lm.trainable_weights) == 2 * 3
+    with pytest.raises(ValueError, match="rwkv7"):
+        build_transformer_model(tmp_path / "seed.json", model="rwkv7")
