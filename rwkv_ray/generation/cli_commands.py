@@ -1,0 +1,137 @@
+"""`rwkv-ray generate`: stream a continuation to the terminal.
+
+rwkv-ray generate --model models/1b6 --prompt "The Eiffel tower is in" --max-new-tokens 64
+rwkv-ray generate --model m.pth --state tuned.pth --prompt "User: hi\\n\\nAssistant:" \\
+    --search-mode topp --k 0.7 --temperature 1.0 --alpha-frequency 0.2 --end-token 261
+rwkv-ray generate --model m.pth --prompt "Once upon a time" --max-new-tokens 60 --chunk 20
+
+--state takes one of our state files (.npz, see `rwkv_ray.generation.state_io`) or an
+RWKV-PEFT time_state .pth. --chunk N generates N tokens at a time, each chunk continuing
+from the previous chunk's state with an empty prompt (exactly what one pass would give in
+greedy mode); chunk boundaries are marked on stderr. --save-state writes the final state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rwkv_ray.generation.sampling import SEARCH_MODES
+
+
+def _k_value(text: str):
+    """--k: an int (topk), a float p (topp) or 'p,k' (topp with top-k first)."""
+    if "," in text:
+        p, k = text.split(",", 1)
+        return [float(p), int(k)]
+    return float(text) if "." in text else int(text)
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="converted model directory or .pth")
+    parser.add_argument("--state", help="state to start from: our .npz or a PEFT .pth")
+    parser.add_argument("--prompt", required=True, help="prompt text")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="default 100")
+    parser.add_argument("--search-mode", choices=SEARCH_MODES, default="greedy")
+    parser.add_argument("--k", type=_k_value, help="topk: int; topp: p or 'p,k'")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--penalty", type=float, default=1.0, help="the seed's penalty")
+    parser.add_argument("--penalty-window", type=int, help="the seed's penalty window")
+    parser.add_argument("--max-penalty-range", type=int, nargs=2, metavar=("LO", "HI"))
+    parser.add_argument("--alpha-frequency", type=float, default=0.0)
+    parser.add_argument("--alpha-presence", type=float, default=0.0)
+    parser.add_argument("--alpha-decay", type=float, default=1.0)
+    parser.add_argument("--token-ban", type=int, nargs="*", default=[], metavar="ID")
+    parser.add_argument("--end-token", type=int, nargs="*", metavar="ID", help="e.g. 261")
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, help="sampling seed")
+    parser.add_argument("--chunk", type=int, help="generate N tokens per chunk, from the state")
+    parser.add_argument("--save-state", help="write the final state (.npz) here")
+    parser.add_argument("--dtype", default=None, help="Keras dtype policy, e.g. bfloat16")
+
+
+def _load_state(path: str, model):
+    from rwkv_ray.generation.state_io import import_peft_state, load_state
+
+    if path.endswith(".pth"):
+        return import_peft_state(path, model)
+    return load_state(path, model)
+
+
+class _Printer:
+    """Writes token bytes as text, holding back an incomplete UTF-8 sequence."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out, self.pending = tokenizer, out, b""
+
+    def write(self, token: int) -> None:
+        self.pending += self.tokenizer.decode_bytes([token])
+        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
+            try:
+                text = self.pending[:cut].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            self.out.write(text)
+            self.out.flush()
+            self.pending = self.pending[cut:]
+            return
+
+    def close(self) -> None:
+        self.out.write(self.pending.decode("utf-8", errors="replace") + "\n")
+        self.out.flush()
+
+
+def _sampling(args) -> dict:
+    return dict(
+        search_mode=args.search_mode,
+        k=args.k,
+        temperature=args.temperature,
+        penalty=args.penalty,
+        penalty_window=args.penalty_window,
+        max_penalty_range=args.max_penalty_range,
+        alpha_frequency=args.alpha_frequency,
+        alpha_presence=args.alpha_presence,
+        alpha_decay=args.alpha_decay,
+        token_ban=args.token_ban,
+        end_token=args.end_token or None,
+        stop=args.stop,
+        seed=args.seed,
+    )
+
+
+def run_generate(args) -> None:
+    from rwkv_ray.convert import load_model
+    from rwkv_ray.generation.generate import stream_generate
+    from rwkv_ray.generation.state_io import save_state
+    from rwkv_ray.tokenizer import WorldTokenizer
+
+    model = load_model(args.model, dtype=args.dtype)
+    tokenizer = WorldTokenizer()
+    state = _load_state(args.state, model) if args.state else None
+    chunk = args.chunk or args.max_new_tokens
+    if chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, got {chunk}")
+    printer, left, prompt = _Printer(tokenizer), args.max_new_tokens, args.prompt
+    while left > 0:
+        stream = stream_generate(
+            model, [prompt], min(chunk, left), state=state, tokenizer=tokenizer, **_sampling(args)
+        )
+        sys.stdout.write(prompt if prompt else "")  # after validation
+        for tokens in stream:
+            if tokens[0] is not None:
+                printer.write(tokens[0])
+        result, left, prompt = stream.result, left - len(stream.result.tokens[0]), []
+        state = result.state
+        if result.finish_reason[0] != "length":
+            break
+        if args.chunk and left > 0:
+            print(f"\n[chunk: continuing from the state, {left} tokens left]", file=sys.stderr)
+    printer.close()
+    if args.save_state:
+        print(f"wrote {save_state(state, args.save_state, model)}", file=sys.stderr)
+
+
+def add_generate_command(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="stream a continuation of a prompt")
+    add_generate_arguments(p)
+    p.set_defaults(func=run_generate)

@@ -1,0 +1,193 @@
+"""The compiled pieces of generation: prefill, one decode step, the on-device decode loop.
+
+Everything runs under `jax.jit` with static shapes. Host code (`generate.py`) buckets:
+  batch   -> next power of two (extra rows are pure padding, finished from the start);
+  prompt  -> next power of two >= 16 up to PREFILL_CHUNK, then whole chunks of PREFILL_CHUNK
+             fed one after another through the same compiled function (left padding with
+             id 0 is exact: padding never changes a state);
+  new tokens -> next power of two >= 16 (the token buffer; the loop's trip count is a traced
+             value, so any max_new_tokens inside a bucket reuses the compilation).
+`compile_counts()` counts traces per function (a trace is a compilation), for tests.
+
+Decoding invariant: a carry's `state` covers every token fed so far, and `logits` are the
+next-token logits that state predicts. A step samples from `logits`, feeds the sampled token
+(id 0 for finished rows, which changes nothing) and keeps the old logits where id 0 was fed.
+"""
+
+from __future__ import annotations
+
+import collections
+import weakref
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import keras
+
+from rwkv_ray.generation.sampling import (
+    PenaltyState,
+    SamplerFeatures,
+    SamplingParams,
+    init_penalties,
+    process_logits,
+    sample_tokens,
+    update_penalties,
+)
+from rwkv_ray.models import RWKV6State
+
+PREFILL_CHUNK = 1024
+MIN_BUCKET = 16
+_COMPILES: collections.Counter[str] = collections.Counter()
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compile_counts() -> dict[str, int]:
+    """How many times each compiled generation function was traced (= compiled)."""
+    return dict(_COMPILES)
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def bucket_batch(batch: int) -> int:
+    return _next_power_of_two(batch)
+
+
+def bucket_prompt(length: int) -> int:
+    """Padded prompt length: 0, a power of two in [16, PREFILL_CHUNK], or whole chunks."""
+    if length == 0:
+        return 0
+    if length > PREFILL_CHUNK:
+        return -(-length // PREFILL_CHUNK) * PREFILL_CHUNK
+    return max(MIN_BUCKET, _next_power_of_two(length))
+
+
+def bucket_new_tokens(n: int) -> int:
+    return max(MIN_BUCKET, _next_power_of_two(n))
+
+
+class DecodeCarry(NamedTuple):
+    """Loop state of decoding (all on device)."""
+
+    step: object  # [] int32
+    state: RWKV6State
+    logits: object  # [B, V] float32: next-token logits of `state`
+    tokens: object  # [B, N_bucket] int32: row b's tokens are tokens[b, :count[b]]
+    count: object  # [B] int32
+    done: object  # [B] bool
+    ended: object  # [B] bool: finished by an end token
+    penalties: PenaltyState
+    key: object  # PRNG key
+
+
+class Engine:
+    """Compiled generation functions of one model (one Engine per model, see `engine_for`)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.prefill_fn = jax.jit(self._prefill, donate_argnums=(3, 4))
+        self.init_fn = jax.jit(self._init, static_argnames=("vocab_size", "features"))
+        self.step_fn = jax.jit(self._step, static_argnames=("features",), donate_argnums=(2,))
+        self.loop_fn = jax.jit(self._loop, static_argnames=("features",), donate_argnums=(2,))
+
+    def variables(self) -> tuple[list, list]:
+        model = self.model
+        return (
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+        )
+
+    # ---- model calls (traced) ----------------------------------------------------------
+    def _prefill(self, trainable, non_trainable, token_ids, state, logits):
+        """Feed token_ids [B,T]; rows that are all padding keep their logits."""
+        _COMPILES["prefill"] += 1
+        model = self.model
+        mapping = list(zip(model.trainable_variables, trainable, strict=True))
+        mapping += list(zip(model.non_trainable_variables, non_trainable, strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
+            hidden, state = model.backbone(token_ids, state=state)
+            # The head only for the last position: prefill never needs the other logits.
+            new_logits = model.head(hidden[:, -1:])[:, 0].astype(jnp.float32)
+        fed = jnp.any(token_ids != 0, axis=1)[:, None]
+        return jnp.where(fed, new_logits, logits), state
+
+    def _feed_one(self, trainable, non_trainable, token, state):
+        (logits, state), _ = self.model.stateless_call(
+            trainable, non_trainable, token[:, None], state=state
+        )
+        return logits[:, -1].astype(jnp.float32), state
+
+    # ---- decoding (traced) -------------------------------------------------------------
+    def _init(self, history, length, vocab_size: int, features: SamplerFeatures):
+        _COMPILES["init_penalties"] += 1
+        return init_penalties(history, length, vocab_size, features)
+
+    def _decode_step(self, trainable, non_trainable, carry, params, end_mask, limit, features):
+        processed = process_logits(carry.logits, params, carry.penalties, features)
+        key = jax.random.fold_in(carry.key, carry.step)
+        token = sample_tokens(key, processed, params, features)
+        active = ~carry.done
+        token = jnp.where(active, token, 0)
+        tokens = carry.tokens.at[:, carry.step].set(token)
+        logits, state = self._feed_one(trainable, non_trainable, token, carry.state)
+        logits = jnp.where((token == 0)[:, None], carry.logits, logits)
+        penalties = update_penalties(carry.penalties, token, active, params, features)
+        count = carry.count + active.astype(jnp.int32)
+        ended = carry.ended | (active & end_mask[token])
+        done = carry.done | ended | (count >= limit)
+        return DecodeCarry(
+            carry.step + 1, state, logits, tokens, count, done, ended, penalties, carry.key
+        )
+
+    def _step(self, trainable, non_trainable, carry, params, end_mask, limit, features):
+        _COMPILES["decode_step"] += 1
+        return self._decode_step(trainable, non_trainable, carry, params, end_mask, limit, features)
+
+    def _loop(self, trainable, non_trainable, carry, params, end_mask, limit, features):
+        """Decode until every row is done or `limit` steps, without leaving the device."""
+        _COMPILES["decode_loop"] += 1
+
+        def cond(c):
+            return (c.step < limit) & ~jnp.all(c.done)
+
+        def body(c):
+            return self._decode_step(trainable, non_trainable, c, params, end_mask, limit, features)
+
+        return jax.lax.while_loop(cond, body, carry)
+
+
+def engine_for(model) -> Engine:
+    """The (cached) Engine of a model."""
+    engine = _ENGINES.get(model)
+    if engine is None:
+        engine = _ENGINES[model] = Engine(model)
+    return engine
+
+
+def new_carry(state, logits, new_bucket: int, penalties, seed: int, done) -> DecodeCarry:
+    batch = logits.shape[0]
+    return DecodeCarry(
+        step=jnp.zeros((), jnp.int32),
+        state=state,
+        logits=logits,
+        tokens=jnp.zeros((batch, new_bucket), jnp.int32),
+        count=jnp.zeros((batch,), jnp.int32),
+        done=jnp.asarray(done),
+        ended=jnp.zeros((batch,), bool),
+        penalties=penalties,
+        key=jax.random.key(seed),
+    )
+
+
+__all__ = [
+    "DecodeCarry",
+    "Engine",
+    "SamplingParams",
+    "bucket_batch",
+    "bucket_new_tokens",
+    "bucket_prompt",
+    "compile_counts",
+    "engine_for",
+    "new_carry",
+]

@@ -1,0 +1,236 @@
+"""`generate` / `stream_generate` on a tiny random checkpoint, against the official `rwkv`
+package (CPU, fp32) and against themselves (chunked, batched, streamed).
+
+Greedy token sequences must be identical; states are compared with a tolerance of 1e-4 of
+the largest |value| (two fp32 implementations, see test_model_vs_official.py). Token id 0
+is banned in the comparisons with the official package: it is end-of-text / padding for
+us, an ordinary embedding row for the official model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from official import OfficialModel, official_state_to_numpy, random_state_dict, torch_save
+
+import rwkv_ray
+from rwkv_ray.generation import (
+    StateMismatchError,
+    compile_counts,
+    generate,
+    import_peft_state,
+    stream_generate,
+)
+from rwkv_ray.models import RWKV6State
+
+VOCAB = 97
+RTOL_OF_MAX = 1e-4
+NO_PAD = (0,)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    sd = random_state_dict(11, vocab_size=VOCAB, num_layers=2, hidden_size=128)
+    path = torch_save(sd, tmp_path_factory.mktemp("gen") / "model.pth")
+    return sd, path, OfficialModel(path), rwkv_ray.load_model(path)
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(1, VOCAB, length).tolist()
+
+
+def official_greedy(official, tokens, steps, state=None):
+    """Argmax continuation (id 0 excluded) step by step -> (tokens, final state)."""
+    out = []
+    logits, state = official.forward(tokens, state)
+    for _ in range(steps):
+        scores = logits[-1].copy()
+        scores[0] = -np.inf
+        out.append(int(np.argmax(scores)))
+        logits, state = official.forward([out[-1]], state)
+    return out, state
+
+
+def assert_state_close(ours, ref, what):
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        err = np.abs(np.asarray(a) - b).max() / max(np.abs(b).max(), 1e-12)
+        assert err <= RTOL_OF_MAX, f"{what} state[{i}]: error {err:.2e} of max"
+
+
+def test_greedy_matches_official_and_state_covers_every_token(ckpt):
+    _, _, official, model = ckpt
+    prompts = [prompt(9, 1), prompt(3, 2)]
+    result = generate(model, prompts, 12, token_ban=NO_PAD)
+    for b, p in enumerate(prompts):
+        tokens, state = official_greedy(official, p, 12)
+        assert result.tokens[b] == tokens
+        assert result.finish_reason[b] == "length"
+        # The official state after prompt + all 12 tokens (the last one fed, too).
+        _, ref = official.forward(p + tokens)
+        assert_state_close(result.state.to_official(b), official_state_to_numpy(ref), "final")
+
+
+def test_greedy_with_time_state_matches_official(ckpt, tmp_path):
+    """A PEFT time_state saved by torch (their layout [H, value, key]), merged into the base
+    .pth for the official package and imported as our state."""
+    sd, _, _, model = ckpt
+    rng = np.random.default_rng(3)
+    time_state = {
+        f"blocks.{i}.att.time_state": (rng.standard_normal((2, 64, 64)) * 0.5).astype(np.float32)
+        for i in range(2)
+    }
+    peft = tmp_path / "state.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in time_state.items()}, str(peft))
+    official = OfficialModel(torch_save({**sd, **time_state}, tmp_path / "merged.pth"))
+    p = prompt(6, 4)
+    expected = [official_greedy(official, row, 10)[0] for row in (p, p[:2])]
+    state = import_peft_state(peft, model)
+    assert generate(model, [p, p[:2]], 10, state=state, token_ban=NO_PAD).tokens == expected
+    # The same state as the model's own initial state (what loading the merged .pth or
+    # state tuning gives); variables are arguments of the compiled functions: no recompile.
+    variables = [block.time_mix.initial_wkv for block in model.backbone.blocks]
+    saved = [np.asarray(v.numpy()) for v in variables]
+    try:
+        for variable, tuned in zip(variables, np.asarray(state.wkv)[:, 0], strict=True):
+            variable.assign(tuned)
+        assert generate(model, [p, p[:2]], 10, token_ban=NO_PAD).tokens == expected
+    finally:
+        for variable, value in zip(variables, saved, strict=True):
+            variable.assign(value)
+
+
+def test_chunked_generation_equals_one_pass(ckpt):
+    _, _, _, model = ckpt
+    prompts = [prompt(5, 5), prompt(11, 6)]
+    whole = generate(model, prompts, 14, token_ban=NO_PAD)
+    first = generate(model, prompts, 5, token_ban=NO_PAD)
+    second = generate(model, [[], []], 6, state=first.state, token_ban=NO_PAD)
+    third = generate(model, [[], []], 3, state=second.state, token_ban=NO_PAD)
+    for b in range(2):
+        assert first.tokens[b] + second.tokens[b] + third.tokens[b] == whole.tokens[b]
+    for a, c in zip(third.state, whole.state, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=0, atol=1e-6)
+
+
+def test_new_prompt_after_state_equals_concatenation(ckpt):
+    _, _, _, model = ckpt
+    p1, p2 = prompt(7, 7), prompt(4, 8)
+    first = generate(model, [p1, p2], 4, token_ban=NO_PAD)
+    after = generate(model, [p2, p1], 6, state=first.state, token_ban=NO_PAD)
+    concatenated = generate(
+        model, [p1 + first.tokens[0] + p2, p2 + first.tokens[1] + p1], 6, token_ban=NO_PAD
+    )
+    assert after.tokens == concatenated.tokens
+
+
+def test_mixed_length_batch_rows_equal_single_rows(ckpt):
+    _, _, _, model = ckpt
+    prompts = [prompt(n, 20 + n) for n in (1, 16)]  # batch and prompt buckets of others
+    batch = generate(model, prompts, 9, token_ban=NO_PAD)
+    for b, p in enumerate(prompts):
+        alone = generate(model, [p], 9, token_ban=NO_PAD)
+        assert batch.tokens[b] == alone.tokens[0], f"row {b}"
+        assert_state_close(batch.state.to_official(b), alone.state.to_official(0), f"row {b}")
+
+
+def test_end_token_stops_its_row_and_freezes_its_state(ckpt):
+    _, _, _, model = ckpt
+    prompts = [prompt(5, 30), prompt(8, 31)]
+    free = generate(model, prompts, 12, token_ban=NO_PAD)
+    end = free.tokens[0][3]
+    if end in free.tokens[1]:
+        pytest.fail("pick another seed: both rows produce the end token")
+    result = generate(model, prompts, 12, token_ban=NO_PAD, end_token=end)
+    stop_at = free.tokens[0].index(end) + 1
+    assert result.tokens[0] == free.tokens[0][:stop_at]  # the end token is the last one
+    assert result.finish_reason == ["end_token", "length"]
+    assert result.tokens[1] == free.tokens[1]  # the other row continues
+    # The finished row's state covers exactly its tokens (end token included).
+    short = generate(model, prompts[:1], stop_at, token_ban=NO_PAD)
+    assert_state_close(result.state.to_official(0), short.state.to_official(0), "frozen row")
+    assert len(result.text[0]) == stop_at - 1  # ids 1..96 are one byte each; no end token
+
+
+def test_stream_yields_what_generate_returns(ckpt):
+    _, _, _, model = ckpt
+    prompts = [prompt(5, 40), prompt(2, 41)]
+    reference = generate(model, prompts, 10, token_ban=NO_PAD, end_token=prompt(1, 9)[0])
+    stream = stream_generate(model, prompts, 10, token_ban=NO_PAD, end_token=prompt(1, 9)[0])
+    steps = list(stream)
+    for b in range(2):
+        assert [s[b] for s in steps if s[b] is not None] == reference.tokens[b]
+    assert stream.result.tokens == reference.tokens
+    assert stream.result.finish_reason == reference.finish_reason
+
+
+def test_stop_string_cuts_text_and_keeps_state_consistent(ckpt):
+    _, _, _, model = ckpt
+    prompts = [prompt(5, 50), prompt(6, 51)]
+    free = generate(model, prompts, 10, token_ban=NO_PAD)
+    stop = bytes([free.tokens[0][4] - 1]).decode("latin-1")  # World ids 1..96 = bytes 0..95
+    result = generate(model, prompts, 10, token_ban=NO_PAD, stop=stop)
+    first = free.tokens[0].index(free.tokens[0][4]) + 1
+    assert result.finish_reason[0] == "stop"
+    assert result.tokens[0] == free.tokens[0][:first]
+    assert stop not in result.text[0]
+    short = generate(model, prompts[:1], first, token_ban=NO_PAD)
+    assert_state_close(result.state.to_official(0), short.state.to_official(0), "stop row")
+
+
+def test_new_prompt_lengths_inside_a_bucket_do_not_recompile(ckpt):
+    _, _, _, model = ckpt
+    generate(model, [prompt(3, 60), prompt(4, 61)], 5, token_ban=NO_PAD)
+    before = compile_counts()
+    for length, new in ((5, 9), (9, 16), (14, 3), (16, 11)):
+        generate(model, [prompt(length, 62), prompt(2, 63)], new, token_ban=NO_PAD)
+    assert compile_counts() == before
+
+
+def test_seeded_sampling_with_every_control_is_reproducible(ckpt):
+    _, _, _, model = ckpt
+    settings = dict(
+        search_mode="topp",
+        k=[0.9, 20],
+        temperature=0.8,
+        penalty=1.3,
+        penalty_window=4,
+        max_penalty_range=[1, 3],
+        alpha_frequency=0.2,
+        alpha_presence=0.1,
+        alpha_decay=0.99,
+        token_ban=(0, 5),
+    )
+    prompts = [prompt(5, 70), prompt(3, 71)]
+    a = generate(model, prompts, 12, seed=1, **settings)
+    b = generate(model, prompts, 12, seed=1, **settings)
+    c = generate(model, prompts, 12, seed=2, **settings)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+    assert all(5 not in row and 0 not in row for row in a.tokens + c.tokens)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts="abc"), "prompts"),
+        (dict(prompts=[]), "prompts"),
+        (dict(prompts=[[1, VOCAB]]), r"prompts\[0\]"),
+        (dict(prompts=[[1, 0, 2]]), r"prompts\[0\]"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(end_token=VOCAB), "end_token"),
+        (dict(stop=""), "stop"),
+        (dict(seed=-1), "seed"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(prompts=[[]]), "empty"),
+        (dict(state=RWKV6State.zeros(3, 1, 2, 64)), "state.att_shift"),
+        (dict(prompts=[[1], [2]], state=RWKV6State.zeros(2, 3, 2, 64)), "batch 3"),
+    ],
+)
+def test_bad_arguments_raise_before_any_compute(ckpt, kwargs, message):
+    _, _, _, model = ckpt
+    args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
+    before = compile_counts()
+    with pytest.raises(ValueError, match=message):
+        generate(model, args.pop("prompts"), args.pop("max_new_tokens"), **args)
+    assert compile_counts() == before
+    assert issubclass(StateMismatchError, ValueError)
