@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from rwkv_ray.models import rwkv6_init as init
@@ -38,6 +39,7 @@ class RWKV6CausalLM(keras.Model):
             name="head",
         )
         self.head.build((None, None, cfg.hidden_size))
+        self._compiled_forward = None
         self.built = True
 
     @classmethod
@@ -58,8 +60,27 @@ class RWKV6CausalLM(keras.Model):
     def forward(self, token_ids, state: RWKV6State | None = None):
         """token_ids [B,T] (0 = left padding) -> (logits [B,T,V] float32, `RWKV6State`).
 
-        `state=None` starts from the model's initial state (zeros, or a tuned state)."""
-        return self(ops.convert_to_tensor(token_ids, "int32"), state=state)
+        `state=None` starts from the model's initial state (zeros, or a tuned state).
+        On JAX this runs compiled: T is left-padded with id 0 up to a bucket (exact, since
+        padding never changes a state) so that new lengths rarely recompile."""
+        token_ids = np.asarray(ops.convert_to_numpy(token_ids), np.int32)
+        if token_ids.ndim != 2:
+            raise ValueError(f"token_ids must be [batch, time], got shape {token_ids.shape}")
+        if keras.backend.backend() != "jax":
+            # `call`, not `self(...)`: on the torch backend Keras routes `__call__` through
+            # torch's Module.forward, which this method overrides.
+            return self.call(ops.convert_to_tensor(token_ids), state=state)
+        steps = token_ids.shape[1]
+        padded = np.pad(token_ids, [(0, 0), (bucket_length(steps) - steps, 0)])
+        if self._compiled_forward is None:
+            self._compiled_forward = _compile_forward(self)
+        logits, state = self._compiled_forward(
+            [v.value for v in self.trainable_variables],
+            [v.value for v in self.non_trainable_variables],
+            padded,
+            state,
+        )
+        return logits[:, padded.shape[1] - steps :], state
 
     def initial_state(self, batch_size: int) -> RWKV6State:
         return self.backbone.initial_state(batch_size)
@@ -75,3 +96,23 @@ class RWKV6CausalLM(keras.Model):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         return cls(**config)
+
+
+def bucket_length(steps: int) -> int:
+    """Sequence-length buckets for compiled calls: powers of two from 16, then multiples
+    of 1024."""
+    if steps <= 16:
+        return 16
+    if steps <= 1024:
+        return 1 << (steps - 1).bit_length()
+    return -(-steps // 1024) * 1024
+
+
+def _compile_forward(model: RWKV6CausalLM):
+    import jax
+
+    def run(trainable, non_trainable, token_ids, state):
+        outputs, _ = model.stateless_call(trainable, non_trainable, token_ids, state=state)
+        return outputs
+
+    return jax.jit(run)

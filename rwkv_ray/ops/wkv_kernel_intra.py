@@ -1,0 +1,125 @@
+"""Intra-chunk pieces of the fused WKV6 kernel (rwkv_ray/ops/wkv_kernel.py): log-decay
+cumsums kept exact under very strong decay, the decay factors, and the three contractions with
+M[t, s, i] = exp(Ae_t[i] - A_s[i]) (s < t). Pure jax; traced inside Pallas kernels.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+F32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+def _mm(a, b, mm_dtype, dims=None):
+    """a @ b (or dot_general with dims), operands in mm_dtype, float32 accumulation. Float32
+    operands use exact IEEE float32 (Precision.HIGHEST; DEFAULT would be TF32)."""
+    a, b = a.astype(mm_dtype), b.astype(mm_dtype)
+    prec = lax.Precision.HIGHEST if mm_dtype == F32 else None
+    dims = dims or (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
+
+
+# Log-decays below -_BIG count as -inf (exp(-50) ~ 2e-22: no visible change). They are kept
+# out of the float32 cumsums as a count instead, so that one decay of -1e3 does not cost the
+# other exponents in its chunk their precision (a difference of two cumsums of size ~1e4).
+_BIG = 50.0
+
+
+def _split(lw):
+    big = lw < -_BIG
+    return jnp.where(big, 0.0, lw), jnp.where(big, 1.0, 0.0)
+
+
+def _chunk_terms(lw):
+    """Inclusive / exclusive cumsums over the chunk and the chunk total, as (sum, count) pairs."""
+    ws, nb = _split(lw)
+    a_inc, n_inc = jnp.cumsum(ws, axis=0), jnp.cumsum(nb, axis=0)
+    return (a_inc, n_inc), (a_inc - ws, n_inc - nb), (jnp.sum(ws, axis=0), jnp.sum(nb, axis=0))
+
+
+def _dexp(x, y=None):
+    """exp(x - y) for (sum, count) pairs with x after y (exponent <= 0; clamped for rounding);
+    0 when a big decay lies between. y=None means the chunk start."""
+    if y is None:
+        return jnp.exp(jnp.where(x[1] > 0.5, -jnp.inf, jnp.minimum(x[0], 0.0)))
+    return jnp.exp(jnp.where(x[1] - y[1] > 0.5, -jnp.inf, jnp.minimum(x[0] - y[0], 0.0)))
+
+
+def _pair_map(f, *pairs):
+    return tuple(f(*xs) for xs in zip(*pairs, strict=True))
+
+
+def _iota(chunk, axis):
+    return lax.broadcasted_iota(jnp.int32, (chunk, chunk), axis)
+
+
+def _m3d(inc, exc, chunk):
+    """M[t, s, i] = exp(Ae_t[i] - A_s[i]) for s < t, else 0."""
+    causal = (_iota(chunk, 0) > _iota(chunk, 1))[:, :, None]
+    x = _pair_map(lambda a: a[:, None, :], exc)
+    y = _pair_map(lambda a: a[None, :, :], inc)
+    return jnp.where(causal, _dexp(x, y), 0.0)
+
+
+def _row(ref, base, j):
+    return ref[pl.ds(base + j, 1), :].astype(F32)  # [1, N]
+
+
+def _add_row(pair, w_ref, base, j):
+    return _pair_map(jnp.add, pair, _split(_row(w_ref, base, j)))
+
+
+# The three intra-chunk contractions with M. "3d": one [C, C, N] broadcast; "loop": C steps
+# of [C, N] work, one key/row at a time (rows re-read from L1/L2), less register pressure.
+
+
+def _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode):
+    """P[t, s] = sum_i r_t[i] k_s[i] M[t, s, i]."""
+    if mode == "3d":
+        return jnp.sum(r[:, None, :] * k[None, :, :] * _m3d(inc, exc, chunk), axis=2)
+    t_idx, s_idx = _iota(chunk, 0), _iota(chunk, 1)
+    p = jnp.zeros((chunk, chunk), F32)
+    a_s = (jnp.zeros((1, r.shape[1]), F32),) * 2
+    for j in range(chunk - 1):
+        a_s = _add_row(a_s, w_ref, base, j)
+        col = jnp.sum(r * _row(k_ref, base, j) * _dexp(exc, a_s), axis=1, keepdims=True)
+        p = p + jnp.where((s_idx == j) & (t_idx > j), col, 0.0)
+    return p
+
+
+def _intra_dr(d, k, inc, exc, k_ref, w_ref, base, chunk, mode):
+    """out[t, i] = sum_s D[t, s] k_s[i] M[t, s, i]."""
+    if mode == "3d":
+        return jnp.sum(d[:, :, None] * k[None, :, :] * _m3d(inc, exc, chunk), axis=1)
+    t_idx, s_idx = _iota(chunk, 0), _iota(chunk, 1)
+    out = jnp.zeros_like(k)
+    a_s = (jnp.zeros((1, k.shape[1]), F32),) * 2
+    for j in range(chunk - 1):
+        a_s = _add_row(a_s, w_ref, base, j)
+        d_col = jnp.sum(jnp.where((s_idx == j) & (t_idx > j), d, 0.0), axis=1, keepdims=True)
+        out = out + d_col * _row(k_ref, base, j) * _dexp(exc, a_s)
+    return out
+
+
+def _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, base, chunk, mode):
+    """out[s, i] = sum_t D[t, s] r_t[i] M[t, s, i]; d_t = D^T."""
+    if mode == "3d":
+        return jnp.sum(d[:, :, None] * r[:, None, :] * _m3d(inc, exc, chunk), axis=0)
+    s_idx, t_idx = _iota(chunk, 0), _iota(chunk, 1)  # d_t is indexed [s, t]
+    out = jnp.zeros_like(r)
+    ae_t = _split(_row(w_ref, base, 0))  # exclusive cumsum at t = 1
+    for j in range(1, chunk):
+        d_col = jnp.sum(jnp.where((t_idx == j) & (s_idx < j), d_t, 0.0), axis=1, keepdims=True)
+        out = out + d_col * _row(r_ref, base, j) * _dexp(ae_t, inc)
+        ae_t = _add_row(ae_t, w_ref, base, j)
+    return out
+
+
+def _decay_factors(inc, exc, last):
+    """exp(Ae) (rows to chunk start), exp(A_last - A) (rows to chunk end), exp(A_last)."""
+    last_b = _pair_map(lambda a: a[None, :], last)
+    return _dexp(exc), _dexp(last_b, inc), _dexp(last)[:, None]
