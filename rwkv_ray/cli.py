@@ -7,11 +7,18 @@ import json
 import sys
 from pathlib import Path
 
+from rwkv_ray.data.cli_commands import add_prepare_command
+from rwkv_ray.generation.cli_commands import add_generate_command
+from rwkv_ray.train.cli_commands import add_finetune_command
+
 EPILOG = """examples:
   rwkv-ray convert RWKV-x060-World-1B6.pth models/1b6      # .pth -> config.json + weights
   rwkv-ray export models/1b6 out.pth --dtype bfloat16       # back to the official layout
   rwkv-ray info models/1b6                                  # sizes, parameter count
-  rwkv-ray demo                                             # a short local end-to-end run
+  rwkv-ray prepare --help                                   # corpus -> TFRecord shards
+  rwkv-ray finetune --config jobs/configs/full/tiny.yaml    # fine-tune on Ray
+  rwkv-ray generate --model models/1b6 --prompt "Hello"     # stream a continuation
+  rwkv-ray demo                                             # the whole service, locally
 """
 
 
@@ -40,9 +47,9 @@ def _info(args) -> None:
 
 
 def _demo(args) -> None:
-    from rwkv_ray.demo import run_demo
+    from rwkv_ray.train.demo import run_demo
 
-    run_demo(Path(args.out_dir))
+    run_demo(Path(args.out_dir), full_steps=args.full_steps, state_steps=args.state_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="converted model directory or .pth")
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("demo", help="short local run: build, export, convert, load, score")
-    p.add_argument("--out-dir", default="demo_out", help="where the demo writes its files")
+    p = sub.add_parser(
+        "demo",
+        help="the service end to end on a local Ray: prepare, full-tune, state-tune, MLflow, "
+        "generate (a tiny model, a few minutes on 2 cores)",
+    )
+    p.add_argument("--out-dir", default="out/demo", help="where the demo writes its files")
+    p.add_argument("--full-steps", type=int, default=150, help="full fine-tuning steps")
+    p.add_argument("--state-steps", type=int, default=60, help="state-tuning steps")
     p.set_defaults(func=_demo)
+    add_prepare_command(sub)
+    add_finetune_command(sub)
+    add_generate_command(sub)
     return parser
 
 

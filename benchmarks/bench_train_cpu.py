@@ -1,0 +1,91 @@
+"""Training step speed without Ray: tokens/s of the jitted step for full and state tuning.
+
+    KERAS_BACKEND=jax JAX_PLATFORMS=cpu python benchmarks/bench_train_cpu.py [--shape demo]
+
+Shapes: `tiny` (V=97, L=2, C=64), `demo` (the `make demo` model: V=65536, L=2, C=128),
+`1b6` (V=65536, L=24, C=2048; for a GPU). Random tokens, batch --batch x --seq-len; the first
+step (compilation) is timed apart; the rate is the median of --steps steps. The load average
+is recorded (a shared machine explains a lot). Writes JSON to --out when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rwkv_ray.train.config import JobConfig  # noqa: E402
+from rwkv_ray.train.step import TrainStep, build_model, build_optimizer  # noqa: E402
+
+SHAPES = {
+    "tiny": {"vocab_size": 97, "num_layers": 2, "hidden_size": 64, "mix_lora_size": 8,
+             "decay_lora_size": 8},
+    "demo": {"vocab_size": 65536, "num_layers": 2, "hidden_size": 128},
+    "1b6": {"vocab_size": 65536, "num_layers": 24, "hidden_size": 2048},
+}  # fmt: skip
+
+
+def bench(shape: str, mode: str, args) -> dict:
+    config = JobConfig.from_dict(
+        {
+            "mode": mode,
+            "model": {"config": SHAPES[shape], "dtype": args.dtype, "remat": args.remat},
+            "data": {"train": "unused"},
+        }
+    )
+    model = build_model(config)
+    if mode != "full":  # give the states a gradient: the official init zeroes the outputs
+        for v in model.weights:
+            if not v.trainable and v.path.endswith("kernel"):
+                v.assign(np.random.default_rng(0).normal(0, 0.02, v.shape).astype(v.dtype))
+    trainer = TrainStep(model, build_optimizer(config, model, 1000), clip_norm=1.0)
+    state = trainer.initial_state()
+    rng = np.random.default_rng(0)
+    vocab = SHAPES[shape]["vocab_size"]
+    tokens = rng.integers(1, vocab, (1, args.batch, args.seq_len)).astype(np.int32)
+    mask = np.ones(tokens.shape, np.float32)
+    started = time.perf_counter()
+    state, _ = trainer(state, tokens, mask)
+    compile_s = time.perf_counter() - started
+    times = []
+    for _ in range(args.steps):
+        state, metrics = trainer(state, tokens, mask)
+        times.append(metrics["step_time"])
+    step = statistics.median(times)
+    return {
+        "shape": shape,
+        "mode": mode,
+        "first_step_s": round(compile_s, 2),
+        "step_s": round(step, 4),
+        "tokens_per_s": round(tokens.size / step, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--modes", default="full,state+shift")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    results = [bench(args.shape, mode, args) for mode in args.modes.split(",")]
+    report = {"args": vars(args), "load_average": os.getloadavg(), "results": results}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Training checkpoints: params, optimizer state, data position and RNG, written atomically.
+
+A checkpoint is a directory with two files:
+  train_state.npz  trainable/<i>, optimizer/<i> (float32/int arrays), rng (uint32 key)
+  meta.json        format, global_step, epoch, batch (data position: the next reader batch
+                   of `epoch`), the variable paths (checked on load), the job config
+The frozen base weights are not stored: they come back from `model.path` (or the seeded
+official init). Written by rank 0 only (the caller decides); read by every worker.
+
+Atomicity: locally the files go to a temporary sibling directory that is renamed into
+place; on s3:// (boto3) meta.json is uploaded last and a checkpoint without it does not
+exist for `read_checkpoint`/`latest_checkpoint`. Under Ray Train the directory is handed to
+`ray.train.report`, which persists it to the run's storage (local or s3://).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = 1
+STATE_FILE = "train_state.npz"
+META_FILE = "meta.json"
+PREFIX = "checkpoint_"
+
+
+@dataclasses.dataclass
+class TrainCheckpoint:
+    trainable: list[np.ndarray]
+    optimizer: list[np.ndarray]
+    rng: np.ndarray
+    global_step: int  # optimizer steps done
+    epoch: int  # data position: the epoch being read ...
+    batch: int  # ... and the next reader batch in it
+    trainable_paths: list[str]
+    optimizer_paths: list[str]
+    config: dict[str, Any]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. the MLflow run id
+
+    def check_fits(self, trainable_paths: list[str], optimizer_paths: list[str]) -> None:
+        for what, saved, now in (
+            ("trainable variables", self.trainable_paths, trainable_paths),
+            ("optimizer variables", self.optimizer_paths, optimizer_paths),
+        ):
+            if saved != now:
+                missing = sorted(set(now) - set(saved))[:5]
+                extra = sorted(set(saved) - set(now))[:5]
+                raise ValueError(
+                    f"checkpoint does not fit this job: its {what} differ "
+                    f"({len(saved)} saved, {len(now)} now; missing {missing}, extra {extra})"
+                )
+
+
+# ---- local directories ---------------------------------------------------------------------
+def _write_files(ckpt: TrainCheckpoint, directory: Path) -> None:
+    arrays = {f"trainable/{i}": a for i, a in enumerate(ckpt.trainable)}
+    arrays.update({f"optimizer/{i}": a for i, a in enumerate(ckpt.optimizer)})
+    arrays["rng"] = np.asarray(ckpt.rng)
+    with open(directory / STATE_FILE, "wb") as f:
+        np.savez(f, **arrays)
+    meta = dataclasses.asdict(ckpt)
+    for key in ("trainable", "optimizer", "rng"):
+        meta.pop(key)
+    meta["format"] = FORMAT
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def write_local(ckpt: TrainCheckpoint, directory: str | os.PathLike) -> Path:
+    """Write into `directory` atomically (temporary sibling + rename)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        _write_files(ckpt, tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def read_local(directory: str | os.PathLike) -> TrainCheckpoint:
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a complete checkpoint (no {META_FILE})")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.pop("format", None) != FORMAT:
+        raise ValueError(f"{meta_path}: unsupported checkpoint format")
+    with np.load(directory / STATE_FILE) as npz:
+        trainable = [npz[f"trainable/{i}"] for i in range(len(meta["trainable_paths"]))]
+        optimizer = [npz[f"optimizer/{i}"] for i in range(len(meta["optimizer_paths"]))]
+        rng = npz["rng"]
+    return TrainCheckpoint(trainable=trainable, optimizer=optimizer, rng=rng, **meta)
+
+
+# ---- local or s3:// ------------------------------------------------------------------------
+def s3_client(endpoint_url: str | None = None):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// uri: {uri}")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key.strip("/")
+
+
+def write_checkpoint(
+    ckpt: TrainCheckpoint, uri: str | os.PathLike, endpoint_url: str | None = None
+) -> str:
+    """Write to a local directory or to s3://bucket/prefix (meta.json last)."""
+    uri = str(uri)
+    if not uri.startswith("s3://"):
+        return str(write_local(ckpt, uri))
+    bucket, prefix = split_s3(uri)
+    client = s3_client(endpoint_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_files(ckpt, Path(tmp))
+        for name in (STATE_FILE, META_FILE):  # meta.json marks the checkpoint complete
+            client.upload_file(str(Path(tmp) / name), bucket, f"{prefix}/{name}")
+    return uri
+
+
+def read_checkpoint(uri: str | os.PathLike, endpoint_url: str | None = None) -> TrainCheckpoint:
+    uri = str(uri)
+    if not uri.startswith("s3://"):
+        return read_local(uri)
+    bucket, prefix = split_s3(uri)
+    client = s3_client(endpoint_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (META_FILE, STATE_FILE):
+            try:
+                client.download_file(bucket, f"{prefix}/{name}", str(Path(tmp) / name))
+            except Exception as e:
+                raise FileNotFoundError(f"{uri} is not a complete checkpoint: {e}") from e
+        return read_local(tmp)
+
+
+def checkpoint_name(global_step: int) -> str:
+    return f"{PREFIX}{global_step:08d}"
+
+
+def _complete_names(root: str, endpoint_url: str | None) -> list[str]:
+    """Sub-directories of `root` that hold a meta.json (any name: ours or Ray's)."""
+    if root.startswith("s3://"):
+        bucket, prefix = split_s3(root)
+        pages = s3_client(endpoint_url).get_paginator("list_objects_v2")
+        return [
+            obj["Key"][len(prefix) + 1 :].split("/")[0]
+            for page in pages.paginate(Bucket=bucket, Prefix=f"{prefix}/")
+            for obj in page.get("Contents", [])
+            if obj["Key"].count("/") == prefix.count("/") + 2 and obj["Key"].endswith(META_FILE)
+        ]
+    path = Path(root)
+    return [p.parent.name for p in path.glob(f"*/{META_FILE}")] if path.is_dir() else []
+
+
+def read_meta(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    if not uri.startswith("s3://"):
+        return json.loads((Path(uri) / META_FILE).read_text(encoding="utf-8"))
+    bucket, prefix = split_s3(uri)
+    body = s3_client(endpoint_url).get_object(Bucket=bucket, Key=f"{prefix}/{META_FILE}")["Body"]
+    return json.loads(body.read())
+
+
+def latest_checkpoint(root: str | os.PathLike, endpoint_url: str | None = None) -> str | None:
+    """The complete checkpoint with the highest global_step under `root`, or None."""
+    root = str(root).rstrip("/")
+    best, best_step = None, -1
+    for name in _complete_names(root, endpoint_url):
+        uri = f"{root}/{name}"
+        try:
+            step = int(read_meta(uri, endpoint_url)["global_step"])
+        except (OSError, ValueError, KeyError):
+            continue  # not one of ours, or unreadable
+        if step > best_step:
+            best, best_step = uri, step
+    return best

@@ -1,0 +1,103 @@
+"""Perplexity on held-out shards: the base model vs the tuned result of a job. No Ray.
+
+    report = evaluate_job(config, tuned="runs/tiny/checkpoint_.../export", max_batches=20)
+    # {"base": {"loss": 4.1, "perplexity": 60.3, "tokens": 4096}, "tuned": {...}}
+
+`tuned` is a job's export folder (the final Ray checkpoint's `export/`, or the MLflow run's
+`export` artifacts): `model/` after full tuning, `state.npz` after state tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rwkv_ray.models import RWKV6CausalLM
+from rwkv_ray.train.config import JobConfig
+from rwkv_ray.train.loss import summed_loss
+from rwkv_ray.train.step import build_model
+
+
+def perplexity(
+    model: RWKV6CausalLM,
+    dataset_uri: str,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    s3_endpoint_url: str | None = None,
+) -> dict[str, float]:
+    """Token-weighted mean next-token loss (nats) and its exp over a prepared dataset."""
+    from rwkv_ray.data.reader import ShardReader
+
+    reader = ShardReader(
+        dataset_uri, batch_size, seed=0, streams=[0], num_streams=1, s3_endpoint_url=s3_endpoint_url
+    )
+
+    @jax.jit
+    def score(trainable, non_trainable, tokens, loss_mask):
+        (logits, _), _ = model.stateless_call(trainable, non_trainable, tokens)
+        return summed_loss(logits, tokens, loss_mask)
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(reader.batches(0)):
+        if max_batches is not None and i >= max_batches:
+            break
+        s, c = score(trainable, non_trainable, batch["tokens"], batch["loss_mask"])
+        total, count = total + float(s), count + float(c)
+    if count == 0:
+        raise ValueError(f"{dataset_uri}: no target tokens to evaluate")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+
+
+def apply_export(model: RWKV6CausalLM, config: JobConfig, export_dir: str | Path):
+    """The tuned model: the exported weights (full) or the base with the tuned state."""
+    from rwkv_ray.convert import load_model
+
+    export_dir = Path(export_dir)
+    if config.mode == "full":
+        return load_model(export_dir / "model", wkv_impl=config.model.wkv_impl)
+    from rwkv_ray.generation.state_io import load_state
+
+    state = load_state(export_dir / "state.npz", model)
+    for i, block in enumerate(model.backbone.blocks):
+        block.time_mix.initial_shift.assign(np.asarray(state.att_shift)[i, 0])
+        block.time_mix.initial_wkv.assign(np.asarray(state.wkv)[i, 0])
+        block.channel_mix.initial_shift.assign(np.asarray(state.ffn_shift)[i, 0])
+    return model
+
+
+def latest_export(config: JobConfig) -> Path:
+    """The export/ folder of the job's newest checkpoint in local storage."""
+    from rwkv_ray.train.trainer import storage
+
+    path, filesystem = storage(config)
+    if filesystem is not None or path.startswith("s3://"):
+        raise ValueError("the job's storage is on S3: pass the export folder explicitly")
+    found = sorted(
+        Path(path, config.name).glob("checkpoint_*/export"), key=lambda p: p.stat().st_mtime
+    )
+    if not found:
+        raise FileNotFoundError(f"no finished run of {config.name!r} under {path}")
+    return found[-1]
+
+
+def evaluate_job(
+    config: JobConfig,
+    tuned: str | Path | None = None,
+    dataset_uri: str | None = None,
+    max_batches: int | None = None,
+) -> dict[str, dict[str, float]]:
+    dataset_uri = dataset_uri or config.data.eval
+    if not dataset_uri:
+        raise ValueError("no held-out data: set data.eval or pass a dataset")
+    batch = config.data.batch_size_per_stream
+    base = build_model(config)
+    report = {"base": perplexity(base, dataset_uri, batch, max_batches, config.s3_endpoint_url)}
+    model = apply_export(base, config, tuned or latest_export(config))
+    report["tuned"] = perplexity(model, dataset_uri, batch, max_batches, config.s3_endpoint_url)
+    return report

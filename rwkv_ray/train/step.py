@@ -1,0 +1,260 @@
+"""The jitted training step: Keras `stateless_call` + AdamW `stateless_apply`. No Ray here.
+
+- Modes: `full` trains every weight; `state` trains only each layer's initial wkv state
+  (shared over the batch); `state+shift` also the two initial token-shift vectors. Frozen
+  variables never pass through the optimizer, so they stay bit-identical.
+- Precision: `float32`, or `bfloat16` = bf16 compute. In full mode the weights the optimizer
+  updates stay float32 (Keras "mixed_bfloat16": float32 master, bf16 matmuls); in state
+  modes the frozen weights are stored in bf16 and the trained states are float32.
+- Optimizer: AdamW (weight decay on weight matrices only, as RWKV-LM), warmup (from 1% of
+  the peak, as RWKV-LM) then cosine decay, global-norm clipping, gradient accumulation over
+  micro-batches (loss = token-weighted mean over the whole global batch).
+- Data parallel: one global mesh over every process's devices, batch sharded over "data",
+  everything else replicated; XLA adds the gradient all-reduce. One process or many, the
+  same step computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rwkv_ray.models import RWKV6CausalLM
+from rwkv_ray.train.config import JobConfig
+from rwkv_ray.train.loss import summed_loss
+
+WARMUP_START_FRACTION = 0.01  # RWKV-LM starts warmup at 1% of the peak lr
+
+
+class TrainState(NamedTuple):
+    """Everything a step updates (a pytree of jax arrays)."""
+
+    trainable: list
+    non_trainable: list
+    optimizer: list
+
+
+# ---- model ---------------------------------------------------------------------------------
+def dtype_policy(config: JobConfig) -> str:
+    if config.model.dtype == "float32":
+        return "float32"
+    return "mixed_bfloat16" if config.mode == "full" else "bfloat16"
+
+
+def build_model(config: JobConfig) -> RWKV6CausalLM:
+    """The model the job tunes (loaded or from the official init), with the mode applied."""
+    from rwkv_ray.convert import load_model
+
+    policy, impl = dtype_policy(config), config.model.wkv_impl
+    num_layers = config.model_config().num_layers if config.model.config is not None else None
+    scope = _remat_scope(config, num_layers)
+    with scope:
+        if config.model.path is not None:
+            model = load_model(config.model.path, dtype=policy, wkv_impl=impl)
+        else:
+            keras.utils.set_random_seed(config.model.init_seed)
+            model = RWKV6CausalLM.from_model_config(
+                config.model_config(), wkv_impl=impl, dtype=policy
+            )
+    set_mode(model, config.mode)
+    return model
+
+
+def _remat_scope(config: JobConfig, num_layers: int | None):
+    import contextlib
+
+    if not config.model.remat:
+        return contextlib.nullcontext()
+    # Block names are block_0..block_{L-1}; a loaded model's L is not known yet, so name
+    # generously (names that match no layer are ignored).
+    count = num_layers or 256
+    return keras.RematScope(mode="list_of_layers", layer_names=[f"block_{i}" for i in range(count)])
+
+
+def state_variables(model: RWKV6CausalLM, with_shift: bool) -> list:
+    out = []
+    for block in model.backbone.blocks:
+        out.append(block.time_mix.initial_wkv)
+        if with_shift:
+            out += [block.time_mix.initial_shift, block.channel_mix.initial_shift]
+    return out
+
+
+def set_mode(model: RWKV6CausalLM, mode: str) -> None:
+    """Flip trainable flags: everything (full) or only the initial states."""
+    model.trainable = True
+    if mode == "full":
+        for v in model.weights:
+            v.trainable = True
+        for v in state_variables(model, with_shift=True):
+            v.trainable = False
+        return
+    for v in model.weights:
+        v.trainable = False
+    for v in state_variables(model, with_shift=mode == "state+shift"):
+        v.trainable = True
+
+
+# ---- optimizer -----------------------------------------------------------------------------
+def learning_rate_schedule(config: JobConfig, total_steps: int):
+    s, lr = config.schedule, config.optimizer.lr
+    warmup = min(s.warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps, alpha=s.final_lr_fraction)
+    return keras.optimizers.schedules.CosineDecay(
+        lr * WARMUP_START_FRACTION,
+        decay_steps,
+        alpha=s.final_lr_fraction,
+        warmup_target=lr,
+        warmup_steps=warmup,
+    )
+
+
+def is_weight_matrix(variable) -> bool:
+    """Dense kernels and the embedding: the only variables RWKV-LM decays."""
+    return variable.path.endswith(("kernel", "embeddings"))
+
+
+def build_optimizer(config: JobConfig, model: RWKV6CausalLM, total_steps: int):
+    o = config.optimizer
+    schedule = learning_rate_schedule(config, total_steps)
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule,
+        weight_decay=o.weight_decay,
+        beta_1=o.beta_1,
+        beta_2=o.beta_2,
+        epsilon=o.epsilon,
+    )
+    optimizer.exclude_from_weight_decay(
+        var_list=[v for v in model.trainable_variables if not is_weight_matrix(v)]
+    )
+    optimizer.build(model.trainable_variables)
+    optimizer.schedule = schedule  # the step reports the lr it used
+    return optimizer
+
+
+# ---- the step ------------------------------------------------------------------------------
+def global_norm(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
+
+
+def make_step_fn(model: RWKV6CausalLM, optimizer, clip_norm: float | None) -> Callable:
+    """(state, tokens [A,B,T], loss_mask [A,B,T]) -> (state, metrics); A = micro-batches."""
+
+    def loss_of(trainable, non_trainable, tokens, loss_mask):
+        (logits, _), _ = model.stateless_call(trainable, non_trainable, tokens)
+        total, count = summed_loss(logits, tokens, loss_mask)
+        return total, count
+
+    grad_of = jax.value_and_grad(loss_of, has_aux=True)
+
+    def step(state: TrainState, tokens, loss_mask):
+        def micro(carry, batch):
+            grads_sum, loss_sum, count_sum = carry
+            (total, count), grads = grad_of(state.trainable, state.non_trainable, *batch)
+            grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
+            return (grads_sum, loss_sum + total, count_sum + count), None
+
+        zeros = jax.tree_util.tree_map(lambda v: jnp.zeros(v.shape, jnp.float32), state.trainable)
+        init = (zeros, jnp.float32(0), jnp.float32(0))
+        (grads, loss_sum, count), _ = jax.lax.scan(micro, init, (tokens, loss_mask))
+        denominator = jnp.maximum(count, 1.0)
+        grads = [g / denominator for g in grads]
+        norm = global_norm(grads)
+        if clip_norm is not None:
+            scale = jnp.minimum(1.0, clip_norm / (norm + 1e-6))
+            grads = [g * scale for g in grads]
+        grads = [g.astype(v.dtype) for g, v in zip(grads, state.trainable, strict=True)]
+        lr = optimizer.schedule(state.optimizer[0])  # variables[0] is the step counter
+        trainable, opt_vars = optimizer.stateless_apply(state.optimizer, grads, state.trainable)
+        metrics = {
+            "loss": loss_sum / denominator,
+            "grad_norm": norm,
+            "lr": lr,
+            "tokens": count,  # counted target tokens of the global batch
+            "data_checksum": jnp.sum(tokens),  # which data the step saw (resume tests)
+        }
+        return TrainState(trainable, state.non_trainable, opt_vars), metrics
+
+    return step
+
+
+class TrainStep:
+    """The compiled step on a global data-parallel mesh (1 process or many).
+
+    Example:
+        train = TrainStep(model, optimizer, clip_norm=1.0)
+        state = train.initial_state()
+        state, metrics = train(state, tokens, loss_mask)    # local shard of [A,B,T] each
+        train.write_back(state)                              # values -> keras variables
+    """
+
+    def __init__(self, model: RWKV6CausalLM, optimizer, clip_norm: float | None):
+        self.model, self.optimizer = model, optimizer
+        if optimizer.variables[0].path.split("/")[-1] != "iteration":
+            raise RuntimeError(f"unexpected first optimizer variable {optimizer.variables[0]}")
+        self.mesh = Mesh(np.array(jax.devices()), ("data",))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.data = NamedSharding(self.mesh, PartitionSpec(None, "data"))
+        self._step = jax.jit(
+            make_step_fn(model, optimizer, clip_norm),
+            in_shardings=(self.replicated, self.data, self.data),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=(0,),
+        )
+
+    def initial_state(self) -> TrainState:
+        return TrainState(
+            [self.replicate(v.value) for v in self.model.trainable_variables],
+            [self.replicate(v.value) for v in self.model.non_trainable_variables],
+            [self.replicate(v.value) for v in self.optimizer.variables],
+        )
+
+    def replicate(self, value) -> jax.Array:
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, self.replicated, lambda idx: value[idx])
+
+    def shard_batch(self, local) -> jax.Array:
+        """This process's rows [A,b,T] -> the global [A,B,T] array."""
+        local = np.asarray(local)
+        devices = jax.local_device_count()
+        if local.shape[1] % devices:
+            raise ValueError(
+                f"each worker's batch ({local.shape[1]} rows) must be a multiple of its "
+                f"{devices} devices: change data.batch_size_per_stream"
+            )
+        return jax.make_array_from_process_local_data(self.data, local)
+
+    def __call__(self, state: TrainState, tokens, loss_mask):
+        started = time.perf_counter()
+        state, metrics = self._step(state, self.shard_batch(tokens), self.shard_batch(loss_mask))
+        metrics = {k: float(to_numpy(v)) for k, v in metrics.items()}
+        metrics["step_time"] = time.perf_counter() - started
+        return state, metrics
+
+    def write_back(self, state: TrainState) -> None:
+        """Copy a state's values into the keras model and optimizer variables."""
+        pairs = (
+            (self.model.trainable_variables, state.trainable),
+            (self.model.non_trainable_variables, state.non_trainable),
+            (self.optimizer.variables, state.optimizer),
+        )
+        for variables, values in pairs:
+            for variable, value in zip(variables, values, strict=True):
+                variable.assign(to_numpy(value))
+
+
+def to_numpy(value) -> np.ndarray:
+    """A replicated (maybe multi-process) jax array -> numpy, from this process's copy."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        value = value.addressable_data(0)
+    return np.asarray(value)

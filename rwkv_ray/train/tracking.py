@@ -1,0 +1,166 @@
+"""MLflow tracking (rank 0 only) and the export of a tuning result.
+
+- Run params: the whole job config, flattened (`optimizer.lr`, ...).
+- Metrics per optimizer step: loss, lr, grad_norm, tokens_per_s, step_time, tokens (counted
+  targets) and data_checksum (sum of the global batch's token ids: which data a step saw).
+- Artifacts (under `export/`): config.yaml; for state modes the tuned initial state in our
+  format (state.npz, `rwkv_ray.generation.state_io.save_state`, batch 1) and as an RWKV-PEFT
+  state .pth ({'blocks.i.att.time_state': [H, value, key]}, which holds the wkv state only:
+  the two shift vectors of `state+shift` exist in our format alone); for full tuning the
+  model (config.json + model.weights.h5) and an official float32 .pth. Plus loss_curve.png.
+- A registered model version (source = the run's export/ folder) with an alias.
+
+The tracking URI: `mlflow.tracking_uri`, else env MLFLOW_TRACKING_URI, else
+sqlite:///<repo root>/mlflow.db. Under `ray job submit --working-dir .` the repo root is a
+temporary copy: set MLFLOW_TRACKING_URI to keep the runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rwkv_ray.models import RWKV6CausalLM
+from rwkv_ray.train.config import JobConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time", "tokens", "data_checksum")
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    return (
+        configured
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    )
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store go next to the database (mlartifacts/), never into the
+    working directory of whichever process created the experiment (a Ray worker's)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value and prefix.count(".") < 1:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = str(value)[:500]
+    return out
+
+
+# ---- the export of a result (also used without MLflow) -----------------------------------
+def export_result(model: RWKV6CausalLM, config: JobConfig, out_dir: Path) -> Path:
+    """Write the tuning result (see the module docstring) into `out_dir`."""
+    from rwkv_ray.convert import export_checkpoint, save_model
+    from rwkv_ray.generation.state_io import export_peft_state, save_state
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if config.mode == "full":
+        save_model(model, out_dir / "model")
+        export_checkpoint(model, out_dir / "model.pth", dtype="float32")
+    else:
+        state = model.initial_state(1).numpy()
+        save_state(state, out_dir / "state.npz", model)
+        export_peft_state(state, out_dir / "state.pth", drop_shift=True)
+    return out_dir
+
+
+def loss_curve_png(steps: list[int], losses: list[float], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class Tracker:
+    """One MLflow run per job (resumed by id after a restart). Use on rank 0 only."""
+
+    def __init__(self, config: JobConfig, run_id: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.config = config
+        self.uri = tracking_uri(config.mlflow.tracking_uri)
+        self.client = MlflowClient(self.uri)
+        if run_id is None:
+            experiment = self.client.get_experiment_by_name(config.mlflow.experiment)
+            experiment_id = (
+                experiment.experiment_id
+                if experiment is not None
+                else self.client.create_experiment(
+                    config.mlflow.experiment, artifact_location=artifact_location(self.uri)
+                )
+            )
+            run = self.client.create_run(
+                experiment_id, run_name=config.name, tags={"mode": config.mode}
+            )
+            self.run_id = run.info.run_id
+            self._log_params(config)
+        self.run_id = run_id or self.run_id
+
+    def _log_params(self, config: JobConfig) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in flatten(config.to_dict()).items()]
+        for i in range(0, len(params), 90):
+            self.client.log_batch(self.run_id, params=params[i : i + 90])
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(metrics[k]), now, step) for k in STEP_METRICS if k in metrics]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def finish(self, model: RWKV6CausalLM, config: JobConfig, export_dir: Path) -> None:
+        """Export, log the artifacts and the loss curve, register a model version."""
+        export_result(model, config, export_dir)
+        history = self.client.get_metric_history(self.run_id, "loss")
+        history = sorted(history, key=lambda m: m.step)
+        if history:
+            loss_curve_png(
+                [m.step for m in history],
+                [m.value for m in history],
+                export_dir / "loss_curve.png",
+                f"{config.name} ({config.mode})",
+            )
+        self.client.log_artifacts(self.run_id, str(export_dir), artifact_path="export")
+        self._register(config)
+        self.client.set_terminated(self.run_id)
+
+    def _register(self, config: JobConfig) -> None:
+        name = config.mlflow.registered_model
+        name = config.name if name is None else name
+        if not name:
+            return
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered
+        run = self.client.get_run(self.run_id)
+        version = self.client.create_model_version(
+            name, source=f"{run.info.artifact_uri}/export", run_id=self.run_id
+        )
+        self.client.set_registered_model_alias(name, config.mlflow.alias, version.version)

@@ -1,0 +1,108 @@
+"""`run_job(config)`: a Ray Train V2 `JaxTrainer` built from a `JobConfig`.
+
+- Scaling: `scaling.num_workers` JAX processes (jax.distributed is initialised by the
+  trainer's JaxConfig). GPUs: one worker per node holding all of its GPUs
+  (`scaling.gpus_per_worker`): JaxTrainer rewrites CUDA_VISIBLE_DEVICES to 0..n-1.
+- CPU (tests, `make demo`): JaxConfig(use_gpu=True) + ScalingConfig(use_gpu=False) + worker
+  env JAX_PLATFORMS=cpu. With use_gpu=False the JaxConfig would skip jax.distributed and
+  every worker would train alone; use_gpu=True only picks the "initialize" branch, and the
+  env var keeps JAX on the CPU (Ray 2.60, verified by tests/test_train_ray.py).
+- Storage: `checkpointing.storage_path`, local (relative paths are taken from the repo
+  root) or s3://bucket/prefix (pyarrow S3; the job's `s3_endpoint_url` or env
+  AWS_ENDPOINT_URL for an S3-compatible server). Resubmitting the same `name` with the same
+  storage resumes from the run's latest checkpoint.
+- FailureConfig(max_failures): a failed worker group restarts from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rwkv_ray.train.config import JobConfig
+from rwkv_ray.train.tracking import REPO_ROOT, tracking_uri
+
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "RWKV_WKV_IMPL",
+    "JAX_COMPILATION_CACHE_DIR",
+)
+
+
+def storage(config: JobConfig) -> tuple[str, object | None]:
+    """(storage_path, storage_filesystem) for RunConfig."""
+    path = config.checkpointing.storage_path
+    if not path.startswith("s3://"):
+        local = Path(path)
+        return str(local if local.is_absolute() else REPO_ROOT / local), None
+    endpoint = config.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint is None:
+        return path, None
+    import pyarrow.fs
+
+    filesystem = pyarrow.fs.S3FileSystem(
+        endpoint_override=endpoint,
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+    )
+    return path[len("s3://") :], filesystem
+
+
+def run_storage_uri(config: JobConfig) -> str:
+    """Where the run's checkpoints live: <storage_path>/<name> (a local path or s3:// uri)."""
+    path = config.checkpointing.storage_path
+    if path.startswith("s3://"):
+        return f"{path.rstrip('/')}/{config.name}"
+    return str(Path(storage(config)[0]) / config.name)
+
+
+def worker_env(config: JobConfig) -> dict[str, str]:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env["KERAS_BACKEND"] = "jax"
+    env["MLFLOW_TRACKING_URI"] = tracking_uri(config.mlflow.tracking_uri)
+    if config.s3_endpoint_url:
+        env["AWS_ENDPOINT_URL"] = config.s3_endpoint_url
+    if not config.scaling.use_gpu:
+        env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def build_trainer(config: JobConfig):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.jax import JaxConfig, JaxTrainer
+
+    from rwkv_ray.train.worker import train_loop_per_worker
+
+    s = config.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    storage_path, filesystem = storage(config)
+    run_config = RunConfig(
+        name=config.name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        failure_config=FailureConfig(max_failures=config.checkpointing.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=config.checkpointing.keep),
+        worker_runtime_env={"env_vars": worker_env(config)},
+    )
+    return JaxTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict()},
+        # use_gpu=True on CPU too: it is what makes JaxConfig call jax.distributed.initialize.
+        jax_config=JaxConfig(use_gpu=True),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
+        run_config=run_config,
+    )
+
+
+def run_job(config: JobConfig):
+    """Train (or resume) the job on the connected Ray cluster; returns the Ray `Result`."""
+    return build_trainer(config).fit()

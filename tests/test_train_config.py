@@ -1,0 +1,54 @@
+"""Job configs: YAML + dotted overrides, unknown keys named, plain-dict round trip, and the
+example configs in jobs/configs/ all load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rwkv_ray.train.config import JobConfig, JobConfigError, load_job_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*/*.yaml"))
+
+
+def test_example_configs_load_and_round_trip():
+    assert len(CONFIGS) >= 3
+    for path in CONFIGS:
+        config = load_job_config(path)
+        assert JobConfig.from_dict(config.to_dict()) == config
+
+
+def test_overrides_are_parsed_as_yaml_and_nested():
+    path = Path(__file__).parents[1] / "jobs/configs/full/tiny.yaml"
+    config = load_job_config(
+        path, ["optimizer.lr=1e-4", "scaling.num_workers=2", "mlflow.enabled=false"]
+    )
+    assert config.optimizer.lr == 1e-4 and isinstance(config.optimizer.lr, float)
+    assert config.scaling.num_workers == 2 and not config.mlflow.enabled
+    assert config.streams_of(1) == [1] and config.num_streams == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("optimizer.lrr=1", "optimizer.lrr"),
+        ("bogus=1", "bogus"),
+        ("model.config.hiden_size=64", "hiden_size"),
+        ("mode=lora", "mode"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("scaling.num_workers=3", "data.num_streams"),  # 2 streams over 3 workers
+        ("debug.fail_mode=crash", "debug.fail_mode"),
+    ],
+)
+def test_bad_settings_name_the_key(override, named):
+    path = Path(__file__).parents[1] / "jobs/configs/full/tiny.yaml"
+    with pytest.raises(JobConfigError, match=named.replace(".", r"\.")):
+        load_job_config(path, ["data.num_streams=2", override])
+
+
+def test_model_needs_exactly_one_source():
+    with pytest.raises(JobConfigError, match="model"):
+        JobConfig.from_dict({"model": {}})
+    with pytest.raises(JobConfigError, match="model"):
+        JobConfig.from_dict({"model": {"path": "x", "config": {"num_layers": 2}}})
