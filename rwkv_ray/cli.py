@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rwkv_ray.data.cli_commands import add_prepare_command
 from rwkv_ray.generation.cli_commands import add_generate_command
+from rwkv_ray.serve.cli_commands import add_serve_command
 from rwkv_ray.train.cli_commands import add_finetune_command
 
 EPILOG = """examples:
@@ -18,6 +19,7 @@ EPILOG = """examples:
   rwkv-ray prepare --help                                   # corpus -> TFRecord shards
   rwkv-ray finetune --config jobs/configs/full/tiny.yaml    # fine-tune on Ray
   rwkv-ray generate --model models/1b6 --prompt "Hello"     # stream a continuation
+  rwkv-ray serve --model models/1b6 --states-dir states    # HTTP API on a local Ray Serve
   rwkv-ray demo                                             # the whole service, locally
 """
 
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_command(sub)
     add_finetune_command(sub)
     add_generate_command(sub)
+    add_serve_command(sub)
     return parser
 
 
