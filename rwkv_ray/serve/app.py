@@ -2,11 +2,12 @@
 
 Routes (JSON bodies; unknown fields, malformed JSON and out-of-range values -> 4xx):
   POST   /v1/generate          prompt or tokens, every sampling control, `state` (a tuned
-                               state by name), `session`, `return_state`, `stream` (SSE)
+                               state by name, or an MLflow URI: runs:/<id>[/<path>],
+                               models:/<name>@<alias>), `session`, `return_state`, `stream`
   POST   /v1/completions       OpenAI-compatible subset (prompt, max_tokens, temperature,
                                top_p, stop, stream, n=1)
   DELETE /v1/sessions/{id}     drop a session's state
-  GET    /v1/states, /v1/models, /healthz
+  GET    /v1/states, /v1/models, /v1/stats (the batcher's slots and counters), /healthz
 
 Streaming (`stream: true`) answers `text/event-stream`: one `data: {...}` event per
 generated token ({"text", "token"}; the text of a token that ends a multi-byte character or
@@ -14,23 +15,29 @@ may start a stop string is held back until it is certain), then a final event wi
 `finish_reason` and `usage`. The chunks' texts concatenate to the non-streamed `text`.
 /v1/completions streams OpenAI `text_completion` chunks and ends with `data: [DONE]`.
 
-A session holds the state after its last turn: a turn with `session` continues from it
-(the new prompt is read on top of the whole history) and stores the new state. Requests run
-one at a time per replica (a lock around the model). If the env var RWKV_RAY_API_TOKEN is
-set, every route but /healthz needs `Authorization: Bearer <token>`.
+Requests are decoded together by a `ContinuousBatcher` (`max_batch_size` slots; 1 = one at
+a time): each gets exactly the tokens `generate(model, [prompt], ...)` gives it alone with
+the same seed. A client that goes away frees its slot.
+
+A session holds the state after its last finished turn: a turn with `session` continues
+from it (the new prompt is read on top of the whole history) and stores the new state when
+it ends. One turn per session at a time: a request on a session with a turn in flight gets
+409; a turn whose client went away leaves the session unchanged. If the env var
+RWKV_RAY_API_TOKEN is set, every route but /healthz needs `Authorization: Bearer <token>`.
 
     serve run rwkv_ray.serve.app:app_builder model=models/1b6 states_dir=states
 """
 
+# No `from __future__ import annotations`: FastAPI and Serve read the real annotations.
 import asyncio
 import base64
-import codecs
 import json
 import os
 import secrets
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -38,9 +45,16 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
-from rwkv_ray.serve.schemas import CompletionRequest, GenerateRequest, GenerateResponse, Usage
+from rwkv_ray.serve.schemas import (
+    MAX_NEW_TOKENS,
+    CompletionRequest,
+    GenerateRequest,
+    GenerateResponse,
+    Usage,
+)
 from rwkv_ray.serve.sessions import SessionCache
 from rwkv_ray.serve.states import StateRegistry, UnknownStateError, check_name
+from rwkv_ray.serve.text_stream import TextStream
 
 TOKEN_ENV = "RWKV_RAY_API_TOKEN"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -79,35 +93,6 @@ def _sse(payload) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-class TextStream:
-    """Token ids -> text pieces whose concatenation is the final text: a cut multi-byte
-    character is held back, and so are the last characters that could start a stop string."""
-
-    def __init__(self, tokenizer, end_tokens, stop):
-        self.tokenizer, self.end_tokens = tokenizer, frozenset(end_tokens)
-        self.stops = [stop] if isinstance(stop, str) else list(stop or [])
-        # A stop string found later starts at most its length - 1 characters back.
-        self.hold = max((len(s.encode()) - 1 for s in self.stops), default=0)
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def push(self, token: int) -> str:
-        if token in self.end_tokens or self.stopped:
-            return ""
-        self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
-        tail = self.text[max(0, self.sent - self.hold) :]
-        if any(s in tail for s in self.stops):  # generation ends here: `finish` cuts it
-            self.stopped = True
-            return ""
-        safe = len(self.text) - self.hold
-        piece = self.text[self.sent : safe] if safe > self.sent else ""
-        self.sent += len(piece)
-        return piece
-
-    def finish(self, final_text: str) -> str:
-        return final_text[self.sent :]
-
-
 def _state_b64(state, model) -> str:
     from rwkv_ray.generation import save_state
 
@@ -140,14 +125,27 @@ def _checked(fn, *args, **kwargs):
         raise HTTPException(400, _message(err)) from None
 
 
+async def _collect(stream):
+    """Wait for a batched request's result; cancel it if this handler is cancelled."""
+    try:
+        async for _ in stream:
+            pass
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+    except ValueError as err:  # e.g. a session state over the cache budget
+        raise HTTPException(400, _message(err)) from None
+    return stream.result
+
+
 def _openai_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 @serve.ingress(api)
 class RWKVServer:
-    """One model per replica, with its tuned states and its sessions."""
+    """One model per replica, with its batcher, tuned states and sessions."""
 
     def __init__(
         self,
@@ -159,17 +157,28 @@ class RWKVServer:
         session_ttl_s: float = 3600.0,
         max_prompt_tokens: int = 16384,
         max_body_bytes: int = 1 << 20,
+        max_batch_size: int = 8,
+        steps_per_call: int = 4,
+        mlflow_tracking_uri: str | None = None,
+        state_cache_dir: str | None = None,
     ):
         from rwkv_ray.convert import load_model
+        from rwkv_ray.generation.batcher import ContinuousBatcher
+        from rwkv_ray.serve.mlflow_states import MlflowStates
         from rwkv_ray.tokenizer import WorldTokenizer
 
         self.model = load_model(model, dtype)
         self.model_name = model_name or Path(model).stem
         self.tokenizer = WorldTokenizer()
-        self.states = StateRegistry(states_dir, self.model)
+        mlflow = MlflowStates(self.model, mlflow_tracking_uri, state_cache_dir)
+        self.states = StateRegistry(states_dir, self.model, mlflow)
         self.sessions = SessionCache(session_bytes, session_ttl_s)
         self.max_prompt_tokens, self.max_body_bytes = max_prompt_tokens, max_body_bytes
-        self.lock = threading.Lock()
+        self.batcher = ContinuousBatcher(
+            self.model, max_batch_size, steps_per_call, MAX_NEW_TOKENS, self.tokenizer
+        )
+        self._in_flight: set[str] = set()  # sessions with a turn running
+        self._session_lock = threading.Lock()
 
     # ---- routes ----------------------------------------------------------------------
 
@@ -186,6 +195,12 @@ class RWKVServer:
     def list_states(self) -> dict:
         return {"states": self.states.describe()}
 
+    @api.get("/v1/stats", dependencies=[Depends(_auth)])
+    def stats(self) -> dict:
+        with self._session_lock:
+            busy = len(self._in_flight)
+        return dict(self.batcher.describe(), sessions=len(self.sessions), busy_sessions=busy)
+
     @api.delete("/v1/sessions/{session}", dependencies=[Depends(_auth)])
     def delete_session(self, session: str) -> dict:
         _checked(check_name, session)
@@ -196,14 +211,13 @@ class RWKVServer:
     @api.post("/v1/generate", dependencies=[Depends(_auth)])
     async def generate(self, request: Request):
         req = await _read(request, GenerateRequest, self.max_body_bytes)
-        ids, state = self._inputs(req.prompt, req.tokens, req.state, req.session)
-        kwargs = dict(req.sampling(), seed=req.seed, state=state)
+        ids = self._prompt(req.prompt, req.tokens)
+        need_state = req.return_state or req.session is not None
+        stream = self._submit(ids, req.max_tokens, req, req.state, req.session, need_state)
         if req.stream:
-            stream = _checked(self._stream, ids, req.max_tokens, kwargs)
             events = self._generate_events(stream, ids, req)
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        result = await asyncio.to_thread(self._generate, ids, req.max_tokens, kwargs)
-        self._remember(req.session, result)
+        result = await _collect(stream)
         return GenerateResponse(
             text=result.text[0],
             tokens=result.tokens[0],
@@ -220,8 +234,8 @@ class RWKVServer:
             raise HTTPException(
                 404, f"unknown model {req.model!r}; this server has {self.model_name!r}"
             )
-        ids, _ = self._inputs(req.prompt, None, None, None)
-        kwargs = dict(req.sampling(), seed=req.seed)
+        ids = self._prompt(req.prompt, None)
+        stream = self._submit(ids, req.max_tokens, req, None, None, False)
         head = {
             "id": f"cmpl-{secrets.token_hex(12)}",
             "object": "text_completion",
@@ -229,10 +243,9 @@ class RWKVServer:
             "model": self.model_name,
         }
         if req.stream:
-            stream = _checked(self._stream, ids, req.max_tokens, kwargs)
             events = self._completion_events(stream, ids, head)
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        result = await asyncio.to_thread(self._generate, ids, req.max_tokens, kwargs)
+        result = await _collect(stream)
         choice = {
             "text": result.text[0],
             "index": 0,
@@ -243,57 +256,84 @@ class RWKVServer:
 
     # ---- helpers ---------------------------------------------------------------------
 
-    def _inputs(self, prompt, tokens, state_name, session):
-        """Prompt ids and the state to start from (the session's, or a tuned state)."""
+    def _prompt(self, prompt, tokens) -> list[int]:
         ids = self.tokenizer.encode(prompt) if prompt is not None else list(tokens)
         if len(ids) > self.max_prompt_tokens:
             raise HTTPException(
                 413, f"the prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}"
             )
-        state = self.sessions.get(session) if session is not None else None
-        if state_name is not None:
-            if state is not None:
-                raise HTTPException(
-                    409,
-                    f"session {session!r} continues from its own state; 'state' can only "
-                    "start a new session",
-                )
-            state = _checked(self.states.get, state_name)
-        return ids, state
+        return ids
 
-    def _generate(self, ids, max_tokens, kwargs):
-        from rwkv_ray.generation import generate
-
-        with self.lock:
-            return _checked(
-                generate, self.model, [ids], max_tokens, tokenizer=self.tokenizer, **kwargs
-            )
-
-    def _stream(self, ids, max_tokens, kwargs):
-        from rwkv_ray.generation import stream_generate
-
-        return stream_generate(self.model, [ids], max_tokens, tokenizer=self.tokenizer, **kwargs)
-
-    def _remember(self, session, result) -> None:
+    def _submit(self, ids, max_tokens, req, state_name, session, need_state):
+        """Queue the request on the batcher (from the event loop, so that its stream is
+        async). Claims the session first: 409 while another turn of it is in flight."""
         if session is not None:
-            _checked(self.sessions.put, session, result.state)
-
-    def _pieces(self, stream, stop):
-        """Under the model lock: ("token", id, text) per step, then ("done", result, rest)."""
-        with self.lock:
-            text = TextStream(self.tokenizer, stream.request.end_tokens, stop)
-            for step in stream:
-                if step[0] is not None:
-                    yield "token", step[0], text.push(step[0])
-            yield "done", stream.result, text.finish(stream.result.text[0])
-
-    def _generate_events(self, stream, ids, req: GenerateRequest):
+            with self._session_lock:
+                if session in self._in_flight:
+                    raise HTTPException(
+                        409, f"session {session!r} has a request in flight; retry when it ends"
+                    )
+                self._in_flight.add(session)
         try:
-            for kind, value, piece in self._pieces(stream, req.stop):
+            state = self._start_state(state_name, session)
+            return _checked(
+                self.batcher.submit,
+                ids,
+                max_tokens,
+                seed=req.seed,
+                state=state,
+                need_state=need_state,
+                on_finish=partial(self._finished, session),
+                **req.sampling(),
+            )
+        except BaseException:
+            self._release(session)
+            raise
+
+    def _start_state(self, state_name, session):
+        """The session's state, or a tuned state (only to start a new session)."""
+        state = self.sessions.get(session) if session is not None else None
+        if state_name is None:
+            return state
+        if state is not None:
+            raise HTTPException(
+                409,
+                f"session {session!r} continues from its own state; 'state' can only "
+                "start a new session",
+            )
+        return _checked(self.states.get, state_name)
+
+    def _finished(self, session, result) -> None:
+        """On the batcher's thread when a turn ends (result None: cancelled or failed)."""
+        try:
+            if session is not None and result is not None:
+                self.sessions.put(session, result.state)
+        finally:
+            self._release(session)
+
+    def _release(self, session) -> None:
+        if session is not None:
+            with self._session_lock:
+                self._in_flight.discard(session)
+
+    async def _pieces(self, stream, stop):
+        """("token", id, text) per generated token, then ("done", result, rest of text);
+        the stream is cancelled (its slot freed) if the consumer stops early."""
+        text = TextStream(self.tokenizer, stream.request.end_tokens, stop)
+        try:
+            async for tokens in stream:
+                for token in tokens:
+                    yield "token", token, text.push(token)
+            yield "done", stream.result, text.finish(stream.result.text[0])
+        finally:
+            stream.cancel()  # a no-op once the request has ended
+
+    async def _generate_events(self, stream, ids, req: GenerateRequest):
+        try:
+            async for kind, value, piece in self._pieces(stream, req.stop):
                 if kind == "token":
                     yield _sse({"text": piece, "token": value})
                     continue
-                self._remember(req.session, value)
                 final = {
                     "text": piece,
                     "finish_reason": value.finish_reason[0],
@@ -306,13 +346,13 @@ class RWKVServer:
         except Exception as err:  # the headers are sent: report in the stream
             yield _sse({"error": _message(err)})
 
-    def _completion_events(self, stream, ids, head: dict):
+    async def _completion_events(self, stream, ids, head: dict):
         def chunk(text, reason=None, **extra):
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
             return _sse(dict(head, choices=[choice], **extra))
 
         try:
-            for kind, value, piece in self._pieces(stream, stream.request.stop):
+            async for kind, value, piece in self._pieces(stream, stream.request.stop):
                 if kind == "token":
                     if piece:
                         yield chunk(piece)
@@ -333,6 +373,10 @@ ARGS = {
     "session_ttl_s",
     "max_prompt_tokens",
     "max_body_bytes",
+    "max_batch_size",
+    "steps_per_call",
+    "mlflow_tracking_uri",
+    "state_cache_dir",
 }
 OPTION_ARGS = {"num_replicas", "num_cpus", "num_gpus"}
 
@@ -341,7 +385,9 @@ def app_builder(args: dict):
     """Build the application from Serve config / `serve run` args (strings allowed).
 
     Args: model (required), states_dir, model_name, dtype, session_bytes, session_ttl_s,
-    max_prompt_tokens, max_body_bytes; and num_replicas, num_cpus, num_gpus per replica."""
+    max_prompt_tokens, max_body_bytes, max_batch_size (batcher slots; 1 = serial),
+    steps_per_call, mlflow_tracking_uri, state_cache_dir (MLflow states' downloads); and
+    num_replicas, num_cpus, num_gpus per replica."""
     args = dict(args)
     unknown = set(args) - ARGS - OPTION_ARGS
     if unknown:
@@ -349,7 +395,8 @@ def app_builder(args: dict):
     if "model" not in args:
         raise ValueError("app args need 'model' (a converted model directory or a .pth)")
     numbers = {"session_bytes": int, "max_prompt_tokens": int, "max_body_bytes": int}
-    numbers.update(session_ttl_s=float, num_replicas=int, num_cpus=float, num_gpus=float)
+    numbers.update(max_batch_size=int, steps_per_call=int, session_ttl_s=float)
+    numbers.update(num_replicas=int, num_cpus=float, num_gpus=float)
     for key, kind in numbers.items():
         if key in args:
             args[key] = kind(args[key])

@@ -12,6 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # A state or session name: letters, digits, '_', '-', '.', not starting with '.' (no path).
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+# A tuned state logged to MLflow (`rwkv_ray.serve.mlflow_states`): runs:/<id>[/<path>],
+# models:/<name>@<alias> or models:/<name>/<version>, optionally prefixed with "mlflow:".
+MLFLOW_STATE_PATTERN = (
+    r"^(mlflow:)?(runs:/[0-9a-fA-F]{8,64}(/[A-Za-z0-9_.-]+){0,8}"
+    r"|models:/[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(@[A-Za-z0-9_-]{1,64}|/[0-9]{1,9}))$"
+)
+STATE_PATTERN = f"({NAME_PATTERN})|({MLFLOW_STATE_PATTERN})"
 MAX_NEW_TOKENS = 4096
 MAX_STOP = 4
 
@@ -39,7 +46,7 @@ class GenerateRequest(_Strict):
     end_token: int | list[int] | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**31)
-    state: str | None = Field(None, pattern=NAME_PATTERN)
+    state: str | None = Field(None, pattern=STATE_PATTERN, max_length=600)
     session: str | None = Field(None, pattern=NAME_PATTERN)
     return_state: bool = False
     stream: bool = False

@@ -3,7 +3,9 @@
 A state named `NAME` is the file `<states_dir>/NAME.npz` written by
 `rwkv_ray.generation.save_state`. Names are checked against `NAME_PATTERN` (no '/', no
 '..', no leading '.'), so a request can never reach outside the directory. Loaded states
-are cached; a file that does not fit the model is refused with its reason.
+are cached; a file that does not fit the model is refused with its reason. A name that is
+an MLflow URI (`runs:/...`, `models:/...`) is fetched from MLflow instead
+(`rwkv_ray.serve.mlflow_states`).
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ def check_name(name: str) -> str:
 
 
 class StateRegistry:
-    """Named states from `directory` (None: no states), loaded for `model` on first use."""
+    """Named states from `directory` (None: no states), loaded for `model` on first use;
+    MLflow URIs go to `mlflow` (an `MlflowStates`; None: refused)."""
 
-    def __init__(self, directory: str | os.PathLike | None, model=None):
+    def __init__(self, directory: str | os.PathLike | None, model=None, mlflow=None):
         self.directory = None if directory is None else Path(directory)
         if self.directory is not None and not self.directory.is_dir():
             raise FileNotFoundError(f"states directory {self.directory} does not exist")
-        self._model = model
+        self._model, self.mlflow = model, mlflow
         self._cache: dict[str, object] = {}
         self._lock = threading.Lock()
 
@@ -62,7 +65,12 @@ class StateRegistry:
         """The `GenerationState` named `name` (ValueError, UnknownStateError, or a
         StateMismatchError if the file was saved for another model)."""
         from rwkv_ray.generation import load_state
+        from rwkv_ray.serve.mlflow_states import is_mlflow_name
 
+        if is_mlflow_name(name):
+            if self.mlflow is None:
+                raise UnknownStateError(f"state {name!r}: this server has no MLflow source")
+            return self.mlflow.get(name)
         path = self.path(name)
         with self._lock:
             stamp = path.stat().st_mtime_ns
