@@ -90,8 +90,8 @@ def time_torch(fn, warm=3, reps=15):
 
 
 def ours_fns(cfg):
-    chunk, warps, stages, mode = cfg
-    kw = dict(chunk_size=chunk, num_warps=warps, num_stages=stages, mode=mode)
+    chunk, warps, stages, mode, forward = cfg
+    kw = dict(chunk_size=chunk, num_warps=warps, num_stages=stages, mode=mode, forward=forward)
     fwd = jax.jit(lambda *a: wkv6_kernel(*a, **kw))
 
     def loss(args, dy):
@@ -151,8 +151,8 @@ def main():
     ap.add_argument(
         "--configs",
         default="16:4:1:loop",
-        help="chunk:num_warps:num_stages:mode list to try on the first shape; later shapes "
-        "use the best of them",
+        help="chunk:num_warps:num_stages:mode[:forward] list to try on the first shape; later "
+        "shapes use the best of them (forward: auto, fused or two_pass)",
     )
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-fla", action="store_true")
@@ -165,8 +165,8 @@ def main():
     card = jax.devices()[0].device_kind
     configs = []
     for c in a.configs.split(","):
-        chunk, warps, stages, mode = c.split(":")
-        configs.append((int(chunk), int(warps), int(stages), mode))
+        chunk, warps, stages, mode, *forward = c.split(":")
+        configs.append((int(chunk), int(warps), int(stages), mode, (forward or ["auto"])[0]))
     shapes = (
         SHAPES
         if a.shapes == "all"
@@ -179,7 +179,7 @@ def main():
         row = {"shape": "B{}-T{}-H{}-K{}".format(*shape)}
         best = None
         for cfg in configs:
-            tag = "c{}w{}s{}{}".format(*cfg)
+            tag = "c{}w{}s{}{}-{}".format(*cfg)
             try:
                 fwd, fwd_bwd = ours_fns(cfg)
                 errs = check(shape, args, dy, fwd, fwd_bwd, fla)

@@ -25,7 +25,7 @@ import pytest
 from rwkv_ray.ops import WKV_IMPLS, resolve_wkv_impl, wkv6
 from rwkv_ray.ops import wkv as wkv_module
 from rwkv_ray.ops.wkv_chunked import wkv6_chunked
-from rwkv_ray.ops.wkv_scan import wkv6_scan
+from rwkv_ray.ops.wkv_scan import wkv6_scan, wkv6_single_step
 
 FWD_TOL = 5e-6  # max |fp32 - fp64| / max |fp64|, outputs and final state (seen: 4e-7)
 GRAD_TOL = 1e-5  # same for every gradient (seen: 4e-7)
@@ -149,6 +149,45 @@ def test_gradients_match_float64(b, t, h, n, decay):
         got = GRADS[impl](args, y_weight, s_weight)
         for name, g, g_ref in zip(names, got, want, strict=True):
             assert_close(g, g_ref, GRAD_TOL, f"{impl} d/d{name}")
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
+@pytest.mark.parametrize(
+    "b,h,n,decay", [(1, 1, 16, "weak"), (3, 2, 64, "strong"), (2, 3, 16, "mixed")]
+)
+def test_single_step_matches_float64_loop_and_its_gradients(b, h, n, decay, with_state):
+    """The T == 1 decoding path: outputs, final state and every gradient."""
+    r, k, v, log_w, u, state = make_case(b, 1, h, n, decay)
+    state = state if with_state else None
+    y_ref, s_ref = loop64(r, k, v, log_w, u, state)
+    y, s = jax.jit(wkv6_single_step)(r, k, v, log_w, u, state)
+    assert_close(y, y_ref, FWD_TOL, "single step y")
+    assert_close(s, s_ref, FWD_TOL, "single step final state")
+    if state is None:
+        return
+    rng = np.random.default_rng(4)
+    y_weight = rng.standard_normal(r.shape).astype(np.float32)
+    s_weight = rng.standard_normal(state.shape).astype(np.float32)
+    args = (r, k, v, log_w, u, state)
+    want = float64_grads(args, y_weight, s_weight)
+    got = jax.grad(weighted_loss, argnums=1)(wkv6_single_step, args, y_weight, s_weight)
+    for name, g, g_ref in zip(
+        ("r", "k", "v", "log_w", "u", "initial_state"), got, want, strict=True
+    ):
+        assert_close(g, g_ref, GRAD_TOL, f"single step d/d{name}")
+
+
+def test_dispatcher_uses_the_single_step_for_one_token(monkeypatch):
+    """T == 1 never reaches the chunked form (which would pad it to a chunk), whatever the
+    impl; an explicit request that cannot be met still raises."""
+    called = []
+    monkeypatch.setattr(wkv_module, "wkv6_chunked", lambda *a, **k: called.append(a))
+    args = make_case(2, 1, 1, 16, "mixed")
+    y, s = wkv6(*args, impl="chunked")
+    y_ref, s_ref = loop64(*args)
+    assert not called
+    assert_close(y, y_ref, FWD_TOL, "dispatched y")
+    assert_close(s, s_ref, FWD_TOL, "dispatched state")
 
 
 def test_gradients_without_initial_state_match_scan():

@@ -106,6 +106,34 @@ def test_interpret_matches_reference():
     check_against_reference(1, 20, 1, 16, jnp.float32, "strong", interpret=True, seed=20)
 
 
+def with_kernel_options(**options):
+    """Run check_against_reference with extra wkv6_kernel options."""
+    fn = wk.wkv6_kernel
+
+    def run(*args, **kwargs):
+        wk.wkv6_kernel = lambda *a, **kw: fn(*a, **options, **kw)
+        try:
+            return check_against_reference(*args, **kwargs)
+        finally:
+            wk.wkv6_kernel = fn
+
+    return run
+
+
+def test_interpret_fused_forward_with_value_split_matches_reference():
+    """N=64 with B*H=2: the fused forward splits each head into 4 value blocks of 16."""
+    assert wk.value_splits(2, 1, 64) == 4 and wk.value_splits(8, 32, 64) == 1
+    run = with_kernel_options(forward="fused")
+    run(2, 19, 1, 64, jnp.float32, "strong", interpret=True, seed=21)
+
+
+def test_interpret_two_pass_forward_matches_reference():
+    """Chunk-entry states, then every chunk in parallel (what 'auto' picks for small B*H)."""
+    assert wk.use_two_pass(1, 32, 1024, 16, "auto") and not wk.use_two_pass(8, 32, 16, 16, "auto")
+    run = with_kernel_options(forward="two_pass")
+    run(2, 37, 2, 16, jnp.float32, "weak", interpret=True, seed=22)
+
+
 def test_interpret_weak_decay_chunk32_3d():
     fn = wk.wkv6_kernel
     try:  # the "3d" intra-chunk variant, through the same check

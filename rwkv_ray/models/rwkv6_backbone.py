@@ -13,6 +13,12 @@ from rwkv_ray.models.rwkv6_state import RWKV6State
 PAD_ID = 0
 
 
+def _set_layer(stacked, i: int, value):
+    """stacked[i] = value, functionally: [L, ...] with layer i replaced."""
+    start = (i,) + (0,) * (len(stacked.shape) - 1)
+    return ops.slice_update(stacked, start, ops.cast(value, stacked.dtype)[None])
+
+
 class RWKV6Backbone(keras.Model):
     """The RWKV6 stack: embedding, blocks (ln0 inside block 0), ln_out.
 
@@ -96,14 +102,16 @@ class RWKV6Backbone(keras.Model):
             state = RWKV6State(*(ops.convert_to_tensor(piece, "float32") for piece in state))
         mask = ops.not_equal(token_ids, PAD_ID)
         x = self.embedding(token_ids)
-        att_shift, wkv, ffn_shift = [], [], []
+        # Layer i reads its slice of the running state and writes it back in place: a chain
+        # of slice updates lets XLA reuse one (donated) buffer per piece, where stacking the
+        # new slices would copy the whole state every step (400 MB at batch 32 for 1.6B).
+        att_shift, wkv, ffn_shift = state
         for i, block in enumerate(self.blocks):
-            x, a, w, f = block(x, mask, state.att_shift[i], state.wkv[i], state.ffn_shift[i])
-            att_shift.append(a)
-            wkv.append(w)
-            ffn_shift.append(f)
-        new_state = RWKV6State(ops.stack(att_shift), ops.stack(wkv), ops.stack(ffn_shift))
-        return self.ln_out(x), new_state
+            x, a, w, f = block(x, mask, att_shift[i], wkv[i], ffn_shift[i])
+            att_shift = _set_layer(att_shift, i, a)
+            wkv = _set_layer(wkv, i, w)
+            ffn_shift = _set_layer(ffn_shift, i, f)
+        return self.ln_out(x), RWKV6State(att_shift, wkv, ffn_shift)
 
     def get_config(self):
         return {

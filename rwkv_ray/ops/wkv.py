@@ -14,6 +14,8 @@ Implementations (`impl`, else env RWKV_WKV_IMPL, else legacy env OPS_KERNEL, els
             `is_available() -> (ok, reason)` and `wkv6_kernel(r, k, v, log_w, u,
             initial_state=None, *, chunk_size=...)` (chunk_size passed only when given);
   'auto'    the kernel when available, else 'chunked' (the reason is logged once).
+A single step (T == 1, decoding) is computed directly by `wkv6_single_step` whatever the
+choice (the choice is still resolved, so an impossible explicit request still raises).
 An explicit request that cannot be met raises; nothing falls back silently.
 """
 
@@ -26,7 +28,7 @@ import os
 import keras
 
 from rwkv_ray.ops.wkv_chunked import wkv6_chunked
-from rwkv_ray.ops.wkv_scan import wkv6_scan
+from rwkv_ray.ops.wkv_scan import wkv6_scan, wkv6_single_step
 
 WKV_IMPLS = ("auto", "scan", "chunked", "kernel")
 KERNEL_MODULE = "rwkv_ray.ops.wkv_kernel"
@@ -57,6 +59,10 @@ def wkv6(r, k, v, log_w, u, initial_state=None, *, impl: str | None = None, chun
     """
     check_shapes(r, k, v, log_w, u, initial_state)
     chosen, _ = resolve_wkv_impl(impl)
+    if r.shape[1] == 1:
+        # A decoding step: every implementation reduces to one application of the
+        # recurrence; the chunked forms would pad the token to a whole chunk.
+        return wkv6_single_step(r, k, v, log_w, u, initial_state)
     if chosen == "scan":
         return wkv6_scan(r, k, v, log_w, u, initial_state)
     # Each implementation keeps its own default chunk size (CPU- and GPU-tuned differ).

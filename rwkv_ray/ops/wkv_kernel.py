@@ -7,8 +7,9 @@ negative). Per head, with S_{-1} = initial state:
     y_t[j] = sum_i r_t[i] * (S_{t-1}[i, j] + u[i] k_t[i] v_t[j])
     S_t    = exp(log_w_t)[:, None] * S_{t-1} + k_t v_t^T          (no r.k scaling)
 
-Algorithm (one Triton program per (b, h), looping over chunks of `chunk_size` tokens with the
-state in registers; the same shape as fla's chunk_rwkv6, fused into one sequential kernel):
+Algorithm (one Triton program per (b, h) - and per value-column block in the forward, see
+`value_splits` - looping over chunks of `chunk_size` tokens with the state in registers; the
+same shape as fla's chunk_rwkv6, fused into one sequential kernel):
 with A = inclusive cumsum of log_w inside the chunk, Ae = A - log_w (exclusive), a = A_last,
 
     y     = (r * exp(Ae)) @ S + P @ v + (r.u.k) v,   P[t, s] = sum_i r_t k_s exp(Ae_t - A_s), s < t
@@ -48,7 +49,9 @@ from rwkv_ray.ops.wkv_kernel_intra import (
     _mm,
 )
 
-_Opts = collections.namedtuple("_Opts", ["interpret", "poison", "num_warps", "num_stages", "mode"])
+_Opts = collections.namedtuple(
+    "_Opts", ["interpret", "poison", "num_warps", "num_stages", "mode", "forward"]
+)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -75,6 +78,39 @@ def _fwd_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, st_ref, *, chu
         return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
 
     st_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
+
+
+def _chunk_states_kernel(k_ref, v_ref, w_ref, s0_ref, hs_ref, st_ref, *, chunk, mm_dtype):
+    """Two-pass forward, pass 1 (sequential over chunks): the state entering every chunk,
+    hs[c*N:(c+1)*N] = S before chunk c, and the final state. Only the cheap state update runs
+    in the sequential loop; the intra-chunk work is left to the parallel pass 2."""
+    n_chunks = k_ref.shape[0] // chunk
+    n = k_ref.shape[1]
+
+    def body(c, s):
+        sl = pl.ds(c * chunk, chunk)
+        k, v, lw = (_load(x, sl) for x in (k_ref, v_ref, w_ref))
+        inc, exc, last = _chunk_terms(lw)
+        hs_ref[pl.ds(c * n, n), :] = s
+        _, f_end, f_all = _decay_factors(inc, exc, last)
+        return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
+
+    st_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
+
+
+def _chunk_output_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, hs_ref, y_ref, *, mm_dtype, mode):
+    """Two-pass forward, pass 2 (one program per chunk, all in parallel): the chunk's outputs
+    from the state entering it."""
+    chunk = r_ref.shape[0]
+    sl = pl.ds(0, chunk)
+    r, k, v, lw = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref))
+    u = u_ref[...].astype(F32)
+    inc, exc, last = _chunk_terms(lw)
+    p = _intra_p(r, k, inc, exc, k_ref, w_ref, 0, chunk, mode)
+    bonus = jnp.sum(r * u[None, :] * k, axis=1)
+    f_start = _decay_factors(inc, exc, last)[0]
+    y = _mm(r * f_start, hs_ref[...], mm_dtype) + _mm(p, v, mm_dtype) + bonus[:, None] * v
+    y_ref[...] = y.astype(y_ref.dtype)
 
 
 def _bwd_dr_kernel(k_ref, v_ref, w_ref, s0_ref, dy_ref, drn_ref, *, chunk, mm_dtype, mode):
@@ -199,9 +235,41 @@ def _mm_dtype(dtype):
     return F32 if jnp.dtype(dtype) == jnp.float32 else jnp.bfloat16
 
 
+def value_splits(b: int, h: int, n: int) -> int:
+    """How many value-column blocks the forward grid splits each head into.
+
+    The forward is sequential over chunks inside a program, so a small batch (prefill of one
+    prompt: B*H = 32 programs) would leave most of an H100's 132 SMs idle. The value columns
+    are independent given P (recomputed per block, O(C^2 N) like the rest), so split them
+    until there are >= 256 programs, keeping blocks >= 16 columns (Triton's dot minimum)."""
+    splits = 1
+    while b * h * splits < 256 and n // (splits * 2) >= 16:
+        splits *= 2
+    return splits
+
+
+def use_two_pass(b: int, h: int, t: int, chunk: int, forward: str) -> bool:
+    """'auto': the two-pass forward whenever there is more than one chunk. Measured on an
+    H100 (bf16, H32 N64, chunk 16; BENCHMARKS.md) it beats the fused kernel at every shape:
+    B1 T1024 0.31 vs 0.85 ms, B8 T4096 2.58 vs 3.49 ms, B1 T16384 3.0 vs 10.2 ms. Its cost is
+    a transient [B, H, T/chunk, N, N] float32 buffer of chunk-entry states (1 GiB at B8
+    T4096), freed before the forward returns."""
+    if forward != "auto":
+        return forward == "two_pass"
+    return t > chunk
+
+
 def _forward(r, k, v, log_w, u, s0, chunk, opts):
     b, t, h, n = r.shape
-    seq, head, state = _specs(n)
+    if use_two_pass(b, h, t, chunk, opts.forward):
+        return _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)
+    splits = value_splits(b, h, n)
+    bv = n // splits
+    # Grid (b, h, value block): r, k, log_w whole heads; v, y and the state by value block.
+    full = pl.BlockSpec((None, t, None, n), lambda b_, h_, j: (b_, 0, h_, 0))
+    cols = pl.BlockSpec((None, t, None, bv), lambda b_, h_, j: (b_, 0, h_, j))
+    head = pl.BlockSpec((None, n), lambda b_, h_, j: (h_, 0))
+    state = pl.BlockSpec((None, None, n, bv), lambda b_, h_, j: (b_, h_, 0, j))
     kern = functools.partial(_fwd_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode)
     out_shape = (
         jax.ShapeDtypeStruct((b, t, h, n), r.dtype),
@@ -209,13 +277,47 @@ def _forward(r, k, v, log_w, u, s0, chunk, opts):
     )
     return _call(
         kern,
-        [seq(t)] * 4 + [head, state],
-        [seq(t), state],
+        [full, full, cols, full, head, state],
+        [cols, state],
         out_shape,
-        (b, h),
+        (b, h, splits),
         opts,
         "wkv6_fwd",
     )(r, k, v, log_w, u, s0)
+
+
+def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
+    b, t, h, n = r.shape
+    n_chunks = t // chunk
+    seq, head, state = _specs(n)
+    mm = _mm_dtype(r.dtype)
+    entry = pl.BlockSpec((None, None, n_chunks * n, n), lambda b_, h_: (b_, h_, 0, 0))
+    hs, st = _call(
+        functools.partial(_chunk_states_kernel, chunk=chunk, mm_dtype=mm),
+        [seq(t)] * 3 + [state],
+        [entry, state],
+        (
+            jax.ShapeDtypeStruct((b, h, n_chunks * n, n), F32),
+            jax.ShapeDtypeStruct((b, h, n, n), F32),
+        ),
+        (b, h),
+        opts,
+        "wkv6_fwd_states",
+    )(k, v, log_w, s0)
+    # Pass 2: grid (b, h, chunk); block c of the time axis and of the entry states.
+    piece = pl.BlockSpec((None, chunk, None, n), lambda b_, h_, c: (b_, c, h_, 0))
+    entry_c = pl.BlockSpec((None, None, n, n), lambda b_, h_, c: (b_, h_, c, 0))
+    head_c = pl.BlockSpec((None, n), lambda b_, h_, c: (h_, 0))
+    y = _call(
+        functools.partial(_chunk_output_kernel, mm_dtype=mm, mode=opts.mode),
+        [piece] * 4 + [head_c, entry_c],
+        piece,
+        jax.ShapeDtypeStruct((b, t, h, n), r.dtype),
+        (b, h, n_chunks),
+        opts,
+        "wkv6_fwd_output",
+    )(r, k, v, log_w, u, hs)
+    return y, st
 
 
 def _backward(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts):
@@ -308,6 +410,7 @@ def is_available() -> tuple[bool, str]:
         "num_warps",
         "num_stages",
         "mode",
+        "forward",
     ),
 )
 def wkv6_kernel(
@@ -324,6 +427,7 @@ def wkv6_kernel(
     num_warps=4,
     num_stages=1,
     mode="loop",
+    forward="auto",
 ):
     """Fused WKV6 (RWKV x060). r, k, v, log_w: [B, T, H, N]; u: [H, N]; state [B, H, N, N]
     ([key, value], float32). log_w is the log-decay (<= 0). Returns (y [B, T, H, N] in r's
@@ -332,7 +436,9 @@ def wkv6_kernel(
     `interpret=True` runs the kernels in Pallas' interpreter (CPU); `poison_outputs=True`
     NaN-fills every kernel output buffer first (a testing aid for unwritten elements);
     `num_warps` / `num_stages` are Triton's; `mode` picks the intra-chunk code ("loop" or
-    "3d", see _intra_p).
+    "3d", see _intra_p); `forward` the forward algorithm: "fused" (one sequential kernel),
+    "two_pass" (chunk-entry states, then all chunks' outputs in parallel) or "auto"
+    (`use_two_pass`).
 
     Example: y, s = wkv6_kernel(r, k, v, -jnp.exp(w_raw), u, s0)
     """
@@ -346,6 +452,8 @@ def wkv6_kernel(
         raise ValueError(f"chunk_size must be a power of 2 >= 16, got {chunk_size}")
     if mode not in ("loop", "3d"):
         raise ValueError(f"mode must be 'loop' or '3d', got {mode!r}")
+    if forward not in ("auto", "fused", "two_pass"):
+        raise ValueError(f"forward must be 'auto', 'fused' or 'two_pass', got {forward!r}")
     if n < 16 or n & (n - 1):
         raise ValueError(f"head size N must be a power of 2 >= 16, got {n}")
     if initial_state is None:
@@ -366,6 +474,6 @@ def wkv6_kernel(
         u,
         initial_state.astype(F32),
         chunk_size,
-        _Opts(interpret, poison_outputs, num_warps, num_stages, mode),
+        _Opts(interpret, poison_outputs, num_warps, num_stages, mode, forward),
     )
     return y[:, :t], st

@@ -53,16 +53,29 @@ def wkv6_scan(r, k, v, log_w, u, initial_state=None):
     """
     out_dtype = r.dtype
     r, k, v, log_w, u, state = float32_inputs(r, k, v, log_w, u, initial_state)
-    u = u[:, :, None]  # [H,N,1]: broadcast over the value index.
 
     def step(s, x):
         r_t, k_t, v_t, log_w_t = x  # each [B,H,N]
-        kv = k_t[..., :, None] * v_t[..., None, :]  # [B,H,N,N]
-        y_t = ops.einsum("bhi,bhij->bhj", r_t, s + u * kv)
-        s = ops.exp(log_w_t)[..., None] * s + kv
-        return s, y_t
+        return recurrence_step(s, r_t, k_t, v_t, log_w_t, u)
 
     # Time-major inputs: [T,B,H,N].
     xs = tuple(ops.moveaxis(x, 1, 0) for x in (r, k, v, log_w))
     state, y = scan_outputs(step, state, xs, y_like=xs[0][0])
     return ops.cast(ops.moveaxis(y, 0, 1), out_dtype), state
+
+
+def recurrence_step(state, r_t, k_t, v_t, log_w_t, u):
+    """One token of the recurrence, all float32: state [B,H,N,N]; r_t, k_t, v_t, log_w_t
+    [B,H,N]; u [H,N]. Returns (new state, y_t [B,H,N])."""
+    kv = k_t[..., :, None] * v_t[..., None, :]  # [B,H,N,N]
+    y_t = ops.einsum("bhi,bhij->bhj", r_t, state + u[:, :, None] * kv)
+    return ops.exp(log_w_t)[..., None] * state + kv, y_t
+
+
+def wkv6_single_step(r, k, v, log_w, u, initial_state=None):
+    """WKV6 for T == 1 (a decoding step): the recurrence applied once, with no scan or
+    chunk machinery around it. Same signature and results as `wkv6_scan`."""
+    out_dtype = r.dtype
+    r, k, v, log_w, u, state = float32_inputs(r, k, v, log_w, u, initial_state)
+    state, y = recurrence_step(state, r[:, 0], k[:, 0], v[:, 0], log_w[:, 0], u)
+    return ops.cast(y[:, None], out_dtype), state
