@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
 from rwkv_ray.data.cli_commands import add_prepare_command
-from rwkv_ray.generation.cli_commands import add_generate_command
 from rwkv_ray.serve.cli_commands import add_serve_command
 from rwkv_ray.train.cli_commands import add_finetune_command
+
+# Commands whose module is imported only when the command is chosen, as
+# name -> (module, function registering the full parser, its line in `rwkv-ray --help`).
+# Importing anything under rwkv_ray.generation loads Keras and JAX (~6 s on 2 cores), which
+# `rwkv-ray --help` and the other commands do not need. The line must match the module's own.
+LAZY_COMMANDS = {
+    "generate": (
+        "rwkv_ray.generation.cli_commands",
+        "add_generate_command",
+        "stream a continuation of a prompt",
+    ),
+}
 
 EPILOG = """examples:
   rwkv-ray convert RWKV-x060-World-1B6.pth models/1b6      # .pth -> config.json + weights
@@ -54,7 +66,13 @@ def _demo(args) -> None:
     run_demo(Path(args.out_dir), full_steps=args.full_steps, state_steps=args.state_steps)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the top-level parser has no other options)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `rwkv-ray` parser; the subparser of `command` is complete even if it is lazy."""
     parser = argparse.ArgumentParser(
         prog="rwkv-ray",
         description="Fine-tune and serve RWKV6 (x060, Finch) models on Ray, in Keras 3 on JAX.",
@@ -94,13 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
     add_prepare_command(sub)
     add_finetune_command(sub)
-    add_generate_command(sub)
+    for name, (module, register, help_line) in LAZY_COMMANDS.items():
+        if name == command:
+            getattr(importlib.import_module(module), register)(sub)
+        else:
+            sub.add_parser(name, help=help_line)  # only listed: chosen, it is built in full
     add_serve_command(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(chosen_command(argv)).parse_args(argv)
     try:
         args.func(args)
     except (FileNotFoundError, ValueError) as e:
