@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -18,39 +16,12 @@ from rwkv_ray.data.storage import ChecksumError, S3Options
 from rwkv_ray.tokenizer import WorldTokenizer
 
 T = 16
-ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def endpoint():
-    """A moto S3 server on 127.0.0.1; credentials in the env before Ray starts, so the Ray
-    workers inherit them (the endpoint itself is passed explicitly)."""
-    from moto.server import ThreadedMotoServer
-
-    saved = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    storage.s3_client(S3Options(url)).create_bucket(Bucket="bucket")
-    yield url
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def endpoint(s3_endpoint):
+    storage.s3_client(S3Options(s3_endpoint)).create_bucket(Bucket="bucket")
+    return s3_endpoint
 
 
 @pytest.fixture(scope="module", autouse=True)
