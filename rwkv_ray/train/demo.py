@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -62,6 +63,29 @@ def final_export(result) -> Path:
     return Path(result.checkpoint.path) / "export"
 
 
+def start_local_ray() -> None:
+    """A 2-CPU local Ray with what Ray Train V2's helper actors rely on."""
+    import ray
+
+    # The preemption watcher (one actor per run) handles spot-node preemption, which a laptop
+    # does not have; its start logs an error line about its own restart policy.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray Train V2's PlacementGroupCleaner asks the State API every second whether the run's
+    # controller is alive. Ray serves that API from the dashboard (include_dashboard=False
+    # leaves it out: a warning a second, all run long), and Ray processes find it through
+    # RAY_ADDRESS, else only while this is the one Ray on the machine (a `rwkv-ray serve` in
+    # another terminal breaks the lookup). The hook (a lambda: pickled by value, so workers
+    # need not import this module) sets RAY_ADDRESS in each of this cluster's processes.
+    pin_address = lambda: os.environ.setdefault(  # noqa: E731
+        "RAY_ADDRESS", ray.get_runtime_context().gcs_address
+    )
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        runtime_env={"worker_process_setup_hook": pin_address},
+    )
+
+
 def run_demo(
     out_dir: str | Path = "out/demo", full_steps: int = 150, state_steps: int = 60
 ) -> dict:
@@ -74,7 +98,7 @@ def run_demo(
     out_dir = Path(out_dir).resolve()
     started = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        start_local_ray()
     train, eval_ = prepare_demo_data(out_dir)
     print(f"[1/4] prepared {train} and {eval_} ({time.perf_counter() - started:.0f} s)")
     stamp = time.strftime("%Y%m%d-%H%M%S")

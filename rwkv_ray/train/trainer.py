@@ -64,6 +64,10 @@ def run_storage_uri(config: JobConfig) -> str:
 def worker_env(config: JobConfig) -> dict[str, str]:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["KERAS_BACKEND"] = "jax"
+    # Train's print patch re-logs each print as a log record with its own newline: the state
+    # lines of the worker's progress bar (ray.experimental.tqdm_ray) would each add an empty
+    # line on the driver. Unpatched, prints still reach the driver through the worker's stdout.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     env["MLFLOW_TRACKING_URI"] = tracking_uri(config.mlflow.tracking_uri)
     if config.s3_endpoint_url:
         env["AWS_ENDPOINT_URL"] = config.s3_endpoint_url

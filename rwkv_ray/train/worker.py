@@ -185,9 +185,9 @@ def train_loop_per_worker(payload: dict) -> None:
     while position["global_step"] < steps:
         args = (reader, config, position, rank, steps, tracker, progress)
         state, metrics = run_epoch(train, state, metrics, *args)
-    report(train, state, config, position, metrics, rank, final=True, tracker=tracker)
     if progress is not None:
-        progress.close()
+        progress.close()  # before the final report: the worker may be gone soon after it
+    report(train, state, config, position, metrics, rank, final=True, tracker=tracker)
 
 
 def run_epoch(train, state, metrics, reader, config, position, rank, steps, tracker, progress):
@@ -204,8 +204,8 @@ def run_epoch(train, state, metrics, reader, config, position, rank, steps, trac
         if tracker is not None:
             tracker.log_step(position["global_step"], metrics)
         if progress is not None:
+            progress.set_description(f"{config.name} loss {metrics['loss']:.4f}")
             progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
         if position["global_step"] >= steps:
             return state, metrics
         if position["global_step"] % config.checkpointing.every_steps == 0:
@@ -220,6 +220,11 @@ def run_epoch(train, state, metrics, reader, config, position, rank, steps, trac
 def _progress(config: JobConfig, rank: int, total: int, initial: int):
     if rank != 0 or not config.debug.progress:
         return None
-    from tqdm.auto import tqdm
+    # Ray's tqdm: the worker prints the bar's state and the driver draws one bar in place
+    # (trainer.worker_env turns off Train's print patch for it). A plain tqdm's carriage-return
+    # redraws reach the driver as one new log line each.
+    from ray.experimental.tqdm_ray import tqdm
 
-    return tqdm(total=total, initial=initial, desc=config.name, unit="step")
+    bar = tqdm(total=total, desc=config.name, unit="step")
+    bar.n = initial  # a resumed run (this tqdm has no `initial`)
+    return bar
