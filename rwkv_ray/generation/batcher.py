@@ -17,7 +17,7 @@ library's own `Engine._decode_step` over slots. So a row gets its own PRNG strea
 (`fold_in(key(seed), step)` with its own step counter), its own sampling parameters, end
 tokens and token limit, and draws exactly what `generate(model, [prompt], n, seed=...)`
 draws alone (a batch-1 call: the library's stream of row b inside a larger batch depends on
-that batch). The sampler's static features are the union over busy rows; a row whose
+that batch). The sampler's static features cover every busy row (`_union`); a row whose
 feature is off is unchanged by it (penalty 1, alpha 0, no ban, top-k 0, top-p 1 are exact
 identities), and a row's penalty state is only read while its own feature keeps the
 feature on, so it is always up to date.
@@ -48,7 +48,6 @@ from rwkv_ray.generation.generate import GenerationResult, GenerationStream, _pr
 from rwkv_ray.generation.sampling import PenaltyState, SamplerFeatures
 from rwkv_ray.generation.state import GenerationState
 
-_FEATURE_FLAGS = ("sample", "top_k", "top_p", "penalty", "alpha", "ban")
 _STATS = ("admitted", "finished", "cancelled", "alone", "decode_calls", "row_steps", "max_busy")
 _SAMPLING_KEYS = (
     "search_mode",
@@ -158,8 +157,19 @@ def _merge(old: PenaltyState, new: PenaltyState) -> PenaltyState:
 
 
 def _union(features) -> SamplerFeatures:
+    """A feature set covering every row, rounded up to a few tiers (fewer compilations):
+    the token ban always; top-k with top-p (both sorts); both penalty kinds together."""
     features = list(features)
-    return SamplerFeatures(**{f: any(getattr(x, f) for x in features) for f in _FEATURE_FLAGS})
+    sort = any(f.top_k or f.top_p for f in features)
+    penalties = any(f.penalty or f.alpha for f in features)
+    return SamplerFeatures(
+        sample=any(f.sample for f in features),
+        top_k=sort,
+        top_p=sort,
+        penalty=penalties,
+        alpha=penalties,
+        ban=True,
+    )
 
 
 class ContinuousBatcher:

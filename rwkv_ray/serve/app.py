@@ -317,13 +317,13 @@ class RWKVServer:
                 self._in_flight.discard(session)
 
     async def _pieces(self, stream, stop):
-        """("token", id, text) per generated token, then ("done", result, rest of text);
-        the stream is cancelled (its slot freed) if the consumer stops early."""
+        """("tokens", [(id, text), ...], None) per decode call, then ("done", result, rest
+        of the text); the stream is cancelled (its slot freed) if the consumer stops early.
+        One HTTP chunk per decode call: the events of a call's tokens travel together."""
         text = TextStream(self.tokenizer, stream.request.end_tokens, stop)
         try:
             async for tokens in stream:
-                for token in tokens:
-                    yield "token", token, text.push(token)
+                yield "tokens", [(token, text.push(token)) for token in tokens], None
             yield "done", stream.result, text.finish(stream.result.text[0])
         finally:
             stream.cancel()  # a no-op once the request has ended
@@ -331,8 +331,8 @@ class RWKVServer:
     async def _generate_events(self, stream, ids, req: GenerateRequest):
         try:
             async for kind, value, piece in self._pieces(stream, req.stop):
-                if kind == "token":
-                    yield _sse({"text": piece, "token": value})
+                if kind == "tokens":
+                    yield b"".join(_sse({"text": text, "token": token}) for token, text in value)
                     continue
                 final = {
                     "text": piece,
@@ -353,9 +353,10 @@ class RWKVServer:
 
         try:
             async for kind, value, piece in self._pieces(stream, stream.request.stop):
-                if kind == "token":
-                    if piece:
-                        yield chunk(piece)
+                if kind == "tokens":
+                    texts = b"".join(chunk(text) for _, text in value if text)
+                    if texts:
+                        yield texts
                     continue
                 reason = _openai_reason(value.finish_reason[0])
                 yield chunk(piece, reason, usage=_usage(ids, value.tokens[0]).model_dump())

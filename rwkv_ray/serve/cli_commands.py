@@ -23,6 +23,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
     parser.add_argument("--dtype", help="Keras dtype policy, e.g. bfloat16")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=8, help="requests decoded together (1 = serial)"
+    )
+    parser.add_argument("--steps-per-call", type=int, default=4, help="decode steps per call")
+    parser.add_argument("--mlflow-tracking-uri", help="where `state: runs:/...` states are found")
 
 
 def run_serve(args) -> None:
@@ -41,10 +46,12 @@ def run_serve(args) -> None:
         "num_replicas": args.num_replicas,
         "num_cpus": args.num_cpus,
         "num_gpus": args.num_gpus,
+        "max_batch_size": args.max_batch_size,
+        "steps_per_call": args.steps_per_call,
     }
     if args.states_dir:
         app_args["states_dir"] = str(Path(args.states_dir).resolve())
-    for key in ("model_name", "dtype"):
+    for key in ("model_name", "dtype", "mlflow_tracking_uri"):
         if getattr(args, key):
             app_args[key] = getattr(args, key)
     print(f"serving {args.model} on http://{args.host}:{args.port} (Ctrl-C stops)")
