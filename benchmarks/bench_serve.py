@@ -162,6 +162,8 @@ def main(argv=None) -> dict:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "cpu_count": os.cpu_count(),
+            # A shared machine: the 1-minute load average when the run started.
+            "load_average_1m": os.getloadavg()[0],
             "jax_backend": jax.default_backend(),
             "jax": jax.__version__,
         },
