@@ -17,7 +17,9 @@ may start a stop string is held back until it is certain), then a final event wi
 
 Requests are decoded together by a `ContinuousBatcher` (`max_batch_size` slots; 1 = one at
 a time): each gets exactly the tokens `generate(model, [prompt], ...)` gives it alone with
-the same seed. A client that goes away frees its slot.
+the same seed. A client that goes away frees its slot. (A repetition penalty with
+`penalty_window` cannot share a batch: such requests run alone, one at a time, through the
+library's stream; see `rwkv_ray.generation.batcher`.)
 
 A session holds the state after its last finished turn: a turn with `session` continues
 from it (the new prompt is read on top of the whole history) and stores the new state when
