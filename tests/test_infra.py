@@ -106,6 +106,11 @@ def test_aws_launcher_config_passes_ray_validation():
         assert any(o.startswith("--shm-size=") for o in docker[key]), key
     assert "--gpus all" in docker["worker_run_options"]
     assert sum(t["max_workers"] for t in gpu_types) == prepared["max_workers"]
+    # Every `ray start` requires Ray's auth token, which file_mounts ships to each node.
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in prepared[key] if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start and "MLFLOW_TRACKING_URI=" in start, key
+    assert "/home/ray/.ray/auth_token" in prepared["file_mounts"]
 
 
 def test_ray_validation_rejects_a_misspelt_key():
@@ -305,6 +310,18 @@ def test_docker_locks_satisfy_pyproject():
     assert {k: gpu[k] for k in shared} == {k: cpu[k] for k in shared}
     assert all(n.startswith(("nvidia-", "jax-cuda12-")) for n in set(gpu) - set(cpu))
     assert set(cpu) <= set(gpu)
+
+
+def test_docker_locks_carry_the_tested_versions():
+    tested = {}
+    for line in (DOCKER / "tested-versions.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            tested[re.sub(r"[-_.]+", "-", name.lower())] = version
+    assert len(tested) == len(pyproject()["project"]["dependencies"])
+    for variant in ("gpu", "cpu"):
+        pins = lock_pins(variant)
+        assert {k: pins.get(k) for k in tested} == tested, variant
 
 
 def test_dockerignore_admits_what_the_dockerfile_copies():
