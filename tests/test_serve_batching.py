@@ -47,14 +47,13 @@ def drain(stream) -> list[int]:
 def test_batched_rows_equal_the_library_alone(tiny):
     model = tiny[0]
     rng = np.random.default_rng(1)
-    prompts = [rng.integers(1, VOCAB, n).tolist() for n in (3, 9, 6, 5)]
+    prompts = [rng.integers(1, VOCAB, n).tolist() for n in (3, 9, 6)]
     greedy = generate(model, [prompts[0]], 12, token_ban=NO_PAD).tokens[0]
     topk = dict(search_mode="topk", k=20, temperature=0.7, penalty=1.3, alpha_presence=0.3)
     cases = [  # (max_new_tokens, settings): 3 batched requests on 2 slots: one slot reused
         (12, dict(end_token=greedy[5])),  # ends on its 6th token
         (9, dict(search_mode="topp", k=0.9, seed=1)),
         (14, dict(topk, alpha_frequency=0.5, seed=3)),
-        (7, dict(penalty=1.2, penalty_window=4, seed=5)),  # not batchable: runs alone
     ]
     batcher = ContinuousBatcher(model, **SMALL)
     try:
@@ -71,8 +70,22 @@ def test_batched_rows_equal_the_library_alone(tiny):
         assert tokens == result.tokens[0] == want.tokens[0], settings
         assert result.finish_reason == want.finish_reason and result.text == want.text
     assert got[0][1].finish_reason == ["end_token"] and len(got[0][0]) == 6
-    assert (stats["admitted"], stats["alone"], stats["finished"], stats["busy"]) == (3, 1, 3, 0)
+    assert (stats["admitted"], stats["finished"], stats["busy"]) == (3, 3, 0)
     assert stats["max_busy"] == 2  # rows did share decode calls
+
+
+def test_penalty_window_runs_alone_like_the_library(tiny):
+    model, prompt = tiny[0], [3, 1, 4, 1, 5]
+    settings = dict(penalty=1.2, penalty_window=4, seed=5, token_ban=NO_PAD)
+    batcher = ContinuousBatcher(model, **SMALL)
+    try:
+        stream = batcher.submit(prompt, 7, **settings)
+        tokens = drain(stream)
+        stats = batcher.describe()
+    finally:
+        batcher.close()
+    assert tokens == generate(model, [prompt], 7, **settings).tokens[0]
+    assert (stats["alone"], stats["admitted"]) == (1, 0)
 
 
 def test_stop_with_state_is_exact_and_continues(tiny):
