@@ -76,6 +76,24 @@ def test_deterministic_for_seed_and_epoch(dataset):
     assert len(flat) == len(set(flat)) == 2 * 7 * 3
 
 
+def test_order_does_not_depend_on_the_global_random_seed(dataset):
+    """Model init (keras.utils.set_random_seed) sets TensorFlow's global seed; the data order
+    must stay a function of (seed, epoch) alone, and the global seed must be left as it was."""
+    import keras
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
+    path, _ = dataset
+    before = _ids(_reader(path, [0, 1], seed=5).batches(epoch=1))
+    keras.utils.set_random_seed(1234)
+    try:
+        after = _ids(_reader(path, [0, 1], seed=5).batches(epoch=1))
+        assert context.global_seed() == 1234
+    finally:
+        tf.random.set_seed(None)
+    assert after == before
+
+
 def test_one_worker_two_streams_equals_two_workers(dataset):
     path, _ = dataset
     for epoch in (0, 1):

@@ -193,14 +193,9 @@ def write_job(tmp: Path, data_dir: Path, max_steps: int) -> Path:
 
 
 def reference_checksums(config: JobConfig, steps: int) -> list[float]:
-    """data_checksum of steps 1..`steps` of one uninterrupted reading of the data."""
-    import keras
-
+    """data_checksum of steps 1..`steps` of one uninterrupted reading of the data (in this
+    process, with no model built: the order depends on (seed, epoch) alone)."""
     from rwkv_ray.train.worker import micro_batches, open_reader
-
-    # The reader's tf.data shuffle also depends on TF's global seed, which the worker's
-    # build_model sets (keras.utils.set_random_seed(init_seed)) before it reads: do the same.
-    keras.utils.set_random_seed(config.model.init_seed)
 
     reader, sums, epoch = open_reader(config, rank=0), [], 0
     while len(sums) < steps:

@@ -27,6 +27,7 @@ re-raised as :class:`CorruptShardError` naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -69,6 +70,25 @@ def _tf():
     except RuntimeError:
         pass  # already initialized
     return tf
+
+
+# TensorFlow derives a shuffle's seeds from (global seed, op seed) when the op is built; with
+# no global seed set it uses this constant. Pinning it while the op is built makes the order a
+# function of (seed, epoch, stream) alone, whatever else set TF's global seed in the process
+# (keras.utils.set_random_seed does, for model init).
+TF_DEFAULT_GLOBAL_SEED = 87654321
+
+
+@contextlib.contextmanager
+def _tf_global_seed(tf, seed: int):
+    from tensorflow.python.eager import context  # the only getter of the global seed
+
+    previous = context.global_seed()
+    tf.random.set_seed(seed)
+    try:
+        yield
+    finally:
+        tf.random.set_seed(previous)
 
 
 class ShardReader:
@@ -172,7 +192,8 @@ class ShardReader:
         ds = tf.data.TFRecordDataset([files[i] for i in rng.permutation(len(files))])
         if self.shuffle_buffer > 1:
             seed = int(rng.integers(2**62))
-            ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+            with _tf_global_seed(tf, TF_DEFAULT_GLOBAL_SEED):
+                ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
         b = self.batch_size_per_stream
         ds = ds.skip(start_step * b).take((self.steps_per_epoch - start_step) * b)
         return ds.batch(b, drop_remainder=True).map(self._parse_fn())
