@@ -116,11 +116,6 @@ def bench_decode(model, batch: int, steps: int, repeats: int) -> float:
 
 def official_figures(model, args) -> dict:
     import torch
-
-    os.environ.setdefault("RWKV_JIT_ON", "1")
-    # On a GPU the package's own CUDA WKV kernel (built with nvcc at load), as the anchor
-    # figures in ../shared/anchors were measured.
-    os.environ.setdefault("RWKV_CUDA_ON", "1" if torch.cuda.is_available() else "0")
     from rwkv.model import RWKV
 
     from rwkv_ray.convert import model_state_dict
@@ -178,8 +173,13 @@ def want_official(mode: str) -> bool:
     if mode == "off":
         return False
     try:
+        import torch
+
+        # Read by rwkv.model at import: TorchScript on, and on a GPU the package's own CUDA
+        # WKV kernel (built with nvcc at load), as the anchor figures in ../shared/anchors.
+        os.environ.setdefault("RWKV_JIT_ON", "1")
+        os.environ.setdefault("RWKV_CUDA_ON", "1" if torch.cuda.is_available() else "0")
         import rwkv.model  # noqa: F401
-        import torch  # noqa: F401
     except ImportError:
         if mode == "on":
             raise

@@ -1,0 +1,146 @@
+"""Training step speed of the 1.6B shape on one GPU: ours (full / state tuning, remat on/off)
+and fla's RWKV6 model, in the same run on the same card.
+
+    python benchmarks/bench_train_gpu.py --out benchmarks/results/train_1p6b.json
+
+Each configuration runs in its own process (so each has its own peak memory and a failure,
+e.g. out of memory, is reported and does not stop the others): random weights and tokens,
+bf16, AdamW, batch --batch x --seq-len; the first step (compilation) is timed apart, the rate
+is the median of --steps steps. Ours: `rwkv_ray.train.step.TrainStep` (what the Ray workers
+run), full tuning with float32 master weights (mixed_bfloat16), state tuning in bfloat16.
+fla: `fla.models.RWKV6ForCausalLM` in bf16 with fused AdamW, as in ../shared/anchors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "ours_full": dict(mode="full", remat=False),
+    "ours_full_remat": dict(mode="full", remat=True),
+    "ours_state": dict(mode="state", remat=False),
+    "ours_state+shift": dict(mode="state+shift", remat=False),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="1b6", help="ours only: a shape of bench_train_cpu.py")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--configs", default=",".join([*CONFIGS, "fla"]))
+    p.add_argument("--timeout", type=int, default=400, help="seconds per configuration")
+    p.add_argument("--out")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
+    return p.parse_args(argv)
+
+
+def run_ours(name: str, args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import jax
+
+    from benchmarks.bench_train_cpu import bench
+
+    opts = argparse.Namespace(
+        batch=args.batch, seq_len=args.seq_len, steps=args.steps, dtype="bfloat16",
+        remat=CONFIGS[name]["remat"],
+    )  # fmt: skip
+    result = bench(args.shape, CONFIGS[name]["mode"], opts)
+    stats = jax.devices()[0].memory_stats() or {}
+    result["peak_gib"] = round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)
+    result["wkv_impl"] = os.environ.get("RWKV_WKV_IMPL", "auto")
+    return result
+
+
+def run_fla(args) -> dict:
+    import statistics
+
+    import torch
+    from fla.models import RWKV6Config, RWKV6ForCausalLM
+
+    config = RWKV6Config(
+        hidden_size=2048, num_hidden_layers=24, vocab_size=65536, num_heads=32, expand_k=1,
+        expand_v=1, hidden_ratio=3.5, intermediate_size=7168, fuse_cross_entropy=True,
+    )  # fmt: skip
+    model = RWKV6ForCausalLM(config).cuda().to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    x = torch.randint(1, 65536, (args.batch, args.seq_len), device="cuda")
+
+    def step():
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(args.steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    step_s = statistics.median(times)
+    return {
+        "mode": "full (fla RWKV6ForCausalLM, bf16 weights, fused AdamW)",
+        "step_s": round(step_s, 4),
+        "tokens_per_s": round(args.batch * args.seq_len / step_s, 1),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.one:
+        result = run_fla(args) if args.one == "fla" else run_ours(args.one, args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    report = {
+        "benchmark": "train_1p6b",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/bench_train_gpu.py", *(argv or sys.argv[1:])]),
+        "shape": args.shape,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "rows": {},
+    }
+    for name in args.configs.split(","):
+        cmd = [sys.executable, __file__, "--one", name, "--shape", args.shape,
+               "--batch", str(args.batch),
+               "--seq-len", str(args.seq_len), "--steps", str(args.steps)]  # fmt: skip
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+            if lines:
+                row = json.loads(lines[-1][len("RESULT ") :])
+            else:
+                row = {"error": (done.stderr or done.stdout)[-1500:]}
+        except subprocess.TimeoutExpired:
+            row = {"error": f"timed out after {args.timeout} s"}
+        report["rows"][name] = row
+        print(name, json.dumps(row), flush=True)
+    try:
+        import jax
+
+        report["card"] = jax.devices()[0].device_kind
+    except Exception as err:  # the report is still worth writing
+        report["card"] = f"unknown ({err})"
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
