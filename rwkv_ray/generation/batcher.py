@@ -12,15 +12,16 @@ prefill, then scattered into its slot), runs `steps_per_call` decode steps of ev
 one compiled call, hands each row's new tokens to its request and frees the slots of
 finished rows. Free slots are computed too (fixed shapes: one compilation per feature set).
 
-Exactness: a slot is a batch-1 `DecodeCarry` and the compiled step is `jax.vmap` of the
-library's own `Engine._decode_step` over slots. So a row gets its own PRNG stream
-(`fold_in(key(seed), step)` with its own step counter), its own sampling parameters, end
-tokens and token limit, and draws exactly what `generate(model, [prompt], n, seed=...)`
-draws alone (a batch-1 call: the library's stream of row b inside a larger batch depends on
-that batch). The sampler's static features cover every busy row (`_union`); a row whose
-feature is off is unchanged by it (penalty 1, alpha 0, no ban, top-k 0, top-p 1 are exact
-identities), and a row's penalty state is only read while its own feature keeps the
-feature on, so it is always up to date.
+Exactness: a slot is the library's own `DecodeCarry` of a one-prompt call (its batch is
+`bucket_batch(1)` rows: row 0 is the request, any others are finished padding) and the
+compiled step is `jax.vmap` of the library's `Engine._decode_step` over slots. So a request
+gets its own PRNG stream (`fold_in(key(seed), step)` with its own step counter), its own
+sampling parameters, end tokens and token limit, and draws exactly what
+`generate(model, [prompt], n, seed=...)` draws alone (a one-prompt call: the library's
+stream of row b inside a larger batch depends on that batch). The sampler's static
+features cover every busy row (`_union`); a row whose feature is off is unchanged by it
+(penalty 1, alpha 0, no ban, top-k 0, top-p 1 are exact identities), and a row's penalty
+state is only read while its own feature keeps the feature on, so it is always up to date.
 
 Stop strings are checked on the host after each call. A row that stops there has decoded
 up to `steps_per_call - 1` tokens too many; they are dropped from its tokens, but its state
@@ -264,10 +265,11 @@ class ContinuousBatcher:
 
     # ---- compiled pieces ----------------------------------------------------------------
     def _row(self, request):
-        """A request's slot content (batch-1 carry, params, end mask, limit), prefilled."""
+        """A request's slot content (its one-prompt carry, params, end mask, limit),
+        prefilled; the token buffer is widened to the batcher's."""
         _, carry = _start(self.model, request)
         carry = carry._replace(
-            tokens=jnp.zeros((1, self.width), jnp.int32),
+            tokens=jnp.zeros((request.batch, self.width), jnp.int32),
             penalties=_full_penalties(carry.penalties, self.model.config.vocab_size),
         )
         params = jax.tree.map(jnp.asarray, request.params)
@@ -368,7 +370,8 @@ class ContinuousBatcher:
         state = None
         if stream.need_state:
             carry = self._batch[0]
-            state = GenerationState(*(piece[slot] for piece in carry.state), carry.logits[slot])
+            pieces = (piece[slot, :, :1] for piece in carry.state)
+            state = GenerationState(*pieces, carry.logits[slot, :1])
         request = stream.request
         return GenerationResult(
             [stream.tokens],
