@@ -90,8 +90,9 @@ def time_torch(fn, warm=3, reps=15):
 
 
 def ours_fns(cfg):
-    chunk, warps, stages, mode, forward = cfg
+    chunk, warps, stages, mode, forward, backward, keep = cfg
     kw = dict(chunk_size=chunk, num_warps=warps, num_stages=stages, mode=mode, forward=forward)
+    kw.update(backward=backward, keep_states=keep)
     fwd = jax.jit(lambda *a: wkv6_kernel(*a, **kw))
 
     def loss(args, dy):
@@ -100,6 +101,16 @@ def ours_fns(cfg):
 
     fwd_bwd = jax.jit(lambda args, dy: jax.grad(loss)(args, dy))
     return fwd, fwd_bwd
+
+
+def temp_mib(fn, args):
+    """Scratch memory XLA plans for the compiled step (the kernels' transient buffers: chunk
+    states, state gradients), in MiB; None where the backend does not say."""
+    try:
+        mem = fn.lower(*args).compile().memory_analysis()
+        return round(mem.temp_size_in_bytes / 2**20, 1)
+    except Exception:  # memory_analysis is optional per backend
+        return None
 
 
 def fla_fns(args, dy):
@@ -151,8 +162,9 @@ def main():
     ap.add_argument(
         "--configs",
         default="16:4:1:loop",
-        help="chunk:num_warps:num_stages:mode[:forward] list to try on the first shape; later "
-        "shapes use the best of them (forward: auto, fused or two_pass)",
+        help="chunk:num_warps:num_stages:mode[:forward[:backward[:keep]]] list to try on the "
+        "first shape; later shapes use the best of them (forward, backward: auto, fused or "
+        "two_pass; keep: keep the forward's chunk-entry states for the backward)",
     )
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-fla", action="store_true")
@@ -165,8 +177,12 @@ def main():
     card = jax.devices()[0].device_kind
     configs = []
     for c in a.configs.split(","):
-        chunk, warps, stages, mode, *forward = c.split(":")
-        configs.append((int(chunk), int(warps), int(stages), mode, (forward or ["auto"])[0]))
+        chunk, warps, stages, mode, *rest = c.split(":")
+        forward, backward, keep = (rest + ["auto", "auto", ""][len(rest) :])[:3]
+        if keep not in ("", "keep"):
+            sys.exit(f"--configs: the 7th field must be 'keep' or absent, got {keep!r} in {c!r}")
+        cfg = (int(chunk), int(warps), int(stages), mode, forward, backward, keep == "keep")
+        configs.append(cfg)
     shapes = (
         SHAPES
         if a.shapes == "all"
@@ -179,19 +195,20 @@ def main():
         row = {"shape": "B{}-T{}-H{}-K{}".format(*shape)}
         best = None
         for cfg in configs:
-            tag = "c{}w{}s{}{}-{}".format(*cfg)
+            tag = "c{}w{}s{}{}-{}-bwd_{}".format(*cfg) + ("+keep" if cfg[6] else "")
             try:
                 fwd, fwd_bwd = ours_fns(cfg)
                 errs = check(shape, args, dy, fwd, fwd_bwd, fla)
                 tf = time_jax(fwd, args, reps=a.reps)
                 tb = time_jax(fwd_bwd, (args, dy), reps=a.reps)
+                mib = temp_mib(fwd_bwd, (args, dy))
             except Exception as e:  # report and go on with the next config
                 print(f"{row['shape']} {tag}: FAILED {type(e).__name__}: {str(e)[:2000]}")
                 continue
-            row[tag] = {"fwd_ms": tf, "fwd_bwd_ms": tb, "errors": errs}
+            row[tag] = {"fwd_ms": tf, "fwd_bwd_ms": tb, "fwd_bwd_temp_mib": mib, "errors": errs}
             print(
-                f"{row['shape']} ours {tag}: fwd {tf:.3f} ms fwd+bwd {tb:.3f} ms  errs "
-                + " ".join(f"{k}={v:.1e}" for k, v in errs.items()),
+                f"{row['shape']} ours {tag}: fwd {tf:.3f} ms fwd+bwd {tb:.3f} ms "
+                f"(XLA temp {mib} MiB)  errs " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()),
                 flush=True,
             )
             if best is None or tf + tb < best[1] + best[2]:

@@ -120,27 +120,36 @@ def with_kernel_options(**options):
     return run
 
 
-def test_interpret_fused_forward_with_value_split_matches_reference():
-    """N=64 with B*H=2: the fused forward splits each head into 4 value blocks of 16."""
+def test_interpret_fused_kernels_with_value_split_match_reference():
+    """The one-pass kernels both ways; N=64 with B*H=2: the fused forward splits each head into
+    4 value blocks of 16."""
     assert wk.value_splits(2, 1, 64) == 4 and wk.value_splits(8, 32, 64) == 1
-    run = with_kernel_options(forward="fused")
+    run = with_kernel_options(forward="fused", backward="fused")
     run(2, 19, 1, 64, jnp.float32, "strong", interpret=True, seed=21)
 
 
 def test_interpret_two_pass_forward_matches_reference():
     """Chunk-entry states, then every chunk in parallel (what 'auto' picks for small B*H)."""
     assert wk.use_two_pass(1, 32, 1024, 16, "auto") and not wk.use_two_pass(8, 32, 16, 16, "auto")
-    run = with_kernel_options(forward="two_pass")
+    run = with_kernel_options(forward="two_pass", backward="two_pass")
     run(2, 37, 2, 16, jnp.float32, "weak", interpret=True, seed=22)
 
 
-def test_interpret_weak_decay_chunk32_3d():
-    fn = wk.wkv6_kernel
-    try:  # the "3d" intra-chunk variant, through the same check
-        wk.wkv6_kernel = lambda *a, **kw: fn(*a, mode="3d", **kw)
-        check_against_reference(1, 33, 1, 16, jnp.float32, "weak", chunk=32, interpret=True)
-    finally:
-        wk.wkv6_kernel = fn
+def test_interpret_two_pass_backward_matches_reference():
+    """Chunk-entry states and chunk-exit state gradients (value-split in two: N=32, B*H=4),
+    then every chunk's gradients in parallel; T=21 is two chunks, the second padded; 10% of
+    the decays are -1e3."""
+    assert wk.value_splits(2, 2, 32) == 2
+    assert wk.use_two_pass_backward(1, 32, 1024, 16, "two_pass")
+    assert not wk.use_two_pass_backward(1, 32, 1024, 16, "fused")
+    run = with_kernel_options(forward="fused", backward="two_pass", mode="3d")
+    run(2, 21, 2, 32, jnp.float32, "strong", interpret=True, seed=23)
+
+
+def test_interpret_weak_decay_chunk32_3d_kept_states():
+    """The "3d" intra-chunk variant; the backward reuses the forward's chunk-entry states."""
+    run = with_kernel_options(mode="3d", backward="two_pass", keep_states=True)
+    run(1, 33, 1, 16, jnp.float32, "weak", chunk=32, interpret=True)
 
 
 def test_is_available_reports_reason():
@@ -168,24 +177,46 @@ def _needs_gpu():
 @pytest.mark.parametrize("decay", ["strong", "weak"])
 @pytest.mark.parametrize("t", [1, 63, 64, 65, 4096])
 def test_gpu_matches_reference(t, decay, dtype):
+    """The default ('auto') algorithms: beyond one chunk, the two-pass forward and (until the
+    two-pass one is timed faster) the fused backward."""
     _needs_gpu()
     check_against_reference(2, t, 2, 64, dtype, decay, seed=t)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("t", [1, 65, 4096])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(forward="fused", backward="fused"),
+        dict(forward="two_pass", backward="two_pass"),
+        dict(forward="two_pass", backward="two_pass", keep_states=True),
+    ],
+    ids=["fused", "two_pass", "two_pass_kept"],
+)
+def test_gpu_algorithms_match_reference(options, t, dtype):
+    """Each forward/backward algorithm explicitly, strong decay (B1: the two-pass backward's
+    sequential passes split each head's value columns in four)."""
+    _needs_gpu()
+    with_kernel_options(**options)(1, t, 2, 64, dtype, "strong", seed=t + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backward", ["fused", "two_pass"])
 @pytest.mark.parametrize("t", [1, 100])
-def test_gpu_poisoned_outputs_all_written(t):
+def test_gpu_poisoned_outputs_all_written(t, backward):
     """Every kernel output (forward and backward) starts NaN-filled: any unwritten element
     would surface as NaN or as a mismatch."""
     _needs_gpu()
-    _check_poisoned(t, interpret=False)
+    _check_poisoned(t, interpret=False, backward=backward)
 
 
-def _check_poisoned(t, interpret):
+def _check_poisoned(t, interpret, backward="auto"):
     b, h, n = (1, 1, 16) if interpret else (2, 3, 64)
     ins, dy, dst = make_inputs(1, b, t, h, n, jnp.float32, "strong")
     mode = "3d" if interpret else "loop"  # "3d" interprets faster on CPU
-    kw = dict(interpret=interpret, poison_outputs=True, mode=mode)
+    kw = dict(interpret=interpret, poison_outputs=True, mode=mode, backward=backward)
     fn = lambda *a: wk.wkv6_kernel(*a, **kw)  # noqa: E731
     y, st = jax.jit(fn)(*ins)
     y_ref, st_ref, grads_ref = reference_and_grads(ins, dy, dst)
@@ -196,4 +227,5 @@ def _check_poisoned(t, interpret):
 
 
 def test_interpret_poisoned_outputs_all_written():
-    _check_poisoned(20, interpret=True)
+    """T=20 (two chunks), the two-pass backward; the fused one is poison-checked on the GPU."""
+    _check_poisoned(20, interpret=True, backward="two_pass")

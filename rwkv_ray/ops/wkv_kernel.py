@@ -18,9 +18,12 @@ with A = inclusive cumsum of log_w inside the chunk, Ae = A - log_w (exclusive),
 Every exponent is <= 0, and decays below -50 are kept out of the cumsums (wkv_kernel_intra.py),
 so any log-decay (down to -inf) is safe. The intra-chunk matrix P is computed exactly,
 key-column by key-column (mode "loop") or in a [C, C, N] broadcast (mode "3d").
-Backward: one forward-direction kernel recomputes S and gives dr's state part; one
+Backward, "fused": one forward-direction kernel recomputes S and gives dr's state part; one
 reverse-direction kernel carries dL/dS and gives dr, dk, dv, d(log_w) (a running suffix sum
 of r*dr - k*dk plus the final-state term), d(u) and the initial state's gradient.
+Backward, "two_pass" (derivation above _chunk_state_grads_kernel): the states entering and
+the state gradients leaving every chunk (two cheap sequential kernels), then every chunk's
+gradients in parallel; d(log_w)'s sum over later chunks is a reverse cumsum in plain JAX.
 
 Matmul operands are in the input dtype (bf16 -> tensor cores; float32 -> exact IEEE float32),
 accumulation and state in float32. `interpret=True` runs the same kernels on CPU.
@@ -50,7 +53,8 @@ from rwkv_ray.ops.wkv_kernel_intra import (
 )
 
 _Opts = collections.namedtuple(
-    "_Opts", ["interpret", "poison", "num_warps", "num_stages", "mode", "forward"]
+    "_Opts",
+    ["interpret", "poison", "num_warps", "num_stages", "mode", "forward", "backward", "keep"],
 )
 
 
@@ -191,6 +195,92 @@ def _bwd_dkv_kernel(
     du_ref[...] = acc_u[0]
 
 
+# Two-pass backward. Per chunk c, with S_c the state entering it and G_c = dL/dS at its end
+# (after its last token), the forward is
+#     y      = (r f_start) @ S_c + P @ v + (r.u.k) v
+#     S_end  = f_all * S_c + (k f_end)^T @ v
+# so, exactly as the fused kernels compute them:
+#     drn = dr without the bonus = f_start * (dy @ S_c^T) + intra_dr(dy v^T)
+#     dkn = dk without the bonus = f_end * (v @ G_c^T) + intra_dk(dy v^T)
+#     dv  = (k f_end) @ G_c + P^T @ dy + (r.u.k) dy
+#     G_{c-1} = dL/dS_c = f_all * G_c + (r f_start)^T @ dy          (G_{last} = dS_T)
+# Only the two state recurrences are sequential (pass 1a: S_c, _chunk_states_kernel; pass 1b:
+# G_c, below); given both, every chunk's gradients are independent (pass 2).
+# d log_w is a suffix sum over the whole sequence: with dd = r*drn - k*dkn,
+#     d log_w_t = rowsum(dS_T * S_T) + sum_{m >= t} dd_m - r_t drn_t.
+# Pass 2 writes the in-chunk part (sum over m >= t inside the chunk, minus r_t drn_t) and the
+# chunk total; the sum over later chunks is a reverse cumsum in plain JAX (_backward_two_pass).
+
+
+def _chunk_state_grads_kernel(r_ref, w_ref, dy_ref, dst_ref, gs_ref, ds0_ref, *, chunk, mm_dtype):
+    """Two-pass backward, pass 1b (reverse over chunks): gs[c*N:(c+1)*N] = G_c, dL/dS at the end
+    of chunk c, and dS0 = G before chunk 0. The value columns are independent (dy's columns
+    only), so the launcher may split them like the fused forward."""
+    n_chunks = r_ref.shape[0] // chunk
+    n = r_ref.shape[1]
+
+    def body(i, g):
+        c = n_chunks - 1 - i
+        sl = pl.ds(c * chunk, chunk)
+        r, lw, dy = (_load(x, sl) for x in (r_ref, w_ref, dy_ref))
+        inc, exc, last = _chunk_terms(lw)
+        gs_ref[pl.ds(c * n, n), :] = g
+        f_start, _, f_all = _decay_factors(inc, exc, last)
+        return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN)
+
+    ds0_ref[...] = lax.fori_loop(0, n_chunks, body, dst_ref[...].astype(F32))
+
+
+def _chunk_grads_kernel(
+    r_ref,
+    k_ref,
+    v_ref,
+    w_ref,
+    u_ref,
+    dy_ref,
+    hs_ref,
+    gs_ref,
+    dr_ref,
+    dk_ref,
+    dv_ref,
+    dwl_ref,
+    tot_ref,
+    du_ref,
+    *,
+    mm_dtype,
+    mode,
+):
+    """Two-pass backward, pass 2 (one program per chunk, all in parallel): dr, dk, dv from the
+    chunk's entry state S_c (hs) and exit gradient G_c (gs); d log_w's in-chunk part (dwl,
+    float32) and the chunk's total of dd (tot); this chunk's part of du."""
+    chunk = r_ref.shape[0]
+    sl = pl.ds(0, chunk)
+    r, k, v, lw, dy = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref, dy_ref))
+    u = u_ref[...].astype(F32)[None, :]
+    inc, exc, last = _chunk_terms(lw)
+    f_start, f_end, _ = _decay_factors(inc, exc, last)
+    d = _mm(dy, v, mm_dtype, _NT)  # d[t, s] = dy_t . v_s
+    d_t = _mm(v, dy, mm_dtype, _NT) if mode == "loop" else None
+    drn = f_start * _mm(dy, hs_ref[...], mm_dtype, _NT)
+    drn = drn + _intra_dr(d, k, inc, exc, k_ref, w_ref, 0, chunk, mode)
+    g = gs_ref[...]
+    dkn = f_end * _mm(v, g, mm_dtype, _NT)
+    dkn = dkn + _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, 0, chunk, mode)
+    p = _intra_p(r, k, inc, exc, k_ref, w_ref, 0, chunk, mode)
+    bonus = jnp.sum(r * u * k, axis=1, keepdims=True)
+    vdy = jnp.sum(v * dy, axis=1, keepdims=True)
+    dv = _mm(k * f_end, g, mm_dtype) + _mm(p, dy, mm_dtype, _TN) + bonus * dy
+    dr_ref[...] = (drn + u * k * vdy).astype(dr_ref.dtype)
+    dk_ref[...] = (dkn + u * r * vdy).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    rdr = r * drn
+    dd = rdr - k * dkn
+    tot = jnp.sum(dd, axis=0)
+    dwl_ref[...] = tot[None, :] - jnp.cumsum(dd, axis=0) + dd - rdr  # sum_{m>=t} dd_m - rdr_t
+    tot_ref[...] = tot
+    du_ref[...] = jnp.sum(r * k * vdy, axis=0)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -262,7 +352,7 @@ def use_two_pass(b: int, h: int, t: int, chunk: int, forward: str) -> bool:
 def _forward(r, k, v, log_w, u, s0, chunk, opts):
     b, t, h, n = r.shape
     if use_two_pass(b, h, t, chunk, opts.forward):
-        return _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)
+        return _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)[:2]
     splits = value_splits(b, h, n)
     bv = n // splits
     # Grid (b, h, value block): r, k, log_w whole heads; v, y and the state by value block.
@@ -286,41 +376,59 @@ def _forward(r, k, v, log_w, u, s0, chunk, opts):
     )(r, k, v, log_w, u, s0)
 
 
-def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
-    b, t, h, n = r.shape
-    n_chunks = t // chunk
-    seq, head, state = _specs(n)
-    mm = _mm_dtype(r.dtype)
-    entry = pl.BlockSpec((None, None, n_chunks * n, n), lambda b_, h_: (b_, h_, 0, 0))
-    hs, st = _call(
-        functools.partial(_chunk_states_kernel, chunk=chunk, mm_dtype=mm),
-        [seq(t)] * 3 + [state],
+def _entry_states(k, v, log_w, s0, chunk, opts, splits=1):
+    """Pass 1 of both two-pass directions: hs [B, H, T/chunk * N, N] float32, the state entering
+    every chunk, and the final state. Grid (b, h, value block): a state's value columns only
+    depend on v's, so small batches can split them (as the fused forward does)."""
+    b, t, h, n = k.shape
+    n_chunks, bv = t // chunk, n // splits
+    full = pl.BlockSpec((None, t, None, n), lambda b_, h_, j: (b_, 0, h_, 0))
+    cols = pl.BlockSpec((None, t, None, bv), lambda b_, h_, j: (b_, 0, h_, j))
+    state = pl.BlockSpec((None, None, n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    entry = pl.BlockSpec((None, None, n_chunks * n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    return _call(
+        functools.partial(_chunk_states_kernel, chunk=chunk, mm_dtype=_mm_dtype(k.dtype)),
+        [full, cols, full, state],
         [entry, state],
         (
             jax.ShapeDtypeStruct((b, h, n_chunks * n, n), F32),
             jax.ShapeDtypeStruct((b, h, n, n), F32),
         ),
-        (b, h),
+        (b, h, splits),
         opts,
-        "wkv6_fwd_states",
+        "wkv6_states",
     )(k, v, log_w, s0)
-    # Pass 2: grid (b, h, chunk); block c of the time axis and of the entry states.
+
+
+def _chunk_specs(chunk, n):
+    """Grid (b, h, chunk) blocks: chunk c of a [B, T, H, N] array, a head's u, block c of a
+    [B, H, T/chunk * N, N] state stack, row c of a [B, H, T/chunk, N] per-chunk vector."""
     piece = pl.BlockSpec((None, chunk, None, n), lambda b_, h_, c: (b_, c, h_, 0))
-    entry_c = pl.BlockSpec((None, None, n, n), lambda b_, h_, c: (b_, h_, c, 0))
-    head_c = pl.BlockSpec((None, n), lambda b_, h_, c: (h_, 0))
+    head = pl.BlockSpec((None, n), lambda b_, h_, c: (h_, 0))
+    entry = pl.BlockSpec((None, None, n, n), lambda b_, h_, c: (b_, h_, c, 0))
+    row = pl.BlockSpec((None, None, None, n), lambda b_, h_, c: (b_, h_, c, 0))
+    return piece, head, entry, row
+
+
+def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
+    """(y, final state, hs): hs becomes a VJP residual under keep_states (opts.keep)."""
+    b, t, h, n = r.shape
+    hs, st = _entry_states(k, v, log_w, s0, chunk, opts)
+    # Pass 2: grid (b, h, chunk); block c of the time axis and of the entry states.
+    piece, head_c, entry_c, _ = _chunk_specs(chunk, n)
     y = _call(
-        functools.partial(_chunk_output_kernel, mm_dtype=mm, mode=opts.mode),
+        functools.partial(_chunk_output_kernel, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
         [piece] * 4 + [head_c, entry_c],
         piece,
         jax.ShapeDtypeStruct((b, t, h, n), r.dtype),
-        (b, h, n_chunks),
+        (b, h, t // chunk),
         opts,
         "wkv6_fwd_output",
     )(r, k, v, log_w, u, hs)
-    return y, st
+    return y, st, hs
 
 
-def _backward(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts):
+def _backward_fused(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts):
     b, t, h, n = r.shape
     seq, head, state = _specs(n)
     mm = _mm_dtype(r.dtype)
@@ -354,6 +462,67 @@ def _backward(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts):
     return dr, dk, dv, dlw, jnp.sum(du, axis=0).astype(u.dtype), ds0.astype(s0.dtype)
 
 
+def use_two_pass_backward(b: int, h: int, t: int, chunk: int, backward: str) -> bool:
+    """'auto' keeps the fused backward for now. The two-pass one passed the GPU tests on an
+    H100 (B2 H2 N64, value-split sequential passes; T = 63 and 64 in both dtypes and decays,
+    T = 65 float32 strong) but is not timed yet; make 'auto' pick it (t > chunk) only once
+    bench_wkv measures it faster. Expected: the fused backward runs two sequential loops of
+    T/chunk steps with only B*H programs; the two-pass one keeps only the cheap state
+    recurrences sequential (value-split to >= 256 programs) and moves 4 x [B, H, T/chunk, N, N]
+    float32 through memory (see _backward_two_pass)."""
+    if backward != "auto":
+        return backward == "two_pass"
+    return False
+
+
+def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None):
+    """Passes 1a (hs, unless the forward kept it), 1b (gs) and 2, then d log_w's cross-chunk
+    sums. Transient memory: hs and gs, each [B, H, T/chunk, N, N] float32 (1 GiB each at B8 T4096
+    H32 N64 chunk 16), plus d log_w's in-chunk part, [B, T, H, N] float32."""
+    b, t, h, n = r.shape
+    n_chunks, splits = t // chunk, value_splits(b, h, n)
+    if hs is None:
+        hs = _entry_states(k, v, log_w, s0, chunk, opts, splits)[0]
+    bv = n // splits
+    full = pl.BlockSpec((None, t, None, n), lambda b_, h_, j: (b_, 0, h_, 0))
+    cols = pl.BlockSpec((None, t, None, bv), lambda b_, h_, j: (b_, 0, h_, j))
+    state = pl.BlockSpec((None, None, n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    stack = pl.BlockSpec((None, None, n_chunks * n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    gs, ds0 = _call(
+        functools.partial(_chunk_state_grads_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype)),
+        [full, full, cols, state],
+        [stack, state],
+        (
+            jax.ShapeDtypeStruct((b, h, n_chunks * n, n), F32),
+            jax.ShapeDtypeStruct((b, h, n, n), F32),
+        ),
+        (b, h, splits),
+        opts,
+        "wkv6_bwd_state_grads",
+    )(r, log_w, dy, dst)
+    piece, head, entry, row = _chunk_specs(chunk, n)
+    seq_f32 = jax.ShapeDtypeStruct((b, t, h, n), F32)
+    rows = jax.ShapeDtypeStruct((b, h, n_chunks, n), F32)
+    dr, dk, dv, dwl, tot, du = _call(
+        functools.partial(_chunk_grads_kernel, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
+        [piece] * 4 + [head, piece, entry, entry],
+        [piece] * 4 + [row, row],
+        tuple(jax.ShapeDtypeStruct((b, t, h, n), x.dtype) for x in (r, k, v))
+        + (seq_f32,)
+        + (rows, rows),
+        (b, h, n_chunks),
+        opts,
+        "wkv6_bwd_chunks",
+    )(r, k, v, log_w, u, dy, hs, gs)
+    # Cross-chunk part of d log_w, the fused kernel's acc_w carry: for chunk c,
+    # rowsum(dS_T * S_T) + the totals of all later chunks.
+    later = lax.cumsum(tot, axis=2, reverse=True) - tot
+    carry = jnp.sum(dst * st, axis=-1)[:, :, None, :] + later  # [B, H, T/chunk, N]
+    dlw = dwl.reshape(b, n_chunks, chunk, h, n) + jnp.transpose(carry, (0, 2, 1, 3))[:, :, None]
+    dlw = dlw.reshape(b, t, h, n).astype(log_w.dtype)
+    return dr, dk, dv, dlw, jnp.sum(du, axis=(0, 2)).astype(u.dtype), ds0.astype(s0.dtype)
+
+
 # ----------------------------------------------------------------------------- custom VJP
 
 
@@ -362,15 +531,32 @@ def _wkv6(r, k, v, log_w, u, s0, chunk, opts):
     return _forward(r, k, v, log_w, u, s0, chunk, opts)
 
 
+def _keeps_states(r, chunk, opts):
+    """keep_states applies when both directions are two-pass (the forward computes hs anyway)."""
+    b, t, h, _ = r.shape
+    return (
+        opts.keep
+        and use_two_pass(b, h, t, chunk, opts.forward)
+        and use_two_pass_backward(b, h, t, chunk, opts.backward)
+    )
+
+
 def _wkv6_fwd(r, k, v, log_w, u, s0, chunk, opts):
-    y, st = _forward(r, k, v, log_w, u, s0, chunk, opts)
-    return (y, st), (r, k, v, log_w, u, s0, st)
+    if _keeps_states(r, chunk, opts):
+        y, st, hs = _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)
+    else:
+        (y, st), hs = _forward(r, k, v, log_w, u, s0, chunk, opts), None
+    return (y, st), (r, k, v, log_w, u, s0, st, hs)
 
 
 def _wkv6_bwd(chunk, opts, res, cts):
     dy, dst = cts
-    r, k, v, log_w, u, s0, st = res
-    return _backward(r, k, v, log_w, u, s0, st, dy.astype(r.dtype), dst.astype(F32), chunk, opts)
+    r, k, v, log_w, u, s0, st, hs = res
+    b, t, h, _ = r.shape
+    args = (r, k, v, log_w, u, s0, st, dy.astype(r.dtype), dst.astype(F32), chunk, opts)
+    if use_two_pass_backward(b, h, t, chunk, opts.backward):
+        return _backward_two_pass(*args, hs=hs)
+    return _backward_fused(*args)
 
 
 _wkv6.defvjp(_wkv6_fwd, _wkv6_bwd)
@@ -411,6 +597,8 @@ def is_available() -> tuple[bool, str]:
         "num_stages",
         "mode",
         "forward",
+        "backward",
+        "keep_states",
     ),
 )
 def wkv6_kernel(
@@ -428,6 +616,8 @@ def wkv6_kernel(
     num_stages=1,
     mode="loop",
     forward="auto",
+    backward="auto",
+    keep_states=False,
 ):
     """Fused WKV6 (RWKV x060). r, k, v, log_w: [B, T, H, N]; u: [H, N]; state [B, H, N, N]
     ([key, value], float32). log_w is the log-decay (<= 0). Returns (y [B, T, H, N] in r's
@@ -438,7 +628,11 @@ def wkv6_kernel(
     `num_warps` / `num_stages` are Triton's; `mode` picks the intra-chunk code ("loop" or
     "3d", see _intra_p); `forward` the forward algorithm: "fused" (one sequential kernel),
     "two_pass" (chunk-entry states, then all chunks' outputs in parallel) or "auto"
-    (`use_two_pass`).
+    (`use_two_pass`); `backward` likewise ("fused": two sequential kernels; "two_pass":
+    chunk-entry states and chunk-exit state gradients, then all chunks' gradients in parallel;
+    "auto": `use_two_pass_backward`); `keep_states=True` keeps the two-pass forward's
+    chunk-entry states for the two-pass backward instead of recomputing them (one sequential
+    pass less, but holds [B, H, T/chunk, N, N] float32 from forward to backward).
 
     Example: y, s = wkv6_kernel(r, k, v, -jnp.exp(w_raw), u, s0)
     """
@@ -454,6 +648,8 @@ def wkv6_kernel(
         raise ValueError(f"mode must be 'loop' or '3d', got {mode!r}")
     if forward not in ("auto", "fused", "two_pass"):
         raise ValueError(f"forward must be 'auto', 'fused' or 'two_pass', got {forward!r}")
+    if backward not in ("auto", "fused", "two_pass"):
+        raise ValueError(f"backward must be 'auto', 'fused' or 'two_pass', got {backward!r}")
     if n < 16 or n & (n - 1):
         raise ValueError(f"head size N must be a power of 2 >= 16, got {n}")
     if initial_state is None:
@@ -474,6 +670,8 @@ def wkv6_kernel(
         u,
         initial_state.astype(F32),
         chunk_size,
-        _Opts(interpret, poison_outputs, num_warps, num_stages, mode, forward),
+        _Opts(
+            interpret, poison_outputs, num_warps, num_stages, mode, forward, backward, keep_states
+        ),
     )
     return y[:, :t], st
