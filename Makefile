@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q -ra tests
 
+# The GPU-only tests (kernel vs reference); tests/conftest.py defaults JAX to the CPU, so the
+# platform is named here.
 test-gpu: install
-	$(BIN)/python -m pytest -q -ra -m gpu tests
+	JAX_PLATFORMS=cuda $(BIN)/python -m pytest -q -ra -m gpu tests
 
 demo: install
 	$(BIN)/python -m rwkv_ray.cli demo

@@ -2,7 +2,8 @@ import os
 
 import pytest
 
-# Tests run Keras on JAX on the CPU unless a test starts a subprocess with another backend.
+# Tests run Keras on JAX on the CPU unless a test starts a subprocess with another backend;
+# the GPU tests need JAX_PLATFORMS=cuda set outside (`make test-gpu` does).
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("RWKV_JIT_ON", "0")
