@@ -17,6 +17,11 @@ _LAZY = {
     "RWKV6Config": "rwkv_ray.models",
     "RWKV6State": "rwkv_ray.models",
     "WorldTokenizer": "rwkv_ray.tokenizer",
+    "generate": "rwkv_ray.generation",
+    "stream_generate": "rwkv_ray.generation",
+    "GenerationResult": "rwkv_ray.generation",
+    "load_state": "rwkv_ray.generation",
+    "save_state": "rwkv_ray.generation",
 }
 __all__ = [*_LAZY, "__version__"]
 

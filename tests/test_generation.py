@@ -234,3 +234,12 @@ def test_bad_arguments_raise_before_any_compute(ckpt, kwargs, message):
         generate(model, args.pop("prompts"), args.pop("max_new_tokens"), **args)
     assert compile_counts() == before
     assert issubclass(StateMismatchError, ValueError)
+
+
+def test_top_level_api_exports_generation():
+    """`rwkv_ray.generate(model, prompts, ...)` as the issue and README spell it."""
+    from rwkv_ray import generation
+
+    for name in ("generate", "stream_generate", "GenerationResult", "load_state", "save_state"):
+        assert getattr(rwkv_ray, name) is getattr(generation, name)
+    assert "generate" in rwkv_ray.__all__
