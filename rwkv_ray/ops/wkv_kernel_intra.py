@@ -1,4 +1,4 @@
-"""Intra-chunk pieces of the fused WKV6 kernel (rwkv_ray/ops/wkv_kernel.py): log-decay
+"""Intra-chunk pieces of the fused WKV6 kernel (rwkv_ray/ops/wkv_kernel*.py): log-decay
 cumsums kept exact under very strong decay, the decay factors, and the three contractions with
 M[t, s, i] = exp(Ae_t[i] - A_s[i]) (s < t). Pure jax; traced inside Pallas kernels.
 """

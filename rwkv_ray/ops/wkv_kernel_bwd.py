@@ -1,0 +1,295 @@
+"""WKV6 backward kernels and their launchers (the math: rwkv_ray/ops/wkv_kernel.py).
+
+"fused": two sequential kernels per (b, h), forward then reverse over the chunks. "two_pass"
+(derivation above _chunk_state_grads_kernel): the chunk-entry states (wkv_kernel_fwd's
+`_entry_states`) and chunk-exit state gradients, then every chunk's gradients in parallel.
+`use_two_pass_backward` picks between them. Pure jax.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from rwkv_ray.ops.wkv_kernel_call import _call, _chunk_specs, _load, _mm_dtype, _specs
+from rwkv_ray.ops.wkv_kernel_fwd import _entry_states, value_splits
+from rwkv_ray.ops.wkv_kernel_intra import (
+    _NT,
+    _TN,
+    F32,
+    _chunk_terms,
+    _decay_factors,
+    _intra_dk,
+    _intra_dr,
+    _intra_p,
+    _mm,
+)
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _bwd_dr_kernel(k_ref, v_ref, w_ref, s0_ref, dy_ref, drn_ref, *, chunk, mm_dtype, mode):
+    """Forward direction: drn_t = S_{t-1} dy_t (dr without the u-bonus term)."""
+    n_chunks = k_ref.shape[0] // chunk
+
+    def body(c, s):
+        base = c * chunk
+        sl = pl.ds(base, chunk)
+        k, v, lw, dy = (_load(x, sl) for x in (k_ref, v_ref, w_ref, dy_ref))
+        inc, exc, last = _chunk_terms(lw)
+        d = _mm(dy, v, mm_dtype, _NT)  # d[t, s] = dy_t . v_s
+        intra = _intra_dr(d, k, inc, exc, k_ref, w_ref, base, chunk, mode)
+        f_start, f_end, f_all = _decay_factors(inc, exc, last)
+        drn_ref[sl, :] = f_start * _mm(dy, s, mm_dtype, _NT) + intra
+        return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
+
+    lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
+
+
+def _bwd_dkv_kernel(
+    r_ref,
+    k_ref,
+    v_ref,
+    w_ref,
+    u_ref,
+    dy_ref,
+    drn_ref,
+    dst_ref,
+    xfin_ref,
+    dr_ref,
+    dk_ref,
+    dv_ref,
+    dw_ref,
+    du_ref,
+    ds0_ref,
+    *,
+    chunk,
+    mm_dtype,
+    mode,
+):
+    """Reverse direction, carrying G = dL/dS: dr, dk, dv, d log_w, this (b, h)'s part of du,
+    and dS0. With dd = r*drn - k*dkn (drn, dkn: dr, dk without the u-bonus term),
+    d log_w_t = carry + sum_{m >= t in chunk} dd_m - r_t drn_t, where carry starts at
+    rowsum(dS_T * S_T) and gains each later chunk's sum of dd."""
+    n_chunks = r_ref.shape[0] // chunk
+    u = u_ref[...].astype(F32)[None, :]
+
+    def body(i, carry):
+        g, acc_w, acc_u = carry
+        base = (n_chunks - 1 - i) * chunk
+        sl = pl.ds(base, chunk)
+        r, k, v, lw, dy, drn = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref, dy_ref, drn_ref))
+        inc, exc, last = _chunk_terms(lw)
+        p = _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode)  # p[t, s]
+        d = _mm(dy, v, mm_dtype, _NT)  # d[t, s]
+        d_t = _mm(v, dy, mm_dtype, _NT) if mode == "loop" else None
+        bonus = jnp.sum(r * u * k, axis=1, keepdims=True)
+        vdy = jnp.sum(v * dy, axis=1, keepdims=True)
+        f_start, f_end, f_all = _decay_factors(inc, exc, last)
+        intra = _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, base, chunk, mode)
+        dkn = f_end * _mm(v, g, mm_dtype, _NT) + intra
+        dv = _mm(k * f_end, g, mm_dtype) + _mm(p, dy, mm_dtype, _TN) + bonus * dy
+        dr_ref[sl, :] = (drn + u * k * vdy).astype(dr_ref.dtype)
+        dk_ref[sl, :] = (dkn + u * r * vdy).astype(dk_ref.dtype)
+        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
+        rdr = r * drn
+        dd = rdr - k * dkn
+        tot = jnp.sum(dd, axis=0, keepdims=True)
+        dw_ref[sl, :] = (acc_w + tot - jnp.cumsum(dd, axis=0) + dd - rdr).astype(dw_ref.dtype)
+        acc_u = acc_u + jnp.sum(r * k * vdy, axis=0, keepdims=True)
+        return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN), acc_w + tot, acc_u
+
+    n = r_ref.shape[1]
+    init = (dst_ref[...].astype(F32), xfin_ref[...][None, :], jnp.zeros((1, n), F32))
+    g, _, acc_u = lax.fori_loop(0, n_chunks, body, init)
+    ds0_ref[...] = g
+    du_ref[...] = acc_u[0]
+
+
+# Two-pass backward. Per chunk c, with S_c the state entering it and G_c = dL/dS at its end
+# (after its last token), the forward is
+#     y      = (r f_start) @ S_c + P @ v + (r.u.k) v
+#     S_end  = f_all * S_c + (k f_end)^T @ v
+# so, exactly as the fused kernels compute them:
+#     drn = dr without the bonus = f_start * (dy @ S_c^T) + intra_dr(dy v^T)
+#     dkn = dk without the bonus = f_end * (v @ G_c^T) + intra_dk(dy v^T)
+#     dv  = (k f_end) @ G_c + P^T @ dy + (r.u.k) dy
+#     G_{c-1} = dL/dS_c = f_all * G_c + (r f_start)^T @ dy          (G_{last} = dS_T)
+# Only the two state recurrences are sequential (pass 1a: S_c, _chunk_states_kernel via
+# wkv_kernel_fwd's _entry_states; pass 1b: G_c, below); given both, every chunk's gradients
+# are independent (pass 2).
+# d log_w is a suffix sum over the whole sequence: with dd = r*drn - k*dkn,
+#     d log_w_t = rowsum(dS_T * S_T) + sum_{m >= t} dd_m - r_t drn_t.
+# Pass 2 writes the in-chunk part (sum over m >= t inside the chunk, minus r_t drn_t) and the
+# chunk total; the sum over later chunks is a reverse cumsum in plain JAX (_backward_two_pass).
+
+
+def _chunk_state_grads_kernel(r_ref, w_ref, dy_ref, dst_ref, gs_ref, ds0_ref, *, chunk, mm_dtype):
+    """Two-pass backward, pass 1b (reverse over chunks): gs[c*N:(c+1)*N] = G_c, dL/dS at the end
+    of chunk c, and dS0 = G before chunk 0. The value columns are independent (dy's columns
+    only), so the launcher may split them like the fused forward."""
+    n_chunks = r_ref.shape[0] // chunk
+    n = r_ref.shape[1]
+
+    def body(i, g):
+        c = n_chunks - 1 - i
+        sl = pl.ds(c * chunk, chunk)
+        r, lw, dy = (_load(x, sl) for x in (r_ref, w_ref, dy_ref))
+        inc, exc, last = _chunk_terms(lw)
+        gs_ref[pl.ds(c * n, n), :] = g
+        f_start, _, f_all = _decay_factors(inc, exc, last)
+        return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN)
+
+    ds0_ref[...] = lax.fori_loop(0, n_chunks, body, dst_ref[...].astype(F32))
+
+
+def _chunk_grads_kernel(
+    r_ref,
+    k_ref,
+    v_ref,
+    w_ref,
+    u_ref,
+    dy_ref,
+    hs_ref,
+    gs_ref,
+    dr_ref,
+    dk_ref,
+    dv_ref,
+    dwl_ref,
+    tot_ref,
+    du_ref,
+    *,
+    mm_dtype,
+    mode,
+):
+    """Two-pass backward, pass 2 (one program per chunk, all in parallel): dr, dk, dv from the
+    chunk's entry state S_c (hs) and exit gradient G_c (gs); d log_w's in-chunk part (dwl,
+    float32) and the chunk's total of dd (tot); this chunk's part of du."""
+    chunk = r_ref.shape[0]
+    sl = pl.ds(0, chunk)
+    r, k, v, lw, dy = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref, dy_ref))
+    u = u_ref[...].astype(F32)[None, :]
+    inc, exc, last = _chunk_terms(lw)
+    f_start, f_end, _ = _decay_factors(inc, exc, last)
+    d = _mm(dy, v, mm_dtype, _NT)  # d[t, s] = dy_t . v_s
+    d_t = _mm(v, dy, mm_dtype, _NT) if mode == "loop" else None
+    drn = f_start * _mm(dy, hs_ref[...], mm_dtype, _NT)
+    drn = drn + _intra_dr(d, k, inc, exc, k_ref, w_ref, 0, chunk, mode)
+    g = gs_ref[...]
+    dkn = f_end * _mm(v, g, mm_dtype, _NT)
+    dkn = dkn + _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, 0, chunk, mode)
+    p = _intra_p(r, k, inc, exc, k_ref, w_ref, 0, chunk, mode)
+    bonus = jnp.sum(r * u * k, axis=1, keepdims=True)
+    vdy = jnp.sum(v * dy, axis=1, keepdims=True)
+    dv = _mm(k * f_end, g, mm_dtype) + _mm(p, dy, mm_dtype, _TN) + bonus * dy
+    dr_ref[...] = (drn + u * k * vdy).astype(dr_ref.dtype)
+    dk_ref[...] = (dkn + u * r * vdy).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    rdr = r * drn
+    dd = rdr - k * dkn
+    tot = jnp.sum(dd, axis=0)
+    dwl_ref[...] = tot[None, :] - jnp.cumsum(dd, axis=0) + dd - rdr  # sum_{m>=t} dd_m - rdr_t
+    tot_ref[...] = tot
+    du_ref[...] = jnp.sum(r * k * vdy, axis=0)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _backward_fused(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts):
+    b, t, h, n = r.shape
+    seq, head, state = _specs(n)
+    mm = _mm_dtype(r.dtype)
+    drn = _call(
+        functools.partial(_bwd_dr_kernel, chunk=chunk, mm_dtype=mm, mode=opts.mode),
+        [seq(t)] * 3 + [state, seq(t)],
+        seq(t),
+        jax.ShapeDtypeStruct((b, t, h, n), F32),
+        (b, h),
+        opts,
+        "wkv6_bwd_dr",
+    )(k, v, log_w, s0, dy)
+    xfin = jnp.sum(dst * st, axis=-1)  # d log_w's final-state term, [B, H, N]
+    vec = pl.BlockSpec((None, None, n), lambda b_, h_: (b_, h_, 0))
+    dr, dk, dv, dlw, du, ds0 = _call(
+        functools.partial(_bwd_dkv_kernel, chunk=chunk, mm_dtype=mm, mode=opts.mode),
+        [seq(t)] * 4 + [head, seq(t), seq(t), state, vec],
+        [seq(t)] * 4 + [vec, state],
+        (
+            jax.ShapeDtypeStruct((b, t, h, n), r.dtype),
+            jax.ShapeDtypeStruct((b, t, h, n), k.dtype),
+            jax.ShapeDtypeStruct((b, t, h, n), v.dtype),
+            jax.ShapeDtypeStruct((b, t, h, n), log_w.dtype),
+            jax.ShapeDtypeStruct((b, h, n), F32),
+            jax.ShapeDtypeStruct((b, h, n, n), F32),
+        ),
+        (b, h),
+        opts,
+        "wkv6_bwd_dkv",
+    )(r, k, v, log_w, u, dy, drn, dst, xfin)
+    return dr, dk, dv, dlw, jnp.sum(du, axis=0).astype(u.dtype), ds0.astype(s0.dtype)
+
+
+def use_two_pass_backward(b: int, h: int, t: int, chunk: int, backward: str) -> bool:
+    """'auto' keeps the fused backward for now. The two-pass one passed the GPU tests on an
+    H100 (B2 H2 N64, value-split sequential passes; T = 63 and 64 in both dtypes and decays,
+    T = 65 float32 strong) but is not timed yet; make 'auto' pick it (t > chunk) only once
+    bench_wkv measures it faster. Expected: the fused backward runs two sequential loops of
+    T/chunk steps with only B*H programs; the two-pass one keeps only the cheap state
+    recurrences sequential (value-split to >= 256 programs) and moves 4 x [B, H, T/chunk, N, N]
+    float32 through memory (see _backward_two_pass)."""
+    if backward != "auto":
+        return backward == "two_pass"
+    return False
+
+
+def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None):
+    """Passes 1a (hs, unless the forward kept it), 1b (gs) and 2, then d log_w's cross-chunk
+    sums. Transient memory: hs and gs, each [B, H, T/chunk, N, N] float32 (1 GiB each at B8 T4096
+    H32 N64 chunk 16), plus d log_w's in-chunk part, [B, T, H, N] float32."""
+    b, t, h, n = r.shape
+    n_chunks, splits = t // chunk, value_splits(b, h, n)
+    if hs is None:
+        hs = _entry_states(k, v, log_w, s0, chunk, opts, splits)[0]
+    bv = n // splits
+    full = pl.BlockSpec((None, t, None, n), lambda b_, h_, j: (b_, 0, h_, 0))
+    cols = pl.BlockSpec((None, t, None, bv), lambda b_, h_, j: (b_, 0, h_, j))
+    state = pl.BlockSpec((None, None, n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    stack = pl.BlockSpec((None, None, n_chunks * n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    gs, ds0 = _call(
+        functools.partial(_chunk_state_grads_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype)),
+        [full, full, cols, state],
+        [stack, state],
+        (
+            jax.ShapeDtypeStruct((b, h, n_chunks * n, n), F32),
+            jax.ShapeDtypeStruct((b, h, n, n), F32),
+        ),
+        (b, h, splits),
+        opts,
+        "wkv6_bwd_state_grads",
+    )(r, log_w, dy, dst)
+    piece, head, entry, row = _chunk_specs(chunk, n)
+    seq_f32 = jax.ShapeDtypeStruct((b, t, h, n), F32)
+    rows = jax.ShapeDtypeStruct((b, h, n_chunks, n), F32)
+    dr, dk, dv, dwl, tot, du = _call(
+        functools.partial(_chunk_grads_kernel, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
+        [piece] * 4 + [head, piece, entry, entry],
+        [piece] * 4 + [row, row],
+        tuple(jax.ShapeDtypeStruct((b, t, h, n), x.dtype) for x in (r, k, v))
+        + (seq_f32,)
+        + (rows, rows),
+        (b, h, n_chunks),
+        opts,
+        "wkv6_bwd_chunks",
+    )(r, k, v, log_w, u, dy, hs, gs)
+    # Cross-chunk part of d log_w, the fused kernel's acc_w carry: for chunk c,
+    # rowsum(dS_T * S_T) + the totals of all later chunks.
+    later = lax.cumsum(tot, axis=2, reverse=True) - tot
+    carry = jnp.sum(dst * st, axis=-1)[:, :, None, :] + later  # [B, H, T/chunk, N]
+    dlw = dwl.reshape(b, n_chunks, chunk, h, n) + jnp.transpose(carry, (0, 2, 1, 3))[:, :, None]
+    dlw = dlw.reshape(b, t, h, n).astype(log_w.dtype)
+    return dr, dk, dv, dlw, jnp.sum(du, axis=(0, 2)).astype(u.dtype), ds0.astype(s0.dtype)

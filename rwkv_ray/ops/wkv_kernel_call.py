@@ -1,0 +1,74 @@
+"""Pallas plumbing shared by the WKV6 forward (wkv_kernel_fwd.py) and backward
+(wkv_kernel_bwd.py) kernels: the static options, row loads inside a kernel, the BlockSpecs of
+the (b, h) and (b, h, chunk) grids, and `_call`, a pallas_call wrapper (Triton compiler
+params; NaN-poisoned outputs for tests). Pure jax.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from rwkv_ray.ops.wkv_kernel_intra import F32
+
+_Opts = collections.namedtuple(
+    "_Opts",
+    ["interpret", "poison", "num_warps", "num_stages", "mode", "forward", "backward", "keep"],
+)
+
+
+def _load(ref, sl):
+    return ref[sl, :].astype(F32)
+
+
+def _specs(n):
+    seq = lambda t_pad: pl.BlockSpec((None, t_pad, None, n), lambda b, h: (b, 0, h, 0))  # noqa: E731
+    head = pl.BlockSpec((None, n), lambda b, h: (h, 0))
+    state = pl.BlockSpec((None, None, n, n), lambda b, h: (b, h, 0, 0))
+    return seq, head, state
+
+
+def _call(kernel, in_specs, out_specs, out_shape, grid, opts, name):
+    """pallas_call; with opts.poison the outputs start NaN-filled (aliased inputs), so a test
+    sees any element the kernel leaves unwritten."""
+    params = None
+    if not opts.interpret:
+        from jax.experimental.pallas import triton as plt
+
+        params = plt.CompilerParams(num_warps=opts.num_warps, num_stages=opts.num_stages)
+    outs = out_shape if isinstance(out_shape, tuple) else (out_shape,)
+    ospecs = out_specs if isinstance(out_specs, list) else [out_specs]
+    n_in, n_out = len(in_specs), len(outs)
+    if opts.poison:
+        kern = lambda *refs: kernel(*refs[:n_in], *refs[n_in + n_out :])  # noqa: E731
+        in_specs = in_specs + ospecs
+    call = pl.pallas_call(
+        kern if opts.poison else kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=params,
+        interpret=opts.interpret,
+        name=name,
+        input_output_aliases={n_in + i: i for i in range(n_out)} if opts.poison else {},
+    )
+    if not opts.poison:
+        return call
+    return lambda *args: call(*args, *(jnp.full(o.shape, jnp.nan, o.dtype) for o in outs))
+
+
+def _mm_dtype(dtype):
+    return F32 if jnp.dtype(dtype) == jnp.float32 else jnp.bfloat16
+
+
+def _chunk_specs(chunk, n):
+    """Grid (b, h, chunk) blocks: chunk c of a [B, T, H, N] array, a head's u, block c of a
+    [B, H, T/chunk * N, N] state stack, row c of a [B, H, T/chunk, N] per-chunk vector."""
+    piece = pl.BlockSpec((None, chunk, None, n), lambda b_, h_, c: (b_, c, h_, 0))
+    head = pl.BlockSpec((None, n), lambda b_, h_, c: (h_, 0))
+    entry = pl.BlockSpec((None, None, n, n), lambda b_, h_, c: (b_, h_, c, 0))
+    row = pl.BlockSpec((None, None, None, n), lambda b_, h_, c: (b_, h_, c, 0))
+    return piece, head, entry, row

@@ -1,0 +1,168 @@
+"""WKV6 forward kernels and their launchers (the math: rwkv_ray/ops/wkv_kernel.py).
+
+"fused": one sequential kernel per (b, h, value block) (`value_splits`). "two_pass": the
+state entering every chunk (`_entry_states`, sequential; shared with the two-pass backward),
+then every chunk's outputs in parallel. `use_two_pass` picks between them. Pure jax.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from rwkv_ray.ops.wkv_kernel_call import _call, _chunk_specs, _load, _mm_dtype
+from rwkv_ray.ops.wkv_kernel_intra import _TN, F32, _chunk_terms, _decay_factors, _intra_p, _mm
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _fwd_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, st_ref, *, chunk, mm_dtype, mode):
+    n_chunks = r_ref.shape[0] // chunk
+    u = u_ref[...].astype(F32)
+
+    def body(c, s):
+        base = c * chunk
+        sl = pl.ds(base, chunk)
+        r, k, v, lw = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref))
+        inc, exc, last = _chunk_terms(lw)
+        p = _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode)
+        bonus = jnp.sum(r * u[None, :] * k, axis=1)
+        f_start, f_end, f_all = _decay_factors(inc, exc, last)
+        y = _mm(r * f_start, s, mm_dtype) + _mm(p, v, mm_dtype) + bonus[:, None] * v
+        y_ref[sl, :] = y.astype(y_ref.dtype)
+        return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
+
+    st_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
+
+
+def _chunk_states_kernel(k_ref, v_ref, w_ref, s0_ref, hs_ref, st_ref, *, chunk, mm_dtype):
+    """Two-pass forward, pass 1 (sequential over chunks): the state entering every chunk,
+    hs[c*N:(c+1)*N] = S before chunk c, and the final state. Only the cheap state update runs
+    in the sequential loop; the intra-chunk work is left to the parallel pass 2."""
+    n_chunks = k_ref.shape[0] // chunk
+    n = k_ref.shape[1]
+
+    def body(c, s):
+        sl = pl.ds(c * chunk, chunk)
+        k, v, lw = (_load(x, sl) for x in (k_ref, v_ref, w_ref))
+        inc, exc, last = _chunk_terms(lw)
+        hs_ref[pl.ds(c * n, n), :] = s
+        _, f_end, f_all = _decay_factors(inc, exc, last)
+        return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
+
+    st_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
+
+
+def _chunk_output_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, hs_ref, y_ref, *, mm_dtype, mode):
+    """Two-pass forward, pass 2 (one program per chunk, all in parallel): the chunk's outputs
+    from the state entering it."""
+    chunk = r_ref.shape[0]
+    sl = pl.ds(0, chunk)
+    r, k, v, lw = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref))
+    u = u_ref[...].astype(F32)
+    inc, exc, last = _chunk_terms(lw)
+    p = _intra_p(r, k, inc, exc, k_ref, w_ref, 0, chunk, mode)
+    bonus = jnp.sum(r * u[None, :] * k, axis=1)
+    f_start = _decay_factors(inc, exc, last)[0]
+    y = _mm(r * f_start, hs_ref[...], mm_dtype) + _mm(p, v, mm_dtype) + bonus[:, None] * v
+    y_ref[...] = y.astype(y_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def value_splits(b: int, h: int, n: int) -> int:
+    """How many value-column blocks the forward grid splits each head into.
+
+    The forward is sequential over chunks inside a program, so a small batch (prefill of one
+    prompt: B*H = 32 programs) would leave most of an H100's 132 SMs idle. The value columns
+    are independent given P (recomputed per block, O(C^2 N) like the rest), so split them
+    until there are >= 256 programs, keeping blocks >= 16 columns (Triton's dot minimum)."""
+    splits = 1
+    while b * h * splits < 256 and n // (splits * 2) >= 16:
+        splits *= 2
+    return splits
+
+
+def use_two_pass(b: int, h: int, t: int, chunk: int, forward: str) -> bool:
+    """'auto': the two-pass forward whenever there is more than one chunk. Measured on an
+    H100 (bf16, H32 N64, chunk 16; BENCHMARKS.md) it beats the fused kernel at every shape:
+    B1 T1024 0.31 vs 0.85 ms, B8 T4096 2.58 vs 3.49 ms, B1 T16384 3.0 vs 10.2 ms. Its cost is
+    a transient [B, H, T/chunk, N, N] float32 buffer of chunk-entry states (1 GiB at B8
+    T4096), freed before the forward returns."""
+    if forward != "auto":
+        return forward == "two_pass"
+    return t > chunk
+
+
+def _forward(r, k, v, log_w, u, s0, chunk, opts):
+    b, t, h, n = r.shape
+    if use_two_pass(b, h, t, chunk, opts.forward):
+        return _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)[:2]
+    splits = value_splits(b, h, n)
+    bv = n // splits
+    # Grid (b, h, value block): r, k, log_w whole heads; v, y and the state by value block.
+    full = pl.BlockSpec((None, t, None, n), lambda b_, h_, j: (b_, 0, h_, 0))
+    cols = pl.BlockSpec((None, t, None, bv), lambda b_, h_, j: (b_, 0, h_, j))
+    head = pl.BlockSpec((None, n), lambda b_, h_, j: (h_, 0))
+    state = pl.BlockSpec((None, None, n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    kern = functools.partial(_fwd_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode)
+    out_shape = (
+        jax.ShapeDtypeStruct((b, t, h, n), r.dtype),
+        jax.ShapeDtypeStruct((b, h, n, n), F32),
+    )
+    return _call(
+        kern,
+        [full, full, cols, full, head, state],
+        [cols, state],
+        out_shape,
+        (b, h, splits),
+        opts,
+        "wkv6_fwd",
+    )(r, k, v, log_w, u, s0)
+
+
+def _entry_states(k, v, log_w, s0, chunk, opts, splits=1):
+    """Pass 1 of both two-pass directions: hs [B, H, T/chunk * N, N] float32, the state entering
+    every chunk, and the final state. Grid (b, h, value block): a state's value columns only
+    depend on v's, so small batches can split them (as the fused forward does)."""
+    b, t, h, n = k.shape
+    n_chunks, bv = t // chunk, n // splits
+    full = pl.BlockSpec((None, t, None, n), lambda b_, h_, j: (b_, 0, h_, 0))
+    cols = pl.BlockSpec((None, t, None, bv), lambda b_, h_, j: (b_, 0, h_, j))
+    state = pl.BlockSpec((None, None, n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    entry = pl.BlockSpec((None, None, n_chunks * n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    return _call(
+        functools.partial(_chunk_states_kernel, chunk=chunk, mm_dtype=_mm_dtype(k.dtype)),
+        [full, cols, full, state],
+        [entry, state],
+        (
+            jax.ShapeDtypeStruct((b, h, n_chunks * n, n), F32),
+            jax.ShapeDtypeStruct((b, h, n, n), F32),
+        ),
+        (b, h, splits),
+        opts,
+        "wkv6_states",
+    )(k, v, log_w, s0)
+
+
+def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
+    """(y, final state, hs): hs becomes a VJP residual under keep_states (opts.keep)."""
+    b, t, h, n = r.shape
+    hs, st = _entry_states(k, v, log_w, s0, chunk, opts)
+    # Pass 2: grid (b, h, chunk); block c of the time axis and of the entry states.
+    piece, head_c, entry_c, _ = _chunk_specs(chunk, n)
+    y = _call(
+        functools.partial(_chunk_output_kernel, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
+        [piece] * 4 + [head_c, entry_c],
+        piece,
+        jax.ShapeDtypeStruct((b, t, h, n), r.dtype),
+        (b, h, t // chunk),
+        opts,
+        "wkv6_fwd_output",
+    )(r, k, v, log_w, u, hs)
+    return y, st, hs
