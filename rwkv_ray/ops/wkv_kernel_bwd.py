@@ -15,7 +15,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from rwkv_ray.ops.wkv_kernel_call import _call, _chunk_specs, _load, _mm_dtype, _specs
+from rwkv_ray.ops.wkv_kernel_call import (
+    _call,
+    _chunk_specs,
+    _load,
+    _mm_dtype,
+    _specs,
+    _value_split_specs,
+)
 from rwkv_ray.ops.wkv_kernel_fwd import _entry_states, value_splits
 from rwkv_ray.ops.wkv_kernel_intra import (
     _NT,
@@ -256,10 +263,7 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
     if hs is None:
         hs = _entry_states(k, v, log_w, s0, chunk, opts, splits)[0]
     bv = n // splits
-    full = pl.BlockSpec((None, t, None, n), lambda b_, h_, j: (b_, 0, h_, 0))
-    cols = pl.BlockSpec((None, t, None, bv), lambda b_, h_, j: (b_, 0, h_, j))
-    state = pl.BlockSpec((None, None, n, bv), lambda b_, h_, j: (b_, h_, 0, j))
-    stack = pl.BlockSpec((None, None, n_chunks * n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    full, cols, state, stack = _value_split_specs(t, n, bv, n_chunks)
     gs, ds0 = _call(
         functools.partial(_chunk_state_grads_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype)),
         [full, full, cols, state],

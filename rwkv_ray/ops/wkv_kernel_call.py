@@ -72,3 +72,14 @@ def _chunk_specs(chunk, n):
     entry = pl.BlockSpec((None, None, n, n), lambda b_, h_, c: (b_, h_, c, 0))
     row = pl.BlockSpec((None, None, None, n), lambda b_, h_, c: (b_, h_, c, 0))
     return piece, head, entry, row
+
+
+def _value_split_specs(t, n, bv, n_chunks=0):
+    """Grid (b, h, value block j) blocks: a whole head of a [B, T, H, N] array, value columns
+    block j of one, value columns block j of a [B, H, N, N] state and of a
+    [B, H, n_chunks * N, N] state stack."""
+    full = pl.BlockSpec((None, t, None, n), lambda b_, h_, j: (b_, 0, h_, 0))
+    cols = pl.BlockSpec((None, t, None, bv), lambda b_, h_, j: (b_, 0, h_, j))
+    state = pl.BlockSpec((None, None, n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    stack = pl.BlockSpec((None, None, n_chunks * n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    return full, cols, state, stack

@@ -14,7 +14,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from rwkv_ray.ops.wkv_kernel_call import _call, _chunk_specs, _load, _mm_dtype
+from rwkv_ray.ops.wkv_kernel_call import (
+    _call,
+    _chunk_specs,
+    _load,
+    _mm_dtype,
+    _value_split_specs,
+)
 from rwkv_ray.ops.wkv_kernel_intra import _TN, F32, _chunk_terms, _decay_factors, _intra_p, _mm
 
 # ----------------------------------------------------------------------------- kernels
@@ -106,10 +112,8 @@ def _forward(r, k, v, log_w, u, s0, chunk, opts):
     splits = value_splits(b, h, n)
     bv = n // splits
     # Grid (b, h, value block): r, k, log_w whole heads; v, y and the state by value block.
-    full = pl.BlockSpec((None, t, None, n), lambda b_, h_, j: (b_, 0, h_, 0))
-    cols = pl.BlockSpec((None, t, None, bv), lambda b_, h_, j: (b_, 0, h_, j))
+    full, cols, state, _ = _value_split_specs(t, n, bv)
     head = pl.BlockSpec((None, n), lambda b_, h_, j: (h_, 0))
-    state = pl.BlockSpec((None, None, n, bv), lambda b_, h_, j: (b_, h_, 0, j))
     kern = functools.partial(_fwd_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode)
     out_shape = (
         jax.ShapeDtypeStruct((b, t, h, n), r.dtype),
@@ -132,10 +136,7 @@ def _entry_states(k, v, log_w, s0, chunk, opts, splits=1):
     depend on v's, so small batches can split them (as the fused forward does)."""
     b, t, h, n = k.shape
     n_chunks, bv = t // chunk, n // splits
-    full = pl.BlockSpec((None, t, None, n), lambda b_, h_, j: (b_, 0, h_, 0))
-    cols = pl.BlockSpec((None, t, None, bv), lambda b_, h_, j: (b_, 0, h_, j))
-    state = pl.BlockSpec((None, None, n, bv), lambda b_, h_, j: (b_, h_, 0, j))
-    entry = pl.BlockSpec((None, None, n_chunks * n, bv), lambda b_, h_, j: (b_, h_, 0, j))
+    full, cols, state, entry = _value_split_specs(t, n, bv, n_chunks)
     return _call(
         functools.partial(_chunk_states_kernel, chunk=chunk, mm_dtype=_mm_dtype(k.dtype)),
         [full, cols, full, state],
