@@ -50,7 +50,10 @@ def bench(shape: str, mode: str, args) -> dict:
     state = trainer.initial_state()
     rng = np.random.default_rng(0)
     vocab = SHAPES[shape]["vocab_size"]
-    tokens = rng.integers(1, vocab, (1, args.batch, args.seq_len)).astype(np.int32)
+    micro = getattr(args, "micro_batches", 1)  # gradient accumulation: A x (batch / A) rows
+    if args.batch % micro:
+        raise ValueError(f"--batch {args.batch} is not a multiple of --micro-batches {micro}")
+    tokens = rng.integers(1, vocab, (micro, args.batch // micro, args.seq_len)).astype(np.int32)
     mask = np.ones(tokens.shape, np.float32)
     started = time.perf_counter()
     state, _ = trainer(state, tokens, mask)
@@ -63,6 +66,7 @@ def bench(shape: str, mode: str, args) -> dict:
     return {
         "shape": shape,
         "mode": mode,
+        "micro_batches": micro,
         "first_step_s": round(compile_s, 2),
         "step_s": round(step, 4),
         "tokens_per_s": round(tokens.size / step, 1),
@@ -78,6 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--micro-batches", type=int, default=1, help="split --batch into A")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results = [bench(args.shape, mode, args) for mode in args.modes.split(",")]

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "ours_full": dict(mode="full", remat=False),
     "ours_full_remat": dict(mode="full", remat=True),
+    # Gradient accumulation: the same global batch in 2 micro-batches, half the activations.
+    "ours_full_micro2": dict(mode="full", remat=False, micro_batches=2),
     "ours_state": dict(mode="state", remat=False),
     "ours_state+shift": dict(mode="state+shift", remat=False),
 }
@@ -51,7 +53,7 @@ def run_ours(name: str, args) -> dict:
 
     opts = argparse.Namespace(
         batch=args.batch, seq_len=args.seq_len, steps=args.steps, dtype="bfloat16",
-        remat=CONFIGS[name]["remat"],
+        remat=CONFIGS[name]["remat"], micro_batches=CONFIGS[name].get("micro_batches", 1),
     )  # fmt: skip
     result = bench(args.shape, CONFIGS[name]["mode"], opts)
     stats = jax.devices()[0].memory_stats() or {}

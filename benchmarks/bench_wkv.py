@@ -90,16 +90,19 @@ def time_torch(fn, warm=3, reps=15):
 
 
 def ours_fns(cfg):
-    chunk, warps, stages, mode, forward, backward, keep = cfg
+    chunk, warps, stages, mode, forward, backward, keep, stride = cfg
     kw = dict(chunk_size=chunk, num_warps=warps, num_stages=stages, mode=mode, forward=forward)
-    kw.update(backward=backward, keep_states=keep)
+    kw.update(backward=backward, keep_states=keep, state_stride=stride)
     fwd = jax.jit(lambda *a: wkv6_kernel(*a, **kw))
 
     def loss(args, dy):
         y, _ = wkv6_kernel(*args, **kw)
         return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
 
-    fwd_bwd = jax.jit(lambda args, dy: jax.grad(loss)(args, dy))
+    # value_and_grad, not grad: the loss needs y, as a training step does. With grad alone XLA
+    # drops the forward's output kernel (the gradient of a linear loss does not use y), while
+    # fla's fwd_bwd below always computes its output.
+    fwd_bwd = jax.jit(lambda args, dy: jax.value_and_grad(loss)(args, dy)[1])
     return fwd, fwd_bwd
 
 
@@ -111,6 +114,21 @@ def temp_mib(fn, args):
         return round(mem.temp_size_in_bytes / 2**20, 1)
     except Exception:  # memory_analysis is optional per backend
         return None
+
+
+def kernel_times(fn, args, top=12):
+    """Device time (ms) per kernel name of one call, from a JAX profiler trace."""
+    import tempfile
+
+    from benchmarks.profile_generate import device_kernel_times
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        jax.block_until_ready(fn(*args))
+        jax.profiler.stop_trace()
+        totals = device_kernel_times(tmp, set())
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return {name[:80]: round(ms, 4) for name, ms in ranked}
 
 
 def fla_fns(args, dy):
@@ -162,13 +180,17 @@ def main():
     ap.add_argument(
         "--configs",
         default="16:4:1:loop",
-        help="chunk:num_warps:num_stages:mode[:forward[:backward[:keep]]] list to try on the "
-        "first shape; later shapes use the best of them (forward, backward: auto, fused or "
-        "two_pass; keep: keep the forward's chunk-entry states for the backward)",
+        help="chunk:num_warps:num_stages:mode[:forward[:backward[:keep[:stride]]]] list to try "
+        "on the first shape; later shapes use the best of them (forward, backward: auto, fused "
+        "or two_pass; keep: 'keep' keeps the forward's chunk-entry states for the backward, or "
+        "empty; stride: the two-pass forward's state_stride, default 64)",
     )
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--shapes", default="all", help="'all' or e.g. 8x4096 (B x T)")
+    ap.add_argument(
+        "--profile", action="store_true", help="also record device time per kernel of fwd+bwd"
+    )
     a = ap.parse_args()
     ok, reason = is_available()
     print("kernel available:", ok, reason, flush=True)
@@ -178,11 +200,11 @@ def main():
     configs = []
     for c in a.configs.split(","):
         chunk, warps, stages, mode, *rest = c.split(":")
-        forward, backward, keep = (rest + ["auto", "auto", ""][len(rest) :])[:3]
+        forward, backward, keep, stride = (rest + ["auto", "auto", "", "64"][len(rest) :])[:4]
         if keep not in ("", "keep"):
-            sys.exit(f"--configs: the 7th field must be 'keep' or absent, got {keep!r} in {c!r}")
+            sys.exit(f"--configs: the 7th field must be 'keep' or empty, got {keep!r} in {c!r}")
         cfg = (int(chunk), int(warps), int(stages), mode, forward, backward, keep == "keep")
-        configs.append(cfg)
+        configs.append(cfg + (int(stride),))
     shapes = (
         SHAPES
         if a.shapes == "all"
@@ -196,6 +218,7 @@ def main():
         best = None
         for cfg in configs:
             tag = "c{}w{}s{}{}-{}-bwd_{}".format(*cfg) + ("+keep" if cfg[6] else "")
+            tag += f"-stride{cfg[7]}"
             try:
                 fwd, fwd_bwd = ours_fns(cfg)
                 errs = check(shape, args, dy, fwd, fwd_bwd, fla)
@@ -206,6 +229,9 @@ def main():
                 print(f"{row['shape']} {tag}: FAILED {type(e).__name__}: {str(e)[:2000]}")
                 continue
             row[tag] = {"fwd_ms": tf, "fwd_bwd_ms": tb, "fwd_bwd_temp_mib": mib, "errors": errs}
+            if a.profile:
+                row[tag]["fwd_bwd_kernels_ms"] = kernel_times(fwd_bwd, (args, dy))
+                print(f"{row['shape']} {tag} kernels (ms):", row[tag]["fwd_bwd_kernels_ms"])
             print(
                 f"{row['shape']} ours {tag}: fwd {tf:.3f} ms fwd+bwd {tb:.3f} ms "
                 f"(XLA temp {mib} MiB)  errs " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()),

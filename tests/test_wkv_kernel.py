@@ -129,10 +129,17 @@ def test_interpret_fused_kernels_with_value_split_match_reference():
 
 
 def test_interpret_two_pass_forward_matches_reference():
-    """Chunk-entry states, then every chunk in parallel (what 'auto' picks for small B*H)."""
+    """Span-entry states, then every span in parallel (what 'auto' picks beyond one chunk):
+    T=37 with spans of 32 is two spans of two chunks, the second span padded."""
     assert wk.use_two_pass(1, 32, 1024, 16, "auto") and not wk.use_two_pass(8, 32, 16, 16, "auto")
-    run = with_kernel_options(forward="two_pass", backward="two_pass")
+    run = with_kernel_options(forward="two_pass", backward="two_pass", state_stride=32)
     run(2, 37, 2, 16, jnp.float32, "weak", interpret=True, seed=22)
+
+
+def test_state_stride_must_be_a_multiple_of_the_chunk():
+    x = jnp.zeros((1, 32, 1, 16))
+    with pytest.raises(ValueError, match="state_stride must be a multiple of chunk_size 16"):
+        wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), state_stride=24, interpret=True)
 
 
 def test_interpret_two_pass_backward_matches_reference():
@@ -142,6 +149,8 @@ def test_interpret_two_pass_backward_matches_reference():
     assert wk.value_splits(2, 2, 32) == 2
     assert wk.use_two_pass_backward(1, 32, 1024, 16, "two_pass")
     assert not wk.use_two_pass_backward(1, 32, 1024, 16, "fused")
+    assert wk.use_two_pass_backward(1, 32, 1024, 16, "auto")
+    assert not wk.use_two_pass_backward(1, 32, 16, 16, "auto")
     run = with_kernel_options(forward="fused", backward="two_pass", mode="3d")
     run(2, 21, 2, 32, jnp.float32, "strong", interpret=True, seed=23)
 
@@ -177,8 +186,8 @@ def _needs_gpu():
 @pytest.mark.parametrize("decay", ["strong", "weak"])
 @pytest.mark.parametrize("t", [1, 63, 64, 65, 4096])
 def test_gpu_matches_reference(t, decay, dtype):
-    """The default ('auto') algorithms: beyond one chunk, the two-pass forward and (until the
-    two-pass one is timed faster) the fused backward."""
+    """The default ('auto') algorithms: beyond one chunk, the two-pass forward (spans of 64)
+    and the two-pass backward."""
     _needs_gpu()
     check_against_reference(2, t, 2, 64, dtype, decay, seed=t)
 
@@ -192,8 +201,10 @@ def test_gpu_matches_reference(t, decay, dtype):
         dict(forward="fused", backward="fused"),
         dict(forward="two_pass", backward="two_pass"),
         dict(forward="two_pass", backward="two_pass", keep_states=True),
+        dict(forward="two_pass", state_stride=16),
+        dict(forward="two_pass", state_stride=256),
     ],
-    ids=["fused", "two_pass", "two_pass_kept"],
+    ids=["fused", "two_pass", "two_pass_kept", "stride16", "stride256"],
 )
 def test_gpu_algorithms_match_reference(options, t, dtype):
     """Each forward/backward algorithm explicitly, strong decay (B1: the two-pass backward's

@@ -7,9 +7,8 @@ negative). Per head, with S_{-1} = initial state:
     y_t[j] = sum_i r_t[i] * (S_{t-1}[i, j] + u[i] k_t[i] v_t[j])
     S_t    = exp(log_w_t)[:, None] * S_{t-1} + k_t v_t^T          (no r.k scaling)
 
-Algorithm (one Triton program per (b, h) - and per value-column block in the forward, see
-`value_splits` - looping over chunks of `chunk_size` tokens with the state in registers; the
-same shape as fla's chunk_rwkv6, fused into one sequential kernel):
+Algorithm ("auto" below: two-pass both ways beyond one chunk). The chunk step, as in fla's
+chunk_rwkv6, over chunks of `chunk_size` tokens with the state in registers:
 with A = inclusive cumsum of log_w inside the chunk, Ae = A - log_w (exclusive), a = A_last,
 
     y     = (r * exp(Ae)) @ S + P @ v + (r.u.k) v,   P[t, s] = sum_i r_t k_s exp(Ae_t - A_s), s < t
@@ -18,12 +17,16 @@ with A = inclusive cumsum of log_w inside the chunk, Ae = A - log_w (exclusive),
 Every exponent is <= 0, and decays below -50 are kept out of the cumsums (wkv_kernel_intra.py),
 so any log-decay (down to -inf) is safe. The intra-chunk matrix P is computed exactly,
 key-column by key-column (mode "loop") or in a [C, C, N] broadcast (mode "3d").
+Forward, "fused": one sequential Triton program per (b, h) and value-column block
+(`value_splits`). Forward, "two_pass": a sequential kernel stores the state entering every
+span of `state_stride` tokens, then every span runs its chunks in parallel with the others.
 Backward, "fused": one forward-direction kernel recomputes S and gives dr's state part; one
 reverse-direction kernel carries dL/dS and gives dr, dk, dv, d(log_w) (a running suffix sum
 of r*dr - k*dk plus the final-state term), d(u) and the initial state's gradient.
 Backward, "two_pass" (derivation in wkv_kernel_bwd.py): the states entering and
 the state gradients leaving every chunk (two cheap sequential kernels), then every chunk's
-gradients in parallel; d(log_w)'s sum over later chunks is a reverse cumsum in plain JAX.
+gradients in parallel (three kernels: dr; dk, d(log_w), d(u); dv); d(log_w)'s sum over later
+chunks is a reverse cumsum in plain JAX.
 
 Matmul operands are in the input dtype (bf16 -> tensor cores; float32 -> exact IEEE float32),
 accumulation and state in float32. `interpret=True` runs the same kernels on CPU.
@@ -69,7 +72,7 @@ def _keeps_states(r, chunk, opts):
 
 def _wkv6_fwd(r, k, v, log_w, u, s0, chunk, opts):
     if _keeps_states(r, chunk, opts):
-        y, st, hs = _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)
+        y, st, hs = _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts, stride=chunk)
     else:
         (y, st), hs = _forward(r, k, v, log_w, u, s0, chunk, opts), None
     return (y, st), (r, k, v, log_w, u, s0, st, hs)
@@ -125,6 +128,7 @@ def is_available() -> tuple[bool, str]:
         "forward",
         "backward",
         "keep_states",
+        "state_stride",
     ),
 )
 def wkv6_kernel(
@@ -144,6 +148,7 @@ def wkv6_kernel(
     forward="auto",
     backward="auto",
     keep_states=False,
+    state_stride=64,
 ):
     """Fused WKV6 (RWKV x060). r, k, v, log_w: [B, T, H, N]; u: [H, N]; state [B, H, N, N]
     ([key, value], float32). log_w is the log-decay (<= 0). Returns (y [B, T, H, N] in r's
@@ -158,7 +163,10 @@ def wkv6_kernel(
     chunk-entry states and chunk-exit state gradients, then all chunks' gradients in parallel;
     "auto": `use_two_pass_backward`); `keep_states=True` keeps the two-pass forward's
     chunk-entry states for the two-pass backward instead of recomputing them (one sequential
-    pass less, but holds [B, H, T/chunk, N, N] float32 from forward to backward).
+    pass less, but holds [B, H, T/chunk, N, N] float32 from forward to backward; when forward
+    and backward are traced in one jit, XLA already merges the two identical passes);
+    `state_stride` (a multiple of chunk_size) the tokens between the states the two-pass
+    forward stores (see _forward_two_pass).
 
     Example: y, s = wkv6_kernel(r, k, v, -jnp.exp(w_raw), u, s0)
     """
@@ -176,6 +184,10 @@ def wkv6_kernel(
         raise ValueError(f"forward must be 'auto', 'fused' or 'two_pass', got {forward!r}")
     if backward not in ("auto", "fused", "two_pass"):
         raise ValueError(f"backward must be 'auto', 'fused' or 'two_pass', got {backward!r}")
+    if state_stride < chunk_size or state_stride % chunk_size:
+        raise ValueError(
+            f"state_stride must be a multiple of chunk_size {chunk_size}, got {state_stride}"
+        )
     if n < 16 or n & (n - 1):
         raise ValueError(f"head size N must be a power of 2 >= 16, got {n}")
     if initial_state is None:
@@ -184,7 +196,9 @@ def wkv6_kernel(
         raise ValueError(f"initial_state has shape {initial_state.shape}, expected {(b, h, n, n)}")
     dt = r.dtype
     k, v = k.astype(dt), v.astype(dt)
-    pad = (-t) % chunk_size
+    # Whole chunks; beyond one span of the two-pass forward, whole spans. Padded steps have
+    # k = 0 and log_w = 0, so they change no state, and their outputs are cut off.
+    pad = (-t) % (chunk_size if t <= state_stride else state_stride)
     if pad:
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         r, k, v, log_w = (jnp.pad(x, widths) for x in (r, k, v, log_w))
@@ -197,7 +211,15 @@ def wkv6_kernel(
         initial_state.astype(F32),
         chunk_size,
         _Opts(
-            interpret, poison_outputs, num_warps, num_stages, mode, forward, backward, keep_states
+            interpret,
+            poison_outputs,
+            num_warps,
+            num_stages,
+            mode,
+            forward,
+            backward,
+            keep_states,
+            state_stride,
         ),
     )
     return y[:, :t], st

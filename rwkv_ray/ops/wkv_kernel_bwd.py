@@ -154,54 +154,68 @@ def _chunk_state_grads_kernel(r_ref, w_ref, dy_ref, dst_ref, gs_ref, ds0_ref, *,
     ds0_ref[...] = lax.fori_loop(0, n_chunks, body, dst_ref[...].astype(F32))
 
 
-def _chunk_grads_kernel(
-    r_ref,
-    k_ref,
-    v_ref,
-    w_ref,
-    u_ref,
-    dy_ref,
-    hs_ref,
-    gs_ref,
-    dr_ref,
-    dk_ref,
-    dv_ref,
-    dwl_ref,
-    tot_ref,
-    du_ref,
-    *,
-    mm_dtype,
-    mode,
+# Pass 2 is three kernels, one per gradient family, each about as heavy as the forward's
+# per-chunk kernel. As one kernel (both [N, N] states, all three intra-chunk contractions and
+# a dozen [C, N] tiles live at once) Triton spilled registers and it ran 28x slower than the
+# forward (74.8 ms at B8 T4096 on an H100, BENCHMARKS.md).
+
+
+def _chunk_dr_kernel(
+    k_ref, v_ref, w_ref, u_ref, dy_ref, hs_ref, drn_ref, dr_ref, *, mm_dtype, mode
 ):
-    """Two-pass backward, pass 2 (one program per chunk, all in parallel): dr, dk, dv from the
-    chunk's entry state S_c (hs) and exit gradient G_c (gs); d log_w's in-chunk part (dwl,
-    float32) and the chunk's total of dd (tot); this chunk's part of du."""
-    chunk = r_ref.shape[0]
+    """Pass 2a (per chunk): drn (dr without the bonus, float32, for d log_w) and dr."""
+    chunk = k_ref.shape[0]
     sl = pl.ds(0, chunk)
-    r, k, v, lw, dy = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref, dy_ref))
+    k, v, lw, dy = (_load(x, sl) for x in (k_ref, v_ref, w_ref, dy_ref))
     u = u_ref[...].astype(F32)[None, :]
     inc, exc, last = _chunk_terms(lw)
-    f_start, f_end, _ = _decay_factors(inc, exc, last)
+    f_start = _decay_factors(inc, exc, last)[0]
     d = _mm(dy, v, mm_dtype, _NT)  # d[t, s] = dy_t . v_s
-    d_t = _mm(v, dy, mm_dtype, _NT) if mode == "loop" else None
     drn = f_start * _mm(dy, hs_ref[...], mm_dtype, _NT)
     drn = drn + _intra_dr(d, k, inc, exc, k_ref, w_ref, 0, chunk, mode)
-    g = gs_ref[...]
-    dkn = f_end * _mm(v, g, mm_dtype, _NT)
-    dkn = dkn + _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, 0, chunk, mode)
-    p = _intra_p(r, k, inc, exc, k_ref, w_ref, 0, chunk, mode)
-    bonus = jnp.sum(r * u * k, axis=1, keepdims=True)
     vdy = jnp.sum(v * dy, axis=1, keepdims=True)
-    dv = _mm(k * f_end, g, mm_dtype) + _mm(p, dy, mm_dtype, _TN) + bonus * dy
+    drn_ref[...] = drn
     dr_ref[...] = (drn + u * k * vdy).astype(dr_ref.dtype)
+
+
+def _chunk_dk_kernel(
+    r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, drn_ref, gs_ref, dk_ref, dwl_ref, tot_ref, du_ref,
+    *, mm_dtype, mode,
+):  # fmt: skip
+    """Pass 2b (per chunk): dk; d log_w's in-chunk part (dwl, float32) and the chunk's total of
+    dd (tot); this chunk's part of du."""
+    chunk = r_ref.shape[0]
+    sl = pl.ds(0, chunk)
+    r, k, v, lw, dy, drn = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref, dy_ref, drn_ref))
+    u = u_ref[...].astype(F32)[None, :]
+    inc, exc, last = _chunk_terms(lw)
+    f_end = _decay_factors(inc, exc, last)[1]
+    d = _mm(dy, v, mm_dtype, _NT)
+    d_t = _mm(v, dy, mm_dtype, _NT) if mode == "loop" else None
+    dkn = f_end * _mm(v, gs_ref[...], mm_dtype, _NT)
+    dkn = dkn + _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, 0, chunk, mode)
+    vdy = jnp.sum(v * dy, axis=1, keepdims=True)
     dk_ref[...] = (dkn + u * r * vdy).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
     rdr = r * drn
     dd = rdr - k * dkn
     tot = jnp.sum(dd, axis=0)
     dwl_ref[...] = tot[None, :] - jnp.cumsum(dd, axis=0) + dd - rdr  # sum_{m>=t} dd_m - rdr_t
     tot_ref[...] = tot
     du_ref[...] = jnp.sum(r * k * vdy, axis=0)
+
+
+def _chunk_dv_kernel(r_ref, k_ref, w_ref, u_ref, dy_ref, gs_ref, dv_ref, *, mm_dtype, mode):
+    """Pass 2c (per chunk): dv."""
+    chunk = r_ref.shape[0]
+    sl = pl.ds(0, chunk)
+    r, k, lw, dy = (_load(x, sl) for x in (r_ref, k_ref, w_ref, dy_ref))
+    u = u_ref[...].astype(F32)[None, :]
+    inc, exc, last = _chunk_terms(lw)
+    f_end = _decay_factors(inc, exc, last)[1]
+    p = _intra_p(r, k, inc, exc, k_ref, w_ref, 0, chunk, mode)
+    bonus = jnp.sum(r * u * k, axis=1, keepdims=True)
+    dv = _mm(k * f_end, gs_ref[...], mm_dtype) + _mm(p, dy, mm_dtype, _TN) + bonus * dy
+    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -242,16 +256,14 @@ def _backward_fused(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts):
 
 
 def use_two_pass_backward(b: int, h: int, t: int, chunk: int, backward: str) -> bool:
-    """'auto' keeps the fused backward for now. The two-pass one passed the GPU tests on an
-    H100 (B2 H2 N64, value-split sequential passes; T = 63 and 64 in both dtypes and decays,
-    T = 65 float32 strong) but is not timed yet; make 'auto' pick it (t > chunk) only once
-    bench_wkv measures it faster. Expected: the fused backward runs two sequential loops of
-    T/chunk steps with only B*H programs; the two-pass one keeps only the cheap state
-    recurrences sequential (value-split to >= 256 programs) and moves 4 x [B, H, T/chunk, N, N]
-    float32 through memory (see _backward_two_pass)."""
+    """'auto': the two-pass backward whenever there is more than one chunk. Measured on an
+    H100 (bf16, B8 T4096 H32 N64, chunk 16; BENCHMARKS.md): backward kernels 7.7 ms against
+    the fused backward's 18.3 ms. The fused one runs two sequential loops of T/chunk steps
+    with only B*H programs; the two-pass one keeps only the cheap state recurrences
+    sequential and moves 2 x [B, H, T/chunk, N, N] float32 through memory."""
     if backward != "auto":
         return backward == "two_pass"
-    return False
+    return t > chunk
 
 
 def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None):
@@ -279,17 +291,35 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
     piece, head, entry, row = _chunk_specs(chunk, n)
     seq_f32 = jax.ShapeDtypeStruct((b, t, h, n), F32)
     rows = jax.ShapeDtypeStruct((b, h, n_chunks, n), F32)
-    dr, dk, dv, dwl, tot, du = _call(
-        functools.partial(_chunk_grads_kernel, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
-        [piece] * 4 + [head, piece, entry, entry],
-        [piece] * 4 + [row, row],
-        tuple(jax.ShapeDtypeStruct((b, t, h, n), x.dtype) for x in (r, k, v))
-        + (seq_f32,)
-        + (rows, rows),
-        (b, h, n_chunks),
+    grid, mm = (b, h, n_chunks), _mm_dtype(r.dtype)
+    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+    drn, dr = _call(
+        functools.partial(_chunk_dr_kernel, mm_dtype=mm, mode=opts.mode),
+        [piece] * 3 + [head, piece, entry],
+        [piece, piece],
+        (seq_f32, like(r)),
+        grid,
         opts,
-        "wkv6_bwd_chunks",
-    )(r, k, v, log_w, u, dy, hs, gs)
+        "wkv6_bwd_chunks_dr",
+    )(k, v, log_w, u, dy, hs)
+    dk, dwl, tot, du = _call(
+        functools.partial(_chunk_dk_kernel, mm_dtype=mm, mode=opts.mode),
+        [piece] * 4 + [head, piece, piece, entry],
+        [piece, piece, row, row],
+        (like(k), seq_f32, rows, rows),
+        grid,
+        opts,
+        "wkv6_bwd_chunks_dk",
+    )(r, k, v, log_w, u, dy, drn, gs)
+    dv = _call(
+        functools.partial(_chunk_dv_kernel, mm_dtype=mm, mode=opts.mode),
+        [piece] * 3 + [head, piece, entry],
+        piece,
+        like(v),
+        grid,
+        opts,
+        "wkv6_bwd_chunks_dv",
+    )(r, k, log_w, u, dy, gs)
     # Cross-chunk part of d log_w, the fused kernel's acc_w carry: for chunk c,
     # rowsum(dS_T * S_T) + the totals of all later chunks.
     later = lax.cumsum(tot, axis=2, reverse=True) - tot

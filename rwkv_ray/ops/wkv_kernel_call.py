@@ -15,7 +15,17 @@ from rwkv_ray.ops.wkv_kernel_intra import F32
 
 _Opts = collections.namedtuple(
     "_Opts",
-    ["interpret", "poison", "num_warps", "num_stages", "mode", "forward", "backward", "keep"],
+    [
+        "interpret",
+        "poison",
+        "num_warps",
+        "num_stages",
+        "mode",
+        "forward",
+        "backward",
+        "keep",
+        "stride",
+    ],
 )
 
 

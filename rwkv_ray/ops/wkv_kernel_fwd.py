@@ -26,7 +26,12 @@ from rwkv_ray.ops.wkv_kernel_intra import _TN, F32, _chunk_terms, _decay_factors
 # ----------------------------------------------------------------------------- kernels
 
 
-def _fwd_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, st_ref, *, chunk, mm_dtype, mode):
+def _fwd_kernel(
+    r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, st_ref=None, *, chunk, mm_dtype, mode
+):  # fmt: skip
+    """Sequential over the chunks of its block of tokens, the state in registers: the whole
+    sequence (fused forward, st_ref the final state) or one span of the two-pass forward's
+    pass 2 (s0_ref the state entering the span, no st_ref)."""
     n_chunks = r_ref.shape[0] // chunk
     u = u_ref[...].astype(F32)
 
@@ -42,7 +47,9 @@ def _fwd_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, st_ref, *, chu
         y_ref[sl, :] = y.astype(y_ref.dtype)
         return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
 
-    st_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
+    s = lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
+    if st_ref is not None:
+        st_ref[...] = s
 
 
 def _chunk_states_kernel(k_ref, v_ref, w_ref, s0_ref, hs_ref, st_ref, *, chunk, mm_dtype):
@@ -61,21 +68,6 @@ def _chunk_states_kernel(k_ref, v_ref, w_ref, s0_ref, hs_ref, st_ref, *, chunk, 
         return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
 
     st_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
-
-
-def _chunk_output_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, hs_ref, y_ref, *, mm_dtype, mode):
-    """Two-pass forward, pass 2 (one program per chunk, all in parallel): the chunk's outputs
-    from the state entering it."""
-    chunk = r_ref.shape[0]
-    sl = pl.ds(0, chunk)
-    r, k, v, lw = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref))
-    u = u_ref[...].astype(F32)
-    inc, exc, last = _chunk_terms(lw)
-    p = _intra_p(r, k, inc, exc, k_ref, w_ref, 0, chunk, mode)
-    bonus = jnp.sum(r * u[None, :] * k, axis=1)
-    f_start = _decay_factors(inc, exc, last)[0]
-    y = _mm(r * f_start, hs_ref[...], mm_dtype) + _mm(p, v, mm_dtype) + bonus[:, None] * v
-    y_ref[...] = y.astype(y_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -151,18 +143,29 @@ def _entry_states(k, v, log_w, s0, chunk, opts, splits=1):
     )(k, v, log_w, s0)
 
 
-def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
-    """(y, final state, hs): hs becomes a VJP residual under keep_states (opts.keep)."""
+def forward_stride(t: int, chunk: int, state_stride: int) -> int:
+    """Tokens per span of the two-pass forward: state_stride, or all of a shorter sequence
+    (wkv6_kernel pads a longer one to a multiple of state_stride)."""
+    return min(state_stride, t)
+
+
+def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts, stride=None):
+    """(y, final state, hs). Pass 1 stores the state entering every span of `stride` tokens
+    (default: opts.stride, see forward_stride); pass 2 runs each span's chunks from it, all
+    spans in parallel. A longer stride means fewer sequential steps in pass 1 and less state
+    traffic, a shorter one more parallel programs. keep_states passes stride=chunk: hs is
+    then the backward's residual, which needs every chunk's entry state."""
     b, t, h, n = r.shape
-    hs, st = _entry_states(k, v, log_w, s0, chunk, opts)
-    # Pass 2: grid (b, h, chunk); block c of the time axis and of the entry states.
-    piece, head_c, entry_c, _ = _chunk_specs(chunk, n)
+    stride = stride or forward_stride(t, chunk, opts.stride)
+    hs, st = _entry_states(k, v, log_w, s0, stride, opts)
+    # Pass 2: grid (b, h, span); span c of the time axis and of the entry states.
+    piece, head_c, entry_c, _ = _chunk_specs(stride, n)
     y = _call(
-        functools.partial(_chunk_output_kernel, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
+        functools.partial(_fwd_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
         [piece] * 4 + [head_c, entry_c],
         piece,
         jax.ShapeDtypeStruct((b, t, h, n), r.dtype),
-        (b, h, t // chunk),
+        (b, h, t // stride),
         opts,
         "wkv6_fwd_output",
     )(r, k, v, log_w, u, hs)

@@ -1,0 +1,114 @@
+"""Where a training step's time goes on a GPU: device time per kernel and per kind of kernel.
+
+    python benchmarks/profile_train.py --mode state --batch 4 --seq-len 4096 --out /tmp/p.json
+
+Builds the step bench_train_cpu.py / bench_train_gpu.py time (`rwkv_ray.train.step.TrainStep`,
+random weights and tokens), compiles and warms it, then records one step in a JAX profiler
+trace. Reports the wall time, the device-busy time, the top kernels by device time, and totals
+per kind (our WKV kernels by name, GEMMs, loop/input fusions, copies, collectives), plus the
+peak device memory. A diagnostic, not a benchmark of record (that is bench_train_gpu.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.profile_generate import device_kernel_times  # noqa: E402
+
+# First match wins: (kind, pattern on the kernel name).
+KINDS = [
+    ("wkv_kernel", r"wkv6"),
+    ("gemm", r"gemm|cutlass|xmma|cublas|sm90_|sm80_|_mma|triton_dot|dot"),
+    ("reduce", r"reduce|logsumexp"),
+    ("copy/transpose", r"copy|transpose|memcpy|memset|dynamic.update|concatenate|slice"),
+    ("collective", r"nccl|all.reduce|all.gather"),
+    ("fusion", r"fusion|loop_|input_|triton"),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, pattern in KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "other"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="1b6", help="a shape of bench_train_cpu.py")
+    p.add_argument("--mode", default="state", choices=("full", "state", "state+shift"))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--out")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import jax
+    import numpy as np
+
+    from benchmarks.bench_train_cpu import SHAPES
+    from rwkv_ray.train.config import JobConfig
+    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer
+
+    config = JobConfig.from_dict(
+        {
+            "mode": args.mode,
+            "model": {"config": SHAPES[args.shape], "dtype": args.dtype, "remat": args.remat},
+            "data": {"train": "unused"},
+        }
+    )
+    model = build_model(config)
+    trainer = TrainStep(model, build_optimizer(config, model, 1000), clip_norm=1.0)
+    state = trainer.initial_state()
+    vocab = SHAPES[args.shape]["vocab_size"]
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, vocab, (1, args.batch, args.seq_len)).astype(np.int32)
+    mask = np.ones(tokens.shape, np.float32)
+    started = time.perf_counter()
+    state, _ = trainer(state, tokens, mask)
+    compile_s = time.perf_counter() - started
+    state, metrics = trainer(state, tokens, mask)
+    wall_ms = metrics["step_time"] * 1e3
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        state, _ = trainer(state, tokens, mask)
+        jax.profiler.stop_trace()
+        totals = device_kernel_times(tmp, set())
+    by_kind: collections.Counter[str] = collections.Counter()
+    for name, ms in totals.items():
+        by_kind[kind_of(name)] += ms
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[: args.top]
+    stats = jax.devices()[0].memory_stats() or {}
+    report = {
+        "args": vars(args),
+        "card": jax.devices()[0].device_kind,
+        "first_step_s": round(compile_s, 2),
+        "wall_ms": round(wall_ms, 2),
+        "tokens_per_s": round(tokens.size / (wall_ms / 1e3), 1),
+        "device_busy_ms": round(sum(totals.values()), 2),
+        "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+        "by_kind_ms": {k: round(v, 2) for k, v in by_kind.most_common()},
+        "top": [{"name": n[:140], "kind": kind_of(n), "ms": round(ms, 3)} for n, ms in ranked],
+    }
+    print(json.dumps(report, indent=1), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
