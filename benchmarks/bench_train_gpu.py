@@ -1,7 +1,8 @@
-"""Training step speed of the 1.6B shape on one GPU: ours (full / state tuning, remat on/off)
-and fla's RWKV6 model, in the same run on the same card.
+"""Training step speed of the 1.6B shape: ours (full / state tuning, remat on/off, gradient
+accumulation) and fla's RWKV6 model, in the same run on the same card; ours also data parallel.
 
     python benchmarks/bench_train_gpu.py --out benchmarks/results/train_1p6b.json
+    python benchmarks/bench_train_gpu.py --configs ours_state --gpus 1,2 --out scaling.json
 
 Each configuration runs in its own process (so each has its own peak memory and a failure,
 e.g. out of memory, is reported and does not stop the others): random weights and tokens,
@@ -35,7 +36,13 @@ CONFIGS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="1b6", help="ours only: a shape of bench_train_cpu.py")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="rows per GPU")
+    p.add_argument(
+        "--gpus",
+        default="1",
+        help="GPU counts to run ours on, e.g. 1,2,4 (data parallel; rows "
+        "are named NAME@NGPU and get a scaling_efficiency against NAME@1gpu)",
+    )
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--configs", default=",".join([*CONFIGS, "fla"]))
@@ -102,6 +109,23 @@ def run_fla(args) -> dict:
     }
 
 
+def run_one(name: str, gpus: int, args) -> dict:
+    """One configuration in its own process on the first `gpus` GPUs (data parallel over
+    them: the global batch is --batch rows per GPU)."""
+    cmd = [sys.executable, __file__, "--one", name, "--shape", args.shape,
+           "--batch", str(args.batch * gpus),
+           "--seq-len", str(args.seq_len), "--steps", str(args.steps)]  # fmt: skip
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(gpus)))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s", "gpus": gpus}
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if not lines:
+        return {"error": (done.stderr or done.stdout)[-1500:], "gpus": gpus}
+    return {**json.loads(lines[-1][len("RESULT ") :]), "gpus": gpus}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.one:
@@ -117,21 +141,17 @@ def main(argv=None):
         "seq_len": args.seq_len,
         "rows": {},
     }
+    counts = [int(n) for n in args.gpus.split(",")]
     for name in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--one", name, "--shape", args.shape,
-               "--batch", str(args.batch),
-               "--seq-len", str(args.seq_len), "--steps", str(args.steps)]  # fmt: skip
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-            if lines:
-                row = json.loads(lines[-1][len("RESULT ") :])
-            else:
-                row = {"error": (done.stderr or done.stdout)[-1500:]}
-        except subprocess.TimeoutExpired:
-            row = {"error": f"timed out after {args.timeout} s"}
-        report["rows"][name] = row
-        print(name, json.dumps(row), flush=True)
+        for gpus in counts if name != "fla" else counts[:1]:  # fla's model runs on one GPU
+            row = run_one(name, gpus, args)
+            report["rows"][name if len(counts) == 1 else f"{name}@{gpus}gpu"] = row
+            print(name, f"{gpus} GPU(s)", json.dumps(row), flush=True)
+    for name, row in report["rows"].items():
+        one = report["rows"].get(name.split("@")[0] + "@1gpu")
+        if "@" in name and one and "tokens_per_s" in row and "tokens_per_s" in one:
+            gpus = int(name.split("@")[1].removesuffix("gpu"))
+            row["scaling_efficiency"] = round(row["tokens_per_s"] / (gpus * one["tokens_per_s"]), 3)
     try:
         import jax
 

@@ -92,7 +92,7 @@ def time_torch(fn, warm=3, reps=15):
 def ours_fns(cfg):
     chunk, warps, stages, mode, forward, backward, keep, stride = cfg
     kw = dict(chunk_size=chunk, num_warps=warps, num_stages=stages, mode=mode, forward=forward)
-    kw.update(backward=backward, keep_states=keep, state_stride=stride)
+    kw.update(backward=backward, keep_states=keep, state_stride=stride or None)
     fwd = jax.jit(lambda *a: wkv6_kernel(*a, **kw))
 
     def loss(args, dy):
@@ -102,7 +102,7 @@ def ours_fns(cfg):
     # value_and_grad, not grad: the loss needs y, as a training step does. With grad alone XLA
     # drops the forward's output kernel (the gradient of a linear loss does not use y), while
     # fla's fwd_bwd below always computes its output.
-    fwd_bwd = jax.jit(lambda args, dy: jax.value_and_grad(loss)(args, dy)[1])
+    fwd_bwd = jax.jit(lambda args, dy: jax.value_and_grad(loss)(args, dy))
     return fwd, fwd_bwd
 
 
@@ -168,7 +168,7 @@ def check(shape, args, dy, fwd, fwd_bwd, fla):
         o, ht = fla[0]()
     errs["y_vs_fla"] = rel(y, o.float().cpu().numpy())
     errs["state_vs_fla"] = rel(st, ht.float().cpu().numpy())
-    ours_g = fwd_bwd(args, dy)
+    ours_g = fwd_bwd(args, dy)[1]
     for name, g, gf in zip(("r", "k", "v", "w", "u", "h0"), ours_g, fla[1](), strict=True):
         errs[f"d{name}_vs_fla"] = rel(g, gf.float().cpu().numpy())
     return errs
@@ -183,7 +183,7 @@ def main():
         help="chunk:num_warps:num_stages:mode[:forward[:backward[:keep[:stride]]]] list to try "
         "on the first shape; later shapes use the best of them (forward, backward: auto, fused "
         "or two_pass; keep: 'keep' keeps the forward's chunk-entry states for the backward, or "
-        "empty; stride: the two-pass forward's state_stride, default 64)",
+        "empty; stride: the two-pass forward's state_stride, default (0) chunk)",
     )
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-fla", action="store_true")
@@ -200,7 +200,7 @@ def main():
     configs = []
     for c in a.configs.split(","):
         chunk, warps, stages, mode, *rest = c.split(":")
-        forward, backward, keep, stride = (rest + ["auto", "auto", "", "64"][len(rest) :])[:4]
+        forward, backward, keep, stride = (rest + ["auto", "auto", "", "0"][len(rest) :])[:4]
         if keep not in ("", "keep"):
             sys.exit(f"--configs: the 7th field must be 'keep' or empty, got {keep!r} in {c!r}")
         cfg = (int(chunk), int(warps), int(stages), mode, forward, backward, keep == "keep")

@@ -25,6 +25,8 @@ from rwkv_ray.ops.wkv_kernel_intra import _TN, F32, _chunk_terms, _decay_factors
 
 # ----------------------------------------------------------------------------- kernels
 
+_UNROLL = 8  # spans of at most this many chunks run as straight-line code
+
 
 def _fwd_kernel(
     r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, st_ref=None, *, chunk, mm_dtype, mode
@@ -47,7 +49,15 @@ def _fwd_kernel(
         y_ref[sl, :] = y.astype(y_ref.dtype)
         return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
 
-    s = lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
+    s = s0_ref[...].astype(F32)
+    if n_chunks <= _UNROLL:
+        # A short span: static offsets. In a fori_loop even one iteration goes through
+        # dynamic slices and cost the two-pass forward a third more (3.26 vs 2.42 ms, B8
+        # T4096 on an H100).
+        for c in range(n_chunks):
+            s = body(c, s)
+    else:
+        s = lax.fori_loop(0, n_chunks, body, s)
     if st_ref is not None:
         st_ref[...] = s
 
