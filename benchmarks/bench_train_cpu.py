@@ -55,6 +55,8 @@ def bench(shape: str, mode: str, args) -> dict:
         raise ValueError(f"--batch {args.batch} is not a multiple of --micro-batches {micro}")
     tokens = rng.integers(1, vocab, (micro, args.batch // micro, args.seq_len)).astype(np.int32)
     mask = np.ones(tokens.shape, np.float32)
+    if getattr(args, "memory", False):
+        return {"shape": shape, "mode": mode, **planned_memory(trainer, state, tokens, mask)}
     started = time.perf_counter()
     state, _ = trainer(state, tokens, mask)
     compile_s = time.perf_counter() - started
@@ -73,6 +75,21 @@ def bench(shape: str, mode: str, args) -> dict:
     }
 
 
+def planned_memory(trainer, state, tokens, mask) -> dict:
+    """What XLA plans for the compiled step (no step is run), in GiB: temp is the scratch
+    (activations kept for the backward pass, logits, gradients in flight)."""
+    compiled = trainer._step.lower(
+        state, trainer.shard_batch(tokens), trainer.shard_batch(mask)
+    ).compile()
+    mem = compiled.memory_analysis()
+    gib = lambda n: round(n / 2**30, 3)  # noqa: E731
+    return {
+        "xla_temp_gib": gib(mem.temp_size_in_bytes),
+        "xla_argument_gib": gib(mem.argument_size_in_bytes),
+        "xla_output_gib": gib(mem.output_size_in_bytes),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -82,6 +99,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument(
+        "--memory", action="store_true", help="only compile and report XLA's planned memory"
+    )
     parser.add_argument("--micro-batches", type=int, default=1, help="split --batch into A")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

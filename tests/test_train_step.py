@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from train_support import pattern_tokens
 
 from rwkv_ray.train.config import JobConfig
-from rwkv_ray.train.loss import mean_loss, summed_loss
+from rwkv_ray.train.loss import mean_loss, summed_head_loss, summed_loss
 from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, to_numpy
 
 ONE_LAYER = {"vocab_size": 53, "num_layers": 1, "hidden_size": 64, "mix_lora_size": 8,
@@ -27,6 +28,45 @@ def test_loss_masks_padding_and_prompt():
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
     total, count = summed_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
     assert float(count) == 5 and np.isclose(float(total), expected * 5, rtol=1e-6)
+
+
+def test_head_loss_in_pieces_equals_the_loss_of_full_logits():
+    """12 predictions in pieces of 5 (the last one padded), padding and a prompt mask: the
+    same sum, count and gradients (hidden and head matrix) as from the whole logits."""
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.standard_normal((2, 7, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((16, 11)), jnp.float32)
+    tokens = jnp.asarray([[0, 0, 3, 4, 5, 9, 1], [1, 2, 3, 4, 6, 10, 7]])
+    mask = jnp.asarray([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]], jnp.float32)
+
+    def full(h, w):
+        return summed_loss(h @ w, tokens, mask)
+
+    def pieces(h, w):
+        return summed_head_loss(h, w, tokens, mask, rows_per_piece=5)
+
+    (total, count), grads = jax.value_and_grad(pieces, argnums=(0, 1), has_aux=True)(hidden, kernel)
+    (total_ref, count_ref), grads_ref = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(
+        hidden, kernel
+    )
+    assert float(count) == float(count_ref) == 9
+    np.testing.assert_allclose(float(total), float(total_ref), rtol=1e-6)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(grads[0]).sum()) > 0 and float(jnp.abs(grads[1]).sum()) > 0
+
+
+def test_step_loss_equals_the_loss_of_the_model_logits():
+    """The step applies the head itself (summed_head_loss): its loss must be the model's."""
+    config = JobConfig.from_dict({"model": {"config": ONE_LAYER}, "data": {"train": "unused"}})
+    model = build_model(config)
+    tokens = pattern_tokens(4, 16, ONE_LAYER["vocab_size"], seed=3).astype(np.int32)
+    mask = (tokens != 0).astype(np.float32)
+    logits, _ = model.forward(tokens)
+    expected = float(mean_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask)))
+    trainer = TrainStep(model, build_optimizer(config, model, 10), clip_norm=1.0)
+    _, metrics = trainer(trainer.initial_state(), tokens[None], mask[None])
+    assert abs(metrics["loss"] - expected) < 1e-5 * expected
 
 
 def run(steps: int, grad_accum: int, remat: bool = False, **model):

@@ -53,8 +53,13 @@ class RWKV6CausalLM(keras.Model):
     def config(self) -> RWKV6Config:
         return self.backbone.config
 
-    def call(self, token_ids, state: RWKV6State | None = None):
+    def call(self, token_ids, state: RWKV6State | None = None, return_hidden: bool = False):
+        """(logits [B,T,V] float32, state); with return_hidden, (the final hidden states
+        [B,T,C] the head would read, state): the training loss applies the head itself, piece
+        by piece (`rwkv_ray.train.loss.summed_head_loss`)."""
         hidden, state = self.backbone(token_ids, state=state)
+        if return_hidden:
+            return hidden, state
         return ops.cast(self.head(hidden), "float32"), state
 
     def forward(self, token_ids, state: RWKV6State | None = None):

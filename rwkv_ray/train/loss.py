@@ -1,5 +1,9 @@
 """Next-token cross-entropy for left-padded batches, in float32. No Ray here.
 
+`summed_loss` takes logits; `summed_head_loss` takes the hidden states and the head matrix
+and never holds the [B, T, V] logits (the training step's path: at B4 T4096 V65536 the logits
+alone are 4 GiB in float32, and as much again for their gradient).
+
 Position t predicts token t+1. A prediction counts when the target token is real
 (not padding, id 0), the input token is real (a padded step has seen nothing), and the
 target's `loss_mask` is set (prompt/response masking: 0 on prompt tokens).
@@ -43,3 +47,38 @@ def mean_loss(logits, tokens, loss_mask=None):
     """Mean cross-entropy over counted tokens (0 when none count)."""
     total, count = summed_loss(logits, tokens, loss_mask)
     return total / jnp.maximum(count, 1.0)
+
+
+def summed_head_loss(hidden, kernel, tokens, loss_mask=None, rows_per_piece=2048):
+    """`summed_loss(hidden @ kernel, tokens, loss_mask)` computed piece by piece.
+
+    hidden [B,T,C]; kernel [C,V] (cast to hidden's dtype, as the Dense head does; logits are
+    accumulated in float32). The predictions are flattened and cut into pieces of
+    `rows_per_piece` rows; each piece's logits are made, reduced to its loss and dropped, and
+    remade in the backward pass (jax.checkpoint): one more head matmul for a
+    [rows_per_piece, V] peak instead of [B, T, V]."""
+    weights = target_weights(tokens, loss_mask)
+    c = hidden.shape[-1]
+    h = hidden[:, :-1].reshape(-1, c)
+    targets = tokens[:, 1:].reshape(-1)
+    w = weights.reshape(-1)
+    rows = min(rows_per_piece, h.shape[0])
+    pad = (-h.shape[0]) % rows
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, rows, c)
+    targets = jnp.pad(targets, (0, pad), constant_values=PAD_ID).reshape(-1, rows)
+    w = jnp.pad(w, (0, pad)).reshape(-1, rows)  # padded rows weigh 0
+
+    @jax.checkpoint
+    def piece_loss(h_piece, targets_piece, w_piece):
+        # Cast here, not outside the scan: the kernel's gradient then sums over the pieces in
+        # the kernel's own dtype (float32 master weights), not in bfloat16.
+        logits = jnp.dot(h_piece, kernel.astype(h_piece.dtype), preferred_element_type=jnp.float32)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, targets_piece[:, None], axis=-1)[:, 0]
+        return jnp.sum((log_z - picked) * w_piece)
+
+    def body(total, piece):
+        return total + piece_loss(*piece), None
+
+    total, _ = jax.lax.scan(body, jnp.float32(0), (h, targets, w))
+    return total, jnp.sum(weights)

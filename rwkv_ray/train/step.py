@@ -6,6 +6,8 @@
 - Precision: `float32`, or `bfloat16` = bf16 compute. In full mode the weights the optimizer
   updates stay float32 (Keras "mixed_bfloat16": float32 master, bf16 matmuls); in state
   modes the frozen weights are stored in bf16 and the trained states are float32.
+- Loss: next-token cross-entropy with the head applied piece by piece
+  (`summed_head_loss`), so the [B, T, V] logits never exist at once.
 - Optimizer: AdamW (weight decay on weight matrices only, as RWKV-LM), warmup (from 1% of
   the peak, as RWKV-LM) then cosine decay, global-norm clipping, gradient accumulation over
   micro-batches (loss = token-weighted mean over the whole global batch).
@@ -28,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rwkv_ray.models import RWKV6CausalLM
 from rwkv_ray.train.config import JobConfig
-from rwkv_ray.train.loss import summed_loss
+from rwkv_ray.train.loss import summed_head_loss
 
 WARMUP_START_FRACTION = 0.01  # RWKV-LM starts warmup at 1% of the peak lr
 
@@ -150,10 +152,12 @@ def global_norm(tree) -> jax.Array:
 def make_step_fn(model: RWKV6CausalLM, optimizer, clip_norm: float | None) -> Callable:
     """(state, tokens [A,B,T], loss_mask [A,B,T]) -> (state, metrics); A = micro-batches."""
 
+    head = _variable_index(model, model.head.kernel)
+
     def loss_of(trainable, non_trainable, tokens, loss_mask):
-        (logits, _), _ = model.stateless_call(trainable, non_trainable, tokens)
-        total, count = summed_loss(logits, tokens, loss_mask)
-        return total, count
+        (hidden, _), _ = model.stateless_call(trainable, non_trainable, tokens, return_hidden=True)
+        kernel = (trainable, non_trainable)[head[0]][head[1]]
+        return summed_head_loss(hidden, kernel, tokens, loss_mask)
 
     grad_of = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -186,6 +190,15 @@ def make_step_fn(model: RWKV6CausalLM, optimizer, clip_norm: float | None) -> Ca
         return TrainState(trainable, state.non_trainable, opt_vars), metrics
 
     return step
+
+
+def _variable_index(model: RWKV6CausalLM, variable) -> tuple[int, int]:
+    """(0, i) if `variable` is model.trainable_variables[i], (1, i) if non-trainable."""
+    for which, variables in enumerate((model.trainable_variables, model.non_trainable_variables)):
+        for i, candidate in enumerate(variables):
+            if candidate is variable:
+                return which, i
+    raise ValueError(f"{variable.path} is not a variable of the model")
 
 
 class TrainStep:
