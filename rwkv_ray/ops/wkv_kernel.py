@@ -44,6 +44,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from rwkv_ray.ops.wkv_kernel_bwd import _backward_fused, _backward_two_pass, use_two_pass_backward
 from rwkv_ray.ops.wkv_kernel_call import _Opts
@@ -203,24 +204,32 @@ def wkv6_kernel(
     if pad:
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         r, k, v, log_w = (jnp.pad(x, widths) for x in (r, k, v, log_w))
-    y, st = _wkv6(
-        r,
-        k,
-        v,
-        log_w,
-        u,
-        initial_state.astype(F32),
-        chunk_size,
-        _Opts(
-            interpret,
-            poison_outputs,
-            num_warps,
-            num_stages,
-            mode,
-            forward,
-            backward,
-            keep_states,
-            state_stride,
-        ),
+    opts = _Opts(
+        interpret,
+        poison_outputs,
+        num_warps,
+        num_stages,
+        mode,
+        forward,
+        backward,
+        keep_states,
+        state_stride,
     )
+    kernel = _per_device_rows(lambda *args: _wkv6(*args, chunk_size, opts), b)
+    y, st = kernel(r, k, v, log_w, u, initial_state.astype(F32))
     return y[:, :t], st
+
+
+def _per_device_rows(fn, batch: int):
+    """fn, or under a context mesh of several devices (`jax.set_mesh`; the training step sets
+    its data-parallel mesh) fn on each device's rows: shard_map with the batch split over
+    every mesh axis. XLA cannot partition a Pallas kernel; it would gather the whole batch
+    onto every device and compute all of it there. d(u) sums over the devices (shard_map's
+    transpose adds the psum for the replicated u)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or batch % mesh.size:
+        return fn
+    rows = P(tuple(mesh.axis_names))
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(rows,) * 4 + (P(), rows), out_specs=(rows, rows), check_vma=False
+    )

@@ -249,7 +249,12 @@ class TrainStep:
 
     def __call__(self, state: TrainState, tokens, loss_mask):
         started = time.perf_counter()
-        state, metrics = self._step(state, self.shard_batch(tokens), self.shard_batch(loss_mask))
+        # The context mesh lets the WKV kernel split the batch per device (a Pallas call is
+        # not partitioned by XLA; see rwkv_ray/ops/wkv_kernel.py `_per_device_rows`).
+        with jax.set_mesh(self.mesh):
+            state, metrics = self._step(
+                state, self.shard_batch(tokens), self.shard_batch(loss_mask)
+            )
         metrics = {k: float(to_numpy(v)) for k, v in metrics.items()}
         metrics["step_time"] = time.perf_counter() - started
         return state, metrics
