@@ -147,6 +147,8 @@ def main(argv=None):
             row = run_one(name, gpus, args)
             report["rows"][name if len(counts) == 1 else f"{name}@{gpus}gpu"] = row
             print(name, f"{gpus} GPU(s)", json.dumps(row), flush=True)
+            if args.out:  # after every row: an outer time limit must not lose finished rows
+                Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     for name, row in report["rows"].items():
         one = report["rows"].get(name.split("@")[0] + "@1gpu")
         if "@" in name and one and "tokens_per_s" in row and "tokens_per_s" in one:
