@@ -54,6 +54,8 @@ def test_head_loss_in_pieces_equals_the_loss_of_full_logits():
     for g, g_ref in zip(grads, grads_ref, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(grads[0]).sum()) > 0 and float(jnp.abs(grads[1]).sum()) > 0
+    one_step = summed_head_loss(hidden[:, :1], kernel, tokens[:, :1], mask[:, :1])
+    assert [float(x) for x in one_step] == [0.0, 0.0]  # T = 1: nothing to predict
 
 
 def test_step_loss_equals_the_loss_of_the_model_logits():

@@ -17,8 +17,7 @@ import numpy as np
 
 from rwkv_ray.models import RWKV6CausalLM
 from rwkv_ray.train.config import JobConfig
-from rwkv_ray.train.loss import summed_loss
-from rwkv_ray.train.step import build_model
+from rwkv_ray.train.step import build_model, summed_loss_fn
 
 
 def perplexity(
@@ -35,10 +34,7 @@ def perplexity(
         dataset_uri, batch_size, seed=0, streams=[0], num_streams=1, s3_endpoint_url=s3_endpoint_url
     )
 
-    @jax.jit
-    def score(trainable, non_trainable, tokens, loss_mask):
-        (logits, _), _ = model.stateless_call(trainable, non_trainable, tokens)
-        return summed_loss(logits, tokens, loss_mask)
+    score = jax.jit(summed_loss_fn(model))  # the training step's loss, never whole logits
 
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]

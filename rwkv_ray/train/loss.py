@@ -62,7 +62,7 @@ def summed_head_loss(hidden, kernel, tokens, loss_mask=None, rows_per_piece=2048
     h = hidden[:, :-1].reshape(-1, c)
     targets = tokens[:, 1:].reshape(-1)
     w = weights.reshape(-1)
-    rows = min(rows_per_piece, h.shape[0])
+    rows = max(1, min(rows_per_piece, h.shape[0]))  # T = 1: no predictions, one empty piece
     pad = (-h.shape[0]) % rows
     h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, rows, c)
     targets = jnp.pad(targets, (0, pad), constant_values=PAD_ID).reshape(-1, rows)

@@ -152,14 +152,7 @@ def global_norm(tree) -> jax.Array:
 def make_step_fn(model: RWKV6CausalLM, optimizer, clip_norm: float | None) -> Callable:
     """(state, tokens [A,B,T], loss_mask [A,B,T]) -> (state, metrics); A = micro-batches."""
 
-    head = _variable_index(model, model.head.kernel)
-
-    def loss_of(trainable, non_trainable, tokens, loss_mask):
-        (hidden, _), _ = model.stateless_call(trainable, non_trainable, tokens, return_hidden=True)
-        kernel = (trainable, non_trainable)[head[0]][head[1]]
-        return summed_head_loss(hidden, kernel, tokens, loss_mask)
-
-    grad_of = jax.value_and_grad(loss_of, has_aux=True)
+    grad_of = jax.value_and_grad(summed_loss_fn(model), has_aux=True)
 
     def step(state: TrainState, tokens, loss_mask):
         def micro(carry, batch):
@@ -190,6 +183,19 @@ def make_step_fn(model: RWKV6CausalLM, optimizer, clip_norm: float | None) -> Ca
         return TrainState(trainable, state.non_trainable, opt_vars), metrics
 
     return step
+
+
+def summed_loss_fn(model: RWKV6CausalLM) -> Callable:
+    """(trainable, non_trainable, tokens, loss_mask) -> (summed loss, counted tokens): the
+    model run statelessly and its head applied piece by piece (`summed_head_loss`)."""
+    which, index = _variable_index(model, model.head.kernel)
+
+    def loss_of(trainable, non_trainable, tokens, loss_mask):
+        (hidden, _), _ = model.stateless_call(trainable, non_trainable, tokens, return_hidden=True)
+        kernel = (trainable, non_trainable)[which][index]
+        return summed_head_loss(hidden, kernel, tokens, loss_mask)
+
+    return loss_of
 
 
 def _variable_index(model: RWKV6CausalLM, variable) -> tuple[int, int]:
