@@ -129,11 +129,12 @@ def test_interpret_fused_kernels_with_value_split_match_reference():
 
 
 def test_interpret_two_pass_forward_matches_reference():
-    """Span-entry states, then every span in parallel (what 'auto' picks beyond one chunk):
-    T=37 with spans of 32 is two spans of two chunks, the second span padded."""
+    """Span-entry states (value-split in two: N=32, B*H=4), then every span in parallel (what
+    'auto' picks beyond one chunk): T=37 with spans of 32 is two spans of two chunks, the
+    second span padded."""
     assert wk.use_two_pass(1, 32, 1024, 16, "auto") and not wk.use_two_pass(8, 32, 16, 16, "auto")
     run = with_kernel_options(forward="two_pass", backward="two_pass", state_stride=32)
-    run(2, 37, 2, 16, jnp.float32, "weak", interpret=True, seed=22)
+    run(2, 37, 2, 32, jnp.float32, "weak", interpret=True, seed=22)
 
 
 def test_state_stride_must_be_a_multiple_of_the_chunk():
