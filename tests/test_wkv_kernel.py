@@ -137,6 +137,16 @@ def test_interpret_two_pass_forward_matches_reference():
     run(2, 37, 2, 32, jnp.float32, "weak", interpret=True, seed=22)
 
 
+def test_interpret_long_spans_loop_both_ways():
+    """Spans of 10 chunks (160 tokens, past the unrolled limit: fori_loops, the backward's in
+    reverse); T=170 is two spans, the second padded; strong decay; the backward reuses the
+    forward's span-entry states."""
+    run = with_kernel_options(
+        forward="two_pass", backward="two_pass", state_stride=160, keep_states=True, mode="3d"
+    )
+    run(1, 170, 1, 16, jnp.float32, "strong", interpret=True, seed=24)
+
+
 def test_state_stride_must_be_a_multiple_of_the_chunk():
     x = jnp.zeros((1, 32, 1, 16))
     with pytest.raises(ValueError, match="state_stride must be a multiple of chunk_size 16"):

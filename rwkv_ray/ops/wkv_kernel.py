@@ -24,9 +24,9 @@ Backward, "fused": one forward-direction kernel recomputes S and gives dr's stat
 reverse-direction kernel carries dL/dS and gives dr, dk, dv, d(log_w) (a running suffix sum
 of r*dr - k*dk plus the final-state term), d(u) and the initial state's gradient.
 Backward, "two_pass" (derivation in wkv_kernel_bwd.py): the states entering and
-the state gradients leaving every chunk (two cheap sequential kernels), then every chunk's
+the state gradients leaving every span (two cheap sequential kernels), then every span's
 gradients in parallel (three kernels: dr; dk, d(log_w), d(u); dv); d(log_w)'s sum over later
-chunks is a reverse cumsum in plain JAX.
+spans is a reverse cumsum in plain JAX.
 
 Matmul operands are in the input dtype (bf16 -> tensor cores; float32 -> exact IEEE float32),
 accumulation and state in float32. `interpret=True` runs the same kernels on CPU.
@@ -73,7 +73,7 @@ def _keeps_states(r, chunk, opts):
 
 def _wkv6_fwd(r, k, v, log_w, u, s0, chunk, opts):
     if _keeps_states(r, chunk, opts):
-        y, st, hs = _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts, stride=chunk)
+        y, st, hs = _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)
     else:
         (y, st), hs = _forward(r, k, v, log_w, u, s0, chunk, opts), None
     return (y, st), (r, k, v, log_w, u, s0, st, hs)
@@ -163,11 +163,13 @@ def wkv6_kernel(
     (`use_two_pass`); `backward` likewise ("fused": two sequential kernels; "two_pass":
     chunk-entry states and chunk-exit state gradients, then all chunks' gradients in parallel;
     "auto": `use_two_pass_backward`); `keep_states=True` keeps the two-pass forward's
-    chunk-entry states for the two-pass backward instead of recomputing them (one sequential
-    pass less, but holds [B, H, T/chunk, N, N] float32 from forward to backward; when forward
+    span-entry states for the two-pass backward instead of recomputing them (one sequential
+    pass less, but holds [B, H, T/span, N, N] float32 from forward to backward; when forward
     and backward are traced in one jit, XLA already merges the two identical passes);
-    `state_stride` (a multiple of chunk_size; None: chunk_size, measured fastest on an H100)
-    the tokens between the states the two-pass forward stores (see _forward_two_pass).
+    `state_stride` (a multiple of chunk_size; None: chunk_size) the span of both two-pass
+    directions: the tokens between the states their sequential passes store, and the tokens
+    each parallel program walks chunk by chunk (see _forward_two_pass). On an H100 (B8 T4096,
+    forward only, before spans were unrolled) one chunk measured fastest.
 
     Example: y, s = wkv6_kernel(r, k, v, -jnp.exp(w_raw), u, s0)
     """
@@ -198,7 +200,7 @@ def wkv6_kernel(
         raise ValueError(f"initial_state has shape {initial_state.shape}, expected {(b, h, n, n)}")
     dt = r.dtype
     k, v = k.astype(dt), v.astype(dt)
-    # Whole chunks; beyond one span of the two-pass forward, whole spans. Padded steps have
+    # Whole chunks; beyond one span of the two-pass algorithms, whole spans. Padded steps have
     # k = 0 and log_w = 0, so they change no state, and their outputs are cut off.
     pad = (-t) % (chunk_size if t <= state_stride else state_stride)
     if pad:

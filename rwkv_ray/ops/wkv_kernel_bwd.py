@@ -1,8 +1,8 @@
 """WKV6 backward kernels and their launchers (the math: rwkv_ray/ops/wkv_kernel.py).
 
 "fused": two sequential kernels per (b, h), forward then reverse over the chunks. "two_pass"
-(derivation above _chunk_state_grads_kernel): the chunk-entry states (wkv_kernel_fwd's
-`_entry_states`) and chunk-exit state gradients, then every chunk's gradients in parallel.
+(derivation above _chunk_state_grads_kernel): the span-entry states (wkv_kernel_fwd's
+`_entry_states`) and span-exit state gradients, then every span's gradients in parallel.
 `use_two_pass_backward` picks between them. Pure jax.
 """
 
@@ -17,13 +17,14 @@ from jax.experimental import pallas as pl
 
 from rwkv_ray.ops.wkv_kernel_call import (
     _call,
+    _chunk_loop,
     _chunk_specs,
     _load,
     _mm_dtype,
     _specs,
     _value_split_specs,
 )
-from rwkv_ray.ops.wkv_kernel_fwd import _entry_states, value_splits
+from rwkv_ray.ops.wkv_kernel_fwd import _entry_states, span_length, value_splits
 from rwkv_ray.ops.wkv_kernel_intra import (
     _NT,
     _TN,
@@ -155,67 +156,90 @@ def _chunk_state_grads_kernel(r_ref, w_ref, dy_ref, dst_ref, gs_ref, ds0_ref, *,
 
 
 # Pass 2 is three kernels, one per gradient family, each about as heavy as the forward's
-# per-chunk kernel. As one kernel (both [N, N] states, all three intra-chunk contractions and
+# per-span kernel. As one kernel (both [N, N] states, all three intra-chunk contractions and
 # a dozen [C, N] tiles live at once) Triton spilled registers and it ran 28x slower than the
-# forward (74.8 ms at B8 T4096 on an H100, BENCHMARKS.md).
+# forward (74.8 ms at B8 T4096 on an H100, BENCHMARKS.md). Each program takes one span of
+# `state_stride` tokens (one chunk by default) and walks its chunks from the span's entry
+# state (dr: in order) or exit gradient (dk, dv: in reverse), carrying it in registers.
 
 
 def _chunk_dr_kernel(
-    k_ref, v_ref, w_ref, u_ref, dy_ref, hs_ref, drn_ref, dr_ref, *, mm_dtype, mode
-):
-    """Pass 2a (per chunk): drn (dr without the bonus, float32, for d log_w) and dr."""
-    chunk = k_ref.shape[0]
-    sl = pl.ds(0, chunk)
-    k, v, lw, dy = (_load(x, sl) for x in (k_ref, v_ref, w_ref, dy_ref))
+    k_ref, v_ref, w_ref, u_ref, dy_ref, hs_ref, drn_ref, dr_ref, *, chunk, mm_dtype, mode
+):  # fmt: skip
+    """Pass 2a (per span, chunks in order from S entering the span): drn (dr without the
+    bonus, float32, for d log_w) and dr."""
     u = u_ref[...].astype(F32)[None, :]
-    inc, exc, last = _chunk_terms(lw)
-    f_start = _decay_factors(inc, exc, last)[0]
-    d = _mm(dy, v, mm_dtype, _NT)  # d[t, s] = dy_t . v_s
-    drn = f_start * _mm(dy, hs_ref[...], mm_dtype, _NT)
-    drn = drn + _intra_dr(d, k, inc, exc, k_ref, w_ref, 0, chunk, mode)
-    vdy = jnp.sum(v * dy, axis=1, keepdims=True)
-    drn_ref[...] = drn
-    dr_ref[...] = (drn + u * k * vdy).astype(dr_ref.dtype)
+
+    def body(c, s):
+        base = c * chunk
+        sl = pl.ds(base, chunk)
+        k, v, lw, dy = (_load(x, sl) for x in (k_ref, v_ref, w_ref, dy_ref))
+        inc, exc, last = _chunk_terms(lw)
+        f_start, f_end, f_all = _decay_factors(inc, exc, last)
+        d = _mm(dy, v, mm_dtype, _NT)  # d[t, s] = dy_t . v_s
+        drn = f_start * _mm(dy, s, mm_dtype, _NT)
+        drn = drn + _intra_dr(d, k, inc, exc, k_ref, w_ref, base, chunk, mode)
+        vdy = jnp.sum(v * dy, axis=1, keepdims=True)
+        drn_ref[sl, :] = drn
+        dr_ref[sl, :] = (drn + u * k * vdy).astype(dr_ref.dtype)
+        return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
+
+    _chunk_loop(k_ref.shape[0] // chunk, body, hs_ref[...])
 
 
 def _chunk_dk_kernel(
     r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, drn_ref, gs_ref, dk_ref, dwl_ref, tot_ref, du_ref,
-    *, mm_dtype, mode,
+    *, chunk, mm_dtype, mode,
 ):  # fmt: skip
-    """Pass 2b (per chunk): dk; d log_w's in-chunk part (dwl, float32) and the chunk's total of
-    dd (tot); this chunk's part of du."""
-    chunk = r_ref.shape[0]
-    sl = pl.ds(0, chunk)
-    r, k, v, lw, dy, drn = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref, dy_ref, drn_ref))
+    """Pass 2b (per span, chunks in reverse from G leaving the span): dk; d log_w's in-span part
+    (dwl, float32: sum_{m >= t in the span} dd_m - r_t drn_t) and the span's total of dd
+    (tot); this span's part of du."""
     u = u_ref[...].astype(F32)[None, :]
-    inc, exc, last = _chunk_terms(lw)
-    f_end = _decay_factors(inc, exc, last)[1]
-    d = _mm(dy, v, mm_dtype, _NT)
-    d_t = _mm(v, dy, mm_dtype, _NT) if mode == "loop" else None
-    dkn = f_end * _mm(v, gs_ref[...], mm_dtype, _NT)
-    dkn = dkn + _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, 0, chunk, mode)
-    vdy = jnp.sum(v * dy, axis=1, keepdims=True)
-    dk_ref[...] = (dkn + u * r * vdy).astype(dk_ref.dtype)
-    rdr = r * drn
-    dd = rdr - k * dkn
-    tot = jnp.sum(dd, axis=0)
-    dwl_ref[...] = tot[None, :] - jnp.cumsum(dd, axis=0) + dd - rdr  # sum_{m>=t} dd_m - rdr_t
-    tot_ref[...] = tot
-    du_ref[...] = jnp.sum(r * k * vdy, axis=0)
+
+    def body(c, carry):
+        g, later, du = carry  # later: the sum of dd over this span's later chunks
+        base = c * chunk
+        sl = pl.ds(base, chunk)
+        r, k, v, lw, dy, drn = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref, dy_ref, drn_ref))
+        inc, exc, last = _chunk_terms(lw)
+        f_start, f_end, f_all = _decay_factors(inc, exc, last)
+        d = _mm(dy, v, mm_dtype, _NT)
+        d_t = _mm(v, dy, mm_dtype, _NT) if mode == "loop" else None
+        dkn = f_end * _mm(v, g, mm_dtype, _NT)
+        dkn = dkn + _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, base, chunk, mode)
+        vdy = jnp.sum(v * dy, axis=1, keepdims=True)
+        dk_ref[sl, :] = (dkn + u * r * vdy).astype(dk_ref.dtype)
+        rdr = r * drn
+        dd = rdr - k * dkn
+        tot = jnp.sum(dd, axis=0, keepdims=True)
+        dwl_ref[sl, :] = later + tot - jnp.cumsum(dd, axis=0) + dd - rdr
+        du = du + jnp.sum(r * k * vdy, axis=0, keepdims=True)
+        return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN), later + tot, du
+
+    zero = jnp.zeros((1, r_ref.shape[1]), F32)
+    carry = (gs_ref[...], zero, zero)
+    _, span_total, du = _chunk_loop(r_ref.shape[0] // chunk, body, carry, reverse=True)
+    tot_ref[...] = span_total[0]
+    du_ref[...] = du[0]
 
 
-def _chunk_dv_kernel(r_ref, k_ref, w_ref, u_ref, dy_ref, gs_ref, dv_ref, *, mm_dtype, mode):
-    """Pass 2c (per chunk): dv."""
-    chunk = r_ref.shape[0]
-    sl = pl.ds(0, chunk)
-    r, k, lw, dy = (_load(x, sl) for x in (r_ref, k_ref, w_ref, dy_ref))
+def _chunk_dv_kernel(r_ref, k_ref, w_ref, u_ref, dy_ref, gs_ref, dv_ref, *, chunk, mm_dtype, mode):
+    """Pass 2c (per span, chunks in reverse from G leaving the span): dv."""
     u = u_ref[...].astype(F32)[None, :]
-    inc, exc, last = _chunk_terms(lw)
-    f_end = _decay_factors(inc, exc, last)[1]
-    p = _intra_p(r, k, inc, exc, k_ref, w_ref, 0, chunk, mode)
-    bonus = jnp.sum(r * u * k, axis=1, keepdims=True)
-    dv = _mm(k * f_end, gs_ref[...], mm_dtype) + _mm(p, dy, mm_dtype, _TN) + bonus * dy
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+    def body(c, g):
+        base = c * chunk
+        sl = pl.ds(base, chunk)
+        r, k, lw, dy = (_load(x, sl) for x in (r_ref, k_ref, w_ref, dy_ref))
+        inc, exc, last = _chunk_terms(lw)
+        f_start, f_end, f_all = _decay_factors(inc, exc, last)
+        p = _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode)
+        bonus = jnp.sum(r * u * k, axis=1, keepdims=True)
+        dv = _mm(k * f_end, g, mm_dtype) + _mm(p, dy, mm_dtype, _TN) + bonus * dy
+        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
+        return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN)
+
+    _chunk_loop(r_ref.shape[0] // chunk, body, gs_ref[...], reverse=True)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -260,41 +284,44 @@ def use_two_pass_backward(b: int, h: int, t: int, chunk: int, backward: str) -> 
     H100 (bf16, B8 T4096 H32 N64, chunk 16; BENCHMARKS.md): backward kernels 7.7 ms against
     the fused backward's 18.3 ms. The fused one runs two sequential loops of T/chunk steps
     with only B*H programs; the two-pass one keeps only the cheap state recurrences
-    sequential and moves 2 x [B, H, T/chunk, N, N] float32 through memory."""
+    sequential and moves 2 x [B, H, T/span, N, N] float32 through memory."""
     if backward != "auto":
         return backward == "two_pass"
     return t > chunk
 
 
 def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None):
-    """Passes 1a (hs, unless the forward kept it), 1b (gs) and 2, then d log_w's cross-chunk
-    sums. Transient memory: hs and gs, each [B, H, T/chunk, N, N] float32 (1 GiB each at B8 T4096
-    H32 N64 chunk 16), plus d log_w's in-chunk part, [B, T, H, N] float32."""
+    """Passes 1a (hs, unless the forward kept it), 1b (gs) and 2, over spans of
+    `span_length` tokens (the forward's), then d log_w's cross-span sums. Transient memory:
+    hs and gs, each [B, H, T/span, N, N] float32 (1 GiB each at B8 T4096 H32 N64 with spans
+    of 16), plus d log_w's in-span part and drn, [B, T, H, N] float32 each."""
     b, t, h, n = r.shape
-    n_chunks, splits = t // chunk, value_splits(b, h, n)
+    span, splits = span_length(t, opts.stride), value_splits(b, h, n)
+    n_spans = t // span
     if hs is None:
-        hs = _entry_states(k, v, log_w, s0, chunk, opts, splits)[0]
+        hs = _entry_states(k, v, log_w, s0, span, opts, splits)[0]
     bv = n // splits
-    full, cols, state, stack = _value_split_specs(t, n, bv, n_chunks)
+    full, cols, state, stack = _value_split_specs(t, n, bv, n_spans)
     gs, ds0 = _call(
-        functools.partial(_chunk_state_grads_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype)),
+        functools.partial(_chunk_state_grads_kernel, chunk=span, mm_dtype=_mm_dtype(r.dtype)),
         [full, full, cols, state],
         [stack, state],
         (
-            jax.ShapeDtypeStruct((b, h, n_chunks * n, n), F32),
+            jax.ShapeDtypeStruct((b, h, n_spans * n, n), F32),
             jax.ShapeDtypeStruct((b, h, n, n), F32),
         ),
         (b, h, splits),
         opts,
         "wkv6_bwd_state_grads",
     )(r, log_w, dy, dst)
-    piece, head, entry, row = _chunk_specs(chunk, n)
+    piece, head, entry, row = _chunk_specs(span, n)
     seq_f32 = jax.ShapeDtypeStruct((b, t, h, n), F32)
-    rows = jax.ShapeDtypeStruct((b, h, n_chunks, n), F32)
-    grid, mm = (b, h, n_chunks), _mm_dtype(r.dtype)
+    rows = jax.ShapeDtypeStruct((b, h, n_spans, n), F32)
+    grid, mm = (b, h, n_spans), _mm_dtype(r.dtype)
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+    kw = dict(chunk=chunk, mm_dtype=mm, mode=opts.mode)
     drn, dr = _call(
-        functools.partial(_chunk_dr_kernel, mm_dtype=mm, mode=opts.mode),
+        functools.partial(_chunk_dr_kernel, **kw),
         [piece] * 3 + [head, piece, entry],
         [piece, piece],
         (seq_f32, like(r)),
@@ -303,7 +330,7 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
         "wkv6_bwd_chunks_dr",
     )(k, v, log_w, u, dy, hs)
     dk, dwl, tot, du = _call(
-        functools.partial(_chunk_dk_kernel, mm_dtype=mm, mode=opts.mode),
+        functools.partial(_chunk_dk_kernel, **kw),
         [piece] * 4 + [head, piece, piece, entry],
         [piece, piece, row, row],
         (like(k), seq_f32, rows, rows),
@@ -312,7 +339,7 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
         "wkv6_bwd_chunks_dk",
     )(r, k, v, log_w, u, dy, drn, gs)
     dv = _call(
-        functools.partial(_chunk_dv_kernel, mm_dtype=mm, mode=opts.mode),
+        functools.partial(_chunk_dv_kernel, **kw),
         [piece] * 3 + [head, piece, entry],
         piece,
         like(v),
@@ -320,10 +347,10 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
         opts,
         "wkv6_bwd_chunks_dv",
     )(r, k, log_w, u, dy, gs)
-    # Cross-chunk part of d log_w, the fused kernel's acc_w carry: for chunk c,
-    # rowsum(dS_T * S_T) + the totals of all later chunks.
+    # Cross-span part of d log_w, the fused kernel's acc_w carry: for span c,
+    # rowsum(dS_T * S_T) + the totals of all later spans.
     later = lax.cumsum(tot, axis=2, reverse=True) - tot
-    carry = jnp.sum(dst * st, axis=-1)[:, :, None, :] + later  # [B, H, T/chunk, N]
-    dlw = dwl.reshape(b, n_chunks, chunk, h, n) + jnp.transpose(carry, (0, 2, 1, 3))[:, :, None]
+    carry = jnp.sum(dst * st, axis=-1)[:, :, None, :] + later  # [B, H, T/span, N]
+    dlw = dwl.reshape(b, n_spans, span, h, n) + jnp.transpose(carry, (0, 2, 1, 3))[:, :, None]
     dlw = dlw.reshape(b, t, h, n).astype(log_w.dtype)
     return dr, dk, dv, dlw, jnp.sum(du, axis=(0, 2)).astype(u.dtype), ds0.astype(s0.dtype)

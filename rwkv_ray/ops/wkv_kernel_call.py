@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from rwkv_ray.ops.wkv_kernel_intra import F32
@@ -27,6 +28,24 @@ _Opts = collections.namedtuple(
         "stride",
     ],
 )
+
+
+_UNROLL = 8  # loops over at most this many chunks run as straight-line code
+
+
+def _chunk_loop(n_chunks, body, carry, reverse=False):
+    """carry = body(c, carry) for the chunks c of a kernel's block, in order (or reversed).
+    Up to _UNROLL chunks are unrolled, so every offset is static: in a fori_loop even one
+    iteration goes through dynamic slices, which cost the two-pass forward a third more
+    (3.26 vs 2.42 ms, B8 T4096 on an H100)."""
+    order = range(n_chunks - 1, -1, -1) if reverse else range(n_chunks)
+    if n_chunks <= _UNROLL:
+        for c in order:
+            carry = body(c, carry)
+        return carry
+    if reverse:
+        return lax.fori_loop(0, n_chunks, lambda i, x: body(n_chunks - 1 - i, x), carry)
+    return lax.fori_loop(0, n_chunks, body, carry)
 
 
 def _load(ref, sl):

@@ -16,6 +16,7 @@ from jax.experimental import pallas as pl
 
 from rwkv_ray.ops.wkv_kernel_call import (
     _call,
+    _chunk_loop,
     _chunk_specs,
     _load,
     _mm_dtype,
@@ -24,8 +25,6 @@ from rwkv_ray.ops.wkv_kernel_call import (
 from rwkv_ray.ops.wkv_kernel_intra import _TN, F32, _chunk_terms, _decay_factors, _intra_p, _mm
 
 # ----------------------------------------------------------------------------- kernels
-
-_UNROLL = 8  # spans of at most this many chunks run as straight-line code
 
 
 def _fwd_kernel(
@@ -49,15 +48,7 @@ def _fwd_kernel(
         y_ref[sl, :] = y.astype(y_ref.dtype)
         return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
 
-    s = s0_ref[...].astype(F32)
-    if n_chunks <= _UNROLL:
-        # A short span: static offsets. In a fori_loop even one iteration goes through
-        # dynamic slices and cost the two-pass forward a third more (3.26 vs 2.42 ms, B8
-        # T4096 on an H100).
-        for c in range(n_chunks):
-            s = body(c, s)
-    else:
-        s = lax.fori_loop(0, n_chunks, body, s)
+    s = _chunk_loop(n_chunks, body, s0_ref[...].astype(F32))
     if st_ref is not None:
         st_ref[...] = s
 
@@ -153,20 +144,19 @@ def _entry_states(k, v, log_w, s0, chunk, opts, splits=1):
     )(k, v, log_w, s0)
 
 
-def forward_stride(t: int, chunk: int, state_stride: int) -> int:
-    """Tokens per span of the two-pass forward: state_stride, or all of a shorter sequence
+def span_length(t: int, state_stride: int) -> int:
+    """Tokens per span of both two-pass directions: state_stride, or all of a shorter sequence
     (wkv6_kernel pads a longer one to a multiple of state_stride)."""
     return min(state_stride, t)
 
 
-def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts, stride=None):
-    """(y, final state, hs). Pass 1 stores the state entering every span of `stride` tokens
-    (default: opts.stride, see forward_stride); pass 2 runs each span's chunks from it, all
-    spans in parallel. A longer stride means fewer sequential steps in pass 1 and less state
-    traffic, a shorter one more parallel programs. keep_states passes stride=chunk: hs is
-    then the backward's residual, which needs every chunk's entry state."""
+def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
+    """(y, final state, hs). Pass 1 stores the state entering every span (`span_length`
+    tokens); pass 2 runs each span's chunks from it, all spans in parallel. A longer span
+    means fewer sequential steps in pass 1 and less state traffic, a shorter one more
+    parallel programs. hs is the two-pass backward's pass 1a too (the same spans)."""
     b, t, h, n = r.shape
-    stride = stride or forward_stride(t, chunk, opts.stride)
+    stride = span_length(t, opts.stride)
     # Value-split like the backward's pass 1a: with equal arguments XLA merges the two calls
     # (at B1 T16384 on an H100 they were two passes of 1.97 and 1.73 ms).
     hs, st = _entry_states(k, v, log_w, s0, stride, opts, value_splits(b, h, n))
