@@ -15,6 +15,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 from rwkv_ray.ops import wkv_kernel as wk  # noqa: E402
+from rwkv_ray.ops.wkv_kernel_fwd import stack_dtype  # noqa: E402
 
 NAMES = ("r", "k", "v", "log_w", "u", "initial_state")
 
@@ -145,6 +146,22 @@ def test_interpret_long_spans_loop_both_ways():
         forward="two_pass", backward="two_pass", state_stride=160, keep_states=True, mode="3d"
     )
     run(1, 170, 1, 16, jnp.float32, "strong", interpret=True, seed=24)
+
+
+def test_interpret_bf16_two_pass_stores_rounded_states_exactly():
+    """bf16 inputs with one chunk per span: the stored entry states (and state gradients) are
+    bf16, as the kernels round them for their matmuls anyway. The forward is bit-identical to
+    the fused one (float32 state in registers, rounded at each use), and both directions meet
+    the bf16 bounds against the float64 reference."""
+    assert stack_dtype(16, 16, jnp.bfloat16) == jnp.bfloat16
+    assert stack_dtype(64, 16, jnp.bfloat16) == stack_dtype(16, 16, jnp.float32) == jnp.float32
+    ins, _, _ = make_inputs(25, 1, 40, 1, 16, jnp.bfloat16, "weak")
+    fused = wk.wkv6_kernel(*ins, interpret=True, mode="3d", forward="fused")
+    two_pass = wk.wkv6_kernel(*ins, interpret=True, mode="3d", forward="two_pass")
+    for a, b in zip(fused, two_pass, strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    run = with_kernel_options(forward="two_pass", backward="two_pass", mode="3d")
+    run(1, 40, 1, 16, jnp.bfloat16, "strong", interpret=True, seed=26)
 
 
 def test_state_stride_must_be_a_multiple_of_the_chunk():

@@ -164,7 +164,7 @@ def wkv6_kernel(
     chunk-entry states and chunk-exit state gradients, then all chunks' gradients in parallel;
     "auto": `use_two_pass_backward`); `keep_states=True` keeps the two-pass forward's
     span-entry states for the two-pass backward instead of recomputing them (one sequential
-    pass less, but holds [B, H, T/span, N, N] float32 from forward to backward; when forward
+    pass less, but holds [B, H, T/span, N, N] (`stack_dtype`) from forward to backward; when forward
     and backward are traced in one jit, XLA already merges the two identical passes);
     `state_stride` (a multiple of chunk_size; None: chunk_size) the span of both two-pass
     directions: the tokens between the states their sequential passes store, and the tokens

@@ -24,7 +24,7 @@ from rwkv_ray.ops.wkv_kernel_call import (
     _specs,
     _value_split_specs,
 )
-from rwkv_ray.ops.wkv_kernel_fwd import _entry_states, span_length, value_splits
+from rwkv_ray.ops.wkv_kernel_fwd import _entry_states, span_length, stack_dtype, value_splits
 from rwkv_ray.ops.wkv_kernel_intra import (
     _NT,
     _TN,
@@ -148,7 +148,7 @@ def _chunk_state_grads_kernel(r_ref, w_ref, dy_ref, dst_ref, gs_ref, ds0_ref, *,
         sl = pl.ds(c * chunk, chunk)
         r, lw, dy = (_load(x, sl) for x in (r_ref, w_ref, dy_ref))
         inc, exc, last = _chunk_terms(lw)
-        gs_ref[pl.ds(c * n, n), :] = g
+        gs_ref[pl.ds(c * n, n), :] = g.astype(gs_ref.dtype)
         f_start, _, f_all = _decay_factors(inc, exc, last)
         return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN)
 
@@ -184,7 +184,7 @@ def _chunk_dr_kernel(
         dr_ref[sl, :] = (drn + u * k * vdy).astype(dr_ref.dtype)
         return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
 
-    _chunk_loop(k_ref.shape[0] // chunk, body, hs_ref[...])
+    _chunk_loop(k_ref.shape[0] // chunk, body, hs_ref[...].astype(F32))
 
 
 def _chunk_dk_kernel(
@@ -217,7 +217,7 @@ def _chunk_dk_kernel(
         return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN), later + tot, du
 
     zero = jnp.zeros((1, r_ref.shape[1]), F32)
-    carry = (gs_ref[...], zero, zero)
+    carry = (gs_ref[...].astype(F32), zero, zero)
     _, span_total, du = _chunk_loop(r_ref.shape[0] // chunk, body, carry, reverse=True)
     tot_ref[...] = span_total[0]
     du_ref[...] = du[0]
@@ -239,7 +239,7 @@ def _chunk_dv_kernel(r_ref, k_ref, w_ref, u_ref, dy_ref, gs_ref, dv_ref, *, chun
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
         return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN)
 
-    _chunk_loop(r_ref.shape[0] // chunk, body, gs_ref[...], reverse=True)
+    _chunk_loop(r_ref.shape[0] // chunk, body, gs_ref[...].astype(F32), reverse=True)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -284,7 +284,7 @@ def use_two_pass_backward(b: int, h: int, t: int, chunk: int, backward: str) -> 
     H100 (bf16, B8 T4096 H32 N64, chunk 16; BENCHMARKS.md): backward kernels 7.7 ms against
     the fused backward's 18.3 ms. The fused one runs two sequential loops of T/chunk steps
     with only B*H programs; the two-pass one keeps only the cheap state recurrences
-    sequential and moves 2 x [B, H, T/span, N, N] float32 through memory."""
+    sequential and moves 2 x [B, H, T/span, N, N] (`stack_dtype`) through memory."""
     if backward != "auto":
         return backward == "two_pass"
     return t > chunk
@@ -293,13 +293,13 @@ def use_two_pass_backward(b: int, h: int, t: int, chunk: int, backward: str) -> 
 def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None):
     """Passes 1a (hs, unless the forward kept it), 1b (gs) and 2, over spans of
     `span_length` tokens (the forward's), then d log_w's cross-span sums. Transient memory:
-    hs and gs, each [B, H, T/span, N, N] float32 (1 GiB each at B8 T4096 H32 N64 with spans
-    of 16), plus d log_w's in-span part and drn, [B, T, H, N] float32 each."""
+    hs and gs, each [B, H, T/span, N, N] in `stack_dtype` (0.5 GiB each at B8 T4096 H32 N64,
+    bf16, spans of 16), plus d log_w's in-span part and drn, [B, T, H, N] float32 each."""
     b, t, h, n = r.shape
     span, splits = span_length(t, opts.stride), value_splits(b, h, n)
-    n_spans = t // span
+    n_spans, stored = t // span, stack_dtype(span, chunk, r.dtype)
     if hs is None:
-        hs = _entry_states(k, v, log_w, s0, span, opts, splits)[0]
+        hs = _entry_states(k, v, log_w, s0, span, opts, splits, stored)[0]
     bv = n // splits
     full, cols, state, stack = _value_split_specs(t, n, bv, n_spans)
     gs, ds0 = _call(
@@ -307,7 +307,7 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
         [full, full, cols, state],
         [stack, state],
         (
-            jax.ShapeDtypeStruct((b, h, n_spans * n, n), F32),
+            jax.ShapeDtypeStruct((b, h, n_spans * n, n), stored),
             jax.ShapeDtypeStruct((b, h, n, n), F32),
         ),
         (b, h, splits),

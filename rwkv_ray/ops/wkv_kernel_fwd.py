@@ -64,7 +64,7 @@ def _chunk_states_kernel(k_ref, v_ref, w_ref, s0_ref, hs_ref, st_ref, *, chunk, 
         sl = pl.ds(c * chunk, chunk)
         k, v, lw = (_load(x, sl) for x in (k_ref, v_ref, w_ref))
         inc, exc, last = _chunk_terms(lw)
-        hs_ref[pl.ds(c * n, n), :] = s
+        hs_ref[pl.ds(c * n, n), :] = s.astype(hs_ref.dtype)
         _, f_end, f_all = _decay_factors(inc, exc, last)
         return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
 
@@ -91,8 +91,8 @@ def use_two_pass(b: int, h: int, t: int, chunk: int, forward: str) -> bool:
     """'auto': the two-pass forward whenever there is more than one chunk. Measured on an
     H100 (bf16, H32 N64, chunk 16; BENCHMARKS.md) it beats the fused kernel at every shape:
     B1 T1024 0.31 vs 0.85 ms, B8 T4096 2.58 vs 3.49 ms, B1 T16384 3.0 vs 10.2 ms. Its cost is
-    a transient [B, H, T/chunk, N, N] float32 buffer of chunk-entry states (1 GiB at B8
-    T4096), freed before the forward returns."""
+    a transient [B, H, T/span, N, N] buffer of span-entry states (`stack_dtype`; 0.5 GiB at
+    B8 T4096 in bf16), freed before the forward returns."""
     if forward != "auto":
         return forward == "two_pass"
     return t > chunk
@@ -123,19 +123,29 @@ def _forward(r, k, v, log_w, u, s0, chunk, opts):
     )(r, k, v, log_w, u, s0)
 
 
-def _entry_states(k, v, log_w, s0, chunk, opts, splits=1):
-    """Pass 1 of both two-pass directions: hs [B, H, T/chunk * N, N] float32, the state entering
-    every chunk, and the final state. Grid (b, h, value block): a state's value columns only
-    depend on v's, so small batches can split them (as the fused forward does)."""
+def stack_dtype(span: int, chunk: int, dtype):
+    """The dtype of the stored span-entry states and span-exit state gradients. With one chunk
+    per span they are only ever matmul operands, which the kernels round to the input's
+    matmul dtype anyway (bf16 inputs: bf16), so storing them rounded is bit-identical and
+    halves their memory traffic; longer spans carry them on in float32 (the state itself,
+    in registers and in pass 1, is always float32)."""
+    return _mm_dtype(dtype) if span == chunk else F32
+
+
+def _entry_states(k, v, log_w, s0, span, opts, splits=1, hs_dtype=F32):
+    """Pass 1 of both two-pass directions: hs [B, H, T/span * N, N] (hs_dtype), the state
+    entering every span, and the final state (float32). Grid (b, h, value block): a state's
+    value columns only depend on v's, so small batches can split them (as the fused forward
+    does)."""
     b, t, h, n = k.shape
-    n_chunks, bv = t // chunk, n // splits
-    full, cols, state, entry = _value_split_specs(t, n, bv, n_chunks)
+    n_spans, bv = t // span, n // splits
+    full, cols, state, entry = _value_split_specs(t, n, bv, n_spans)
     return _call(
-        functools.partial(_chunk_states_kernel, chunk=chunk, mm_dtype=_mm_dtype(k.dtype)),
+        functools.partial(_chunk_states_kernel, chunk=span, mm_dtype=_mm_dtype(k.dtype)),
         [full, cols, full, state],
         [entry, state],
         (
-            jax.ShapeDtypeStruct((b, h, n_chunks * n, n), F32),
+            jax.ShapeDtypeStruct((b, h, n_spans * n, n), hs_dtype),
             jax.ShapeDtypeStruct((b, h, n, n), F32),
         ),
         (b, h, splits),
@@ -159,7 +169,8 @@ def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
     stride = span_length(t, opts.stride)
     # Value-split like the backward's pass 1a: with equal arguments XLA merges the two calls
     # (at B1 T16384 on an H100 they were two passes of 1.97 and 1.73 ms).
-    hs, st = _entry_states(k, v, log_w, s0, stride, opts, value_splits(b, h, n))
+    splits, hs_dtype = value_splits(b, h, n), stack_dtype(stride, chunk, r.dtype)
+    hs, st = _entry_states(k, v, log_w, s0, stride, opts, splits, hs_dtype)
     # Pass 2: grid (b, h, span); span c of the time axis and of the entry states.
     piece, head_c, entry_c, _ = _chunk_specs(stride, n)
     y = _call(
