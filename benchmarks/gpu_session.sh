@@ -6,11 +6,15 @@
 #
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh kernel   # about 7 min
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh train    # about 9 min
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh generate # about 8 min
 #
 # kernel: the GPU kernel tests (two-pass forward and backward, spans, poisoned outputs), then
 #         bench_wkv on the three shapes against fla (default; spans of 4 chunks; "3d").
 # train:  the 1.6B training step: fla first (the peer; a cold machine needed over 150 s for
 #         it), then ours full, state, and full in 2 micro-batches.
+# generate: the generation issue's figures (ours and the official package, same run), then
+#         ours again with XLA command buffers (CUDA graphs) over the decode loop's while body:
+#         decoding at batch 1 is bound by about 400 small kernel launches a token.
 # Multi-GPU scaling is a separate call on nvidia-h100-x2:
 #   python3 benchmarks/bench_train_gpu.py --configs ours_state --gpus 1,2 --timeout 250 --out ...
 set -u
@@ -31,8 +35,16 @@ case ${1:-} in
       --configs fla,ours_full,ours_state,ours_full_micro2 --out "$OUT/train_1p6b.json" \
       2>&1 | grep -v -i warn | grep -v '^ '
     ;;
+  generate)
+    timeout 300 python3 benchmarks/bench_generate.py --shape 1b6 --dtype bfloat16 \
+      --official on --repeats 3 --out "$OUT/generate_h100.json" 2>&1 | grep -v -i warn
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL \
+      timeout 250 python3 benchmarks/bench_generate.py --shape 1b6 --dtype bfloat16 \
+      --official off --repeats 3 --out "$OUT/generate_h100_command_buffers.json" 2>&1 |
+      grep -v -i warn
+    ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernel|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernel|train|generate" >&2
     exit 2
     ;;
 esac
