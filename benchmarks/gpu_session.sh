@@ -14,7 +14,7 @@
 #         it), then ours full, state, and full in 2 micro-batches.
 # generate: the generation issue's figures (ours and the official package, same run), then
 #         ours again with XLA command buffers (CUDA graphs) over the decode loop's while body:
-#         decoding at batch 1 is bound by about 400 small kernel launches a token.
+#         an untested idea for decoding at batch 1, which runs many small kernels a token.
 # Multi-GPU scaling is a separate call on nvidia-h100-x2:
 #   python3 benchmarks/bench_train_gpu.py --configs ours_state --gpus 1,2 --timeout 250 --out ...
 set -u
