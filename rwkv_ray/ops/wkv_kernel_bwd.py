@@ -170,7 +170,7 @@ def _chunk_dr_kernel(
     bonus, float32, for d log_w) and dr."""
     u = u_ref[...].astype(F32)[None, :]
 
-    def body(c, s):
+    def body(c, s, advance):
         base = c * chunk
         sl = pl.ds(base, chunk)
         k, v, lw, dy = (_load(x, sl) for x in (k_ref, v_ref, w_ref, dy_ref))
@@ -182,9 +182,9 @@ def _chunk_dr_kernel(
         vdy = jnp.sum(v * dy, axis=1, keepdims=True)
         drn_ref[sl, :] = drn
         dr_ref[sl, :] = (drn + u * k * vdy).astype(dr_ref.dtype)
-        return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
+        return f_all * s + _mm(k * f_end, v, mm_dtype, _TN) if advance else s
 
-    _chunk_loop(k_ref.shape[0] // chunk, body, hs_ref[...].astype(F32))
+    _chunk_loop(k_ref.shape[0] // chunk, body, hs_ref[...].astype(F32), final=False)
 
 
 def _chunk_dk_kernel(
@@ -196,7 +196,7 @@ def _chunk_dk_kernel(
     (tot); this span's part of du."""
     u = u_ref[...].astype(F32)[None, :]
 
-    def body(c, carry):
+    def body(c, carry, advance):
         g, later, du = carry  # later: the sum of dd over this span's later chunks
         base = c * chunk
         sl = pl.ds(base, chunk)
@@ -214,11 +214,12 @@ def _chunk_dk_kernel(
         tot = jnp.sum(dd, axis=0, keepdims=True)
         dwl_ref[sl, :] = later + tot - jnp.cumsum(dd, axis=0) + dd - rdr
         du = du + jnp.sum(r * k * vdy, axis=0, keepdims=True)
-        return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN), later + tot, du
+        g = f_all * g + _mm(r * f_start, dy, mm_dtype, _TN) if advance else g
+        return g, later + tot, du
 
     zero = jnp.zeros((1, r_ref.shape[1]), F32)
     carry = (gs_ref[...].astype(F32), zero, zero)
-    _, span_total, du = _chunk_loop(r_ref.shape[0] // chunk, body, carry, reverse=True)
+    _, span_total, du = _chunk_loop(r_ref.shape[0] // chunk, body, carry, True, final=False)
     tot_ref[...] = span_total[0]
     du_ref[...] = du[0]
 
@@ -227,7 +228,7 @@ def _chunk_dv_kernel(r_ref, k_ref, w_ref, u_ref, dy_ref, gs_ref, dv_ref, *, chun
     """Pass 2c (per span, chunks in reverse from G leaving the span): dv."""
     u = u_ref[...].astype(F32)[None, :]
 
-    def body(c, g):
+    def body(c, g, advance):
         base = c * chunk
         sl = pl.ds(base, chunk)
         r, k, lw, dy = (_load(x, sl) for x in (r_ref, k_ref, w_ref, dy_ref))
@@ -237,9 +238,9 @@ def _chunk_dv_kernel(r_ref, k_ref, w_ref, u_ref, dy_ref, gs_ref, dv_ref, *, chun
         bonus = jnp.sum(r * u * k, axis=1, keepdims=True)
         dv = _mm(k * f_end, g, mm_dtype) + _mm(p, dy, mm_dtype, _TN) + bonus * dy
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
-        return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN)
+        return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN) if advance else g
 
-    _chunk_loop(r_ref.shape[0] // chunk, body, gs_ref[...].astype(F32), reverse=True)
+    _chunk_loop(r_ref.shape[0] // chunk, body, gs_ref[...].astype(F32), True, final=False)
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -33,19 +33,21 @@ _Opts = collections.namedtuple(
 _UNROLL = 8  # loops over at most this many chunks run as straight-line code
 
 
-def _chunk_loop(n_chunks, body, carry, reverse=False):
-    """carry = body(c, carry) for the chunks c of a kernel's block, in order (or reversed).
-    Up to _UNROLL chunks are unrolled, so every offset is static: in a fori_loop even one
-    iteration goes through dynamic slices, which cost the two-pass forward a third more
-    (3.26 vs 2.42 ms, B8 T4096 on an H100)."""
-    order = range(n_chunks - 1, -1, -1) if reverse else range(n_chunks)
+def _chunk_loop(n_chunks, body, carry, reverse=False, final=True):
+    """carry = body(c, carry, advance) for the chunks c of a kernel's block, in order (or
+    reversed). Up to _UNROLL chunks are unrolled, so every offset is static: in a fori_loop
+    even one iteration goes through dynamic slices, which cost the two-pass forward a third
+    more (3.26 vs 2.42 ms, B8 T4096 on an H100). `advance` tells body whether the carried
+    state must be moved past chunk c: not after the last chunk when the caller does not want
+    the final state (final=False; unrolled loops only), so that no dead matmul is emitted."""
+    order = list(range(n_chunks - 1, -1, -1) if reverse else range(n_chunks))
     if n_chunks <= _UNROLL:
         for c in order:
-            carry = body(c, carry)
+            carry = body(c, carry, final or c != order[-1])
         return carry
     if reverse:
-        return lax.fori_loop(0, n_chunks, lambda i, x: body(n_chunks - 1 - i, x), carry)
-    return lax.fori_loop(0, n_chunks, body, carry)
+        return lax.fori_loop(0, n_chunks, lambda i, x: body(n_chunks - 1 - i, x, True), carry)
+    return lax.fori_loop(0, n_chunks, lambda c, x: body(c, x, True), carry)
 
 
 def _load(ref, sl):

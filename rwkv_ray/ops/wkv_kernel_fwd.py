@@ -36,7 +36,7 @@ def _fwd_kernel(
     n_chunks = r_ref.shape[0] // chunk
     u = u_ref[...].astype(F32)
 
-    def body(c, s):
+    def body(c, s, advance):
         base = c * chunk
         sl = pl.ds(base, chunk)
         r, k, v, lw = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref))
@@ -46,9 +46,9 @@ def _fwd_kernel(
         f_start, f_end, f_all = _decay_factors(inc, exc, last)
         y = _mm(r * f_start, s, mm_dtype) + _mm(p, v, mm_dtype) + bonus[:, None] * v
         y_ref[sl, :] = y.astype(y_ref.dtype)
-        return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
+        return f_all * s + _mm(k * f_end, v, mm_dtype, _TN) if advance else s
 
-    s = _chunk_loop(n_chunks, body, s0_ref[...].astype(F32))
+    s = _chunk_loop(n_chunks, body, s0_ref[...].astype(F32), final=st_ref is not None)
     if st_ref is not None:
         st_ref[...] = s
 
