@@ -118,15 +118,9 @@ def temp_mib(fn, args):
 
 def kernel_times(fn, args, top=12):
     """Device time (ms) per kernel name of one call, from a JAX profiler trace."""
-    import tempfile
+    from benchmarks.profile_generate import traced_kernel_times
 
-    from benchmarks.profile_generate import device_kernel_times
-
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp)
-        jax.block_until_ready(fn(*args))
-        jax.profiler.stop_trace()
-        totals = device_kernel_times(tmp, set())
+    totals = traced_kernel_times(lambda: fn(*args))
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
     return {name[:80]: round(ms, 4) for name, ms in ranked}
 

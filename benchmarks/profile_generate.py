@@ -61,19 +61,24 @@ def device_kernel_times(trace_dir: str, lines_seen: set) -> dict[str, float]:
     return dict(totals)
 
 
-def profile(fn, top: int) -> dict:
+def traced_kernel_times(fn, lines_seen: set | None = None) -> dict[str, float]:
+    """Run fn() once under a JAX profiler trace: device time (ms) per kernel name."""
     import jax
 
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        jax.block_until_ready(fn())
+        jax.profiler.stop_trace()
+        return device_kernel_times(tmp, set() if lines_seen is None else lines_seen)
+
+
+def profile(fn, top: int) -> dict:
     fn()  # compile + warm
     start = time.perf_counter()
     fn()
     wall_ms = (time.perf_counter() - start) * 1e3
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp)
-        fn()
-        jax.profiler.stop_trace()
-        lines: set = set()
-        totals = device_kernel_times(tmp, lines)
+    lines: set = set()
+    totals = traced_kernel_times(fn, lines)
     busy = sum(totals.values())
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
     return {

@@ -159,13 +159,13 @@ def wkv6_kernel(
     NaN-fills every kernel output buffer first (a testing aid for unwritten elements);
     `num_warps` / `num_stages` are Triton's; `mode` picks the intra-chunk code ("loop" or
     "3d", see _intra_p); `forward` the forward algorithm: "fused" (one sequential kernel),
-    "two_pass" (chunk-entry states, then all chunks' outputs in parallel) or "auto"
+    "two_pass" (span-entry states, then all spans' outputs in parallel) or "auto"
     (`use_two_pass`); `backward` likewise ("fused": two sequential kernels; "two_pass":
-    chunk-entry states and chunk-exit state gradients, then all chunks' gradients in parallel;
+    span-entry states and span-exit state gradients, then all spans' gradients in parallel;
     "auto": `use_two_pass_backward`); `keep_states=True` keeps the two-pass forward's
     span-entry states for the two-pass backward instead of recomputing them (one sequential
-    pass less, but holds [B, H, T/span, N, N] (`stack_dtype`) from forward to backward; when forward
-    and backward are traced in one jit, XLA already merges the two identical passes);
+    pass less, but holds [B, H, T/span, N, N] (`stack_dtype`) from forward to backward; when
+    forward and backward are traced in one jit, XLA already merges the two identical passes);
     `state_stride` (a multiple of chunk_size; None: chunk_size) the span of both two-pass
     directions: the tokens between the states their sequential passes store, and the tokens
     each parallel program walks chunk by chunk (see _forward_two_pass). On an H100 (B8 T4096,

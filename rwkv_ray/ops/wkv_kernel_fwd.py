@@ -166,19 +166,19 @@ def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
     means fewer sequential steps in pass 1 and less state traffic, a shorter one more
     parallel programs. hs is the two-pass backward's pass 1a too (the same spans)."""
     b, t, h, n = r.shape
-    stride = span_length(t, opts.stride)
+    span = span_length(t, opts.stride)
     # Value-split like the backward's pass 1a: with equal arguments XLA merges the two calls
     # (at B1 T16384 on an H100 they were two passes of 1.97 and 1.73 ms).
-    splits, hs_dtype = value_splits(b, h, n), stack_dtype(stride, chunk, r.dtype)
-    hs, st = _entry_states(k, v, log_w, s0, stride, opts, splits, hs_dtype)
+    splits, hs_dtype = value_splits(b, h, n), stack_dtype(span, chunk, r.dtype)
+    hs, st = _entry_states(k, v, log_w, s0, span, opts, splits, hs_dtype)
     # Pass 2: grid (b, h, span); span c of the time axis and of the entry states.
-    piece, head_c, entry_c, _ = _chunk_specs(stride, n)
+    piece, head_c, entry_c, _ = _chunk_specs(span, n)
     y = _call(
         functools.partial(_fwd_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
         [piece] * 4 + [head_c, entry_c],
         piece,
         jax.ShapeDtypeStruct((b, t, h, n), r.dtype),
-        (b, h, t // stride),
+        (b, h, t // span),
         opts,
         "wkv6_fwd_output",
     )(r, k, v, log_w, u, hs)

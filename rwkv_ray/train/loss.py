@@ -27,13 +27,17 @@ def target_weights(tokens, loss_mask=None):
     return weights
 
 
-def token_losses(logits, tokens):
-    """Per-prediction cross-entropy [B,T-1] (float32) of logits [B,T,V] for tokens [B,T]."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = tokens[:, 1:]
+def cross_entropy(logits, targets):
+    """-log softmax(logits)[target] over the last axis (float32), any leading shape."""
+    logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return log_z - picked
+
+
+def token_losses(logits, tokens):
+    """Per-prediction cross-entropy [B,T-1] (float32) of logits [B,T,V] for tokens [B,T]."""
+    return cross_entropy(logits[:, :-1], tokens[:, 1:])
 
 
 def summed_loss(logits, tokens, loss_mask=None):
@@ -73,9 +77,7 @@ def summed_head_loss(hidden, kernel, tokens, loss_mask=None, rows_per_piece=2048
         # Cast here, not outside the scan: the kernel's gradient then sums over the pieces in
         # the kernel's own dtype (float32 master weights), not in bfloat16.
         logits = jnp.dot(h_piece, kernel.astype(h_piece.dtype), preferred_element_type=jnp.float32)
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, targets_piece[:, None], axis=-1)[:, 0]
-        return jnp.sum((log_z - picked) * w_piece)
+        return jnp.sum(cross_entropy(logits, targets_piece) * w_piece)
 
     def body(total, piece):
         return total + piece_loss(*piece), None
