@@ -43,6 +43,13 @@ def parse_args(argv=None):
         help="GPU counts to run ours on, e.g. 1,2,4 (data parallel; rows "
         "are named NAME@NGPU and get a scaling_efficiency against NAME@1gpu)",
     )
+    p.add_argument(
+        "--first-gpu",
+        type=int,
+        default=0,
+        help="index of the first GPU to use (to run several benchmarks side by side on one "
+        "host: a configuration on N GPUs gets FIRST..FIRST+N-1)",
+    )
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--configs", default=",".join([*CONFIGS, "fla"]))
@@ -110,12 +117,14 @@ def run_fla(args) -> dict:
 
 
 def run_one(name: str, gpus: int, args) -> dict:
-    """One configuration in its own process on the first `gpus` GPUs (data parallel over
-    them: the global batch is --batch rows per GPU)."""
+    """One configuration in its own process on `gpus` GPUs from --first-gpu (data parallel
+    over them: the global batch is --batch rows per GPU)."""
     cmd = [sys.executable, __file__, "--one", name, "--shape", args.shape,
            "--batch", str(args.batch * gpus),
            "--seq-len", str(args.seq_len), "--steps", str(args.steps)]  # fmt: skip
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(gpus)))
+    env = dict(
+        os.environ, CUDA_VISIBLE_DEVICES=",".join(str(args.first_gpu + i) for i in range(gpus))
+    )
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -154,10 +163,11 @@ def main(argv=None):
         if "@" in name and one and "tokens_per_s" in row and "tokens_per_s" in one:
             gpus = int(name.split("@")[1].removesuffix("gpu"))
             row["scaling_efficiency"] = round(row["tokens_per_s"] / (gpus * one["tokens_per_s"]), 3)
-    try:
-        import jax
-
-        report["card"] = jax.devices()[0].device_kind
+    try:  # nvidia-smi, not jax: jax would take memory on GPUs other benchmarks may be using
+        report["card"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", f"--id={args.first_gpu}"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
     except Exception as err:  # the report is still worth writing
         report["card"] = f"unknown ({err})"
     text = json.dumps(report, indent=2)

@@ -15,7 +15,10 @@
 # generate: the generation issue's figures (ours and the official package, same run), then
 #         ours again with XLA command buffers (CUDA graphs) over the decode loop's while body:
 #         an untested idea for decoding at batch 1, which runs many small kernels a token.
-# Multi-GPU scaling is a separate call on nvidia-h100-x2:
+# x4: on a 4-GPU host, three benchmarks side by side within one call (about 9.5 min): the
+#     training step (fla, ours full, ours state) on GPU 0, generation on GPU 1, and the
+#     data-parallel scaling of state tuning (1 then 2 GPUs) on GPUs 2-3. Logs go to $OUT.
+# Multi-GPU scaling alone, on nvidia-h100-x2:
 #   python3 benchmarks/bench_train_gpu.py --configs ours_state --gpus 1,2 --timeout 250 --out ...
 set -u
 OUT=${OUT:?set OUT to a folder for the results}
@@ -43,8 +46,28 @@ case ${1:-} in
       --official off --repeats 3 --out "$OUT/generate_h100_command_buffers.json" 2>&1 |
       grep -v -i warn
     ;;
+  x4)
+    CUDA_VISIBLE_DEVICES=0 timeout 570 python3 benchmarks/bench_train_gpu.py --steps 3 \
+      --first-gpu 0 --timeout 240 --configs fla,ours_full,ours_state \
+      --out "$OUT/train_1p6b.json" >"$OUT/train.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=2 timeout 570 python3 benchmarks/bench_train_gpu.py --steps 3 \
+      --first-gpu 2 --gpus 1,2 --timeout 280 --configs ours_state \
+      --out "$OUT/train_scaling.json" >"$OUT/scaling.log" 2>&1 &
+    (
+      export CUDA_VISIBLE_DEVICES=1
+      timeout 300 python3 benchmarks/bench_generate.py --shape 1b6 --dtype bfloat16 \
+        --official on --repeats 3 --out "$OUT/generate_h100.json"
+      XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL \
+        timeout 250 python3 benchmarks/bench_generate.py --shape 1b6 --dtype bfloat16 \
+        --official off --repeats 3 --out "$OUT/generate_h100_command_buffers.json"
+    ) >"$OUT/generate.log" 2>&1 &
+    wait
+    for log in train scaling generate; do
+      echo "== $log"; grep -v -i warn "$OUT/$log.log" | grep -v '^ ' | tail -25
+    done
+    ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernel|train|generate" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernel|train|generate|x4" >&2
     exit 2
     ;;
 esac
