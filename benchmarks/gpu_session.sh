@@ -18,6 +18,9 @@
 # x4: on a 4-GPU host, three benchmarks side by side within one call (about 9.5 min): the
 #     training step (fla, ours full, ours state) on GPU 0, generation on GPU 1, and the
 #     data-parallel scaling of state tuning (1 then 2 GPUs) on GPUs 2-3. Logs go to $OUT.
+# x4-full: on a 4-GPU host, one training configuration per GPU side by side (about 9 min):
+#     fla (its cold compile has needed over 240 s), ours full tuning with remat, ours full
+#     tuning in 2 micro-batches, ours state tuning.
 # Multi-GPU scaling alone, on nvidia-h100-x2:
 #   python3 benchmarks/bench_train_gpu.py --configs ours_state --gpus 1,2 --timeout 250 --out ...
 set -u
@@ -66,8 +69,19 @@ case ${1:-} in
       echo "== $log"; grep -v -i warn "$OUT/$log.log" | grep -v '^ ' | tail -25
     done
     ;;
+  x4-full)
+    gpu=0
+    for config in fla ours_full_remat ours_full_micro2 ours_state; do
+      CUDA_VISIBLE_DEVICES=$gpu timeout 560 python3 benchmarks/bench_train_gpu.py --steps 3 \
+        --first-gpu $gpu --timeout 540 --configs $config \
+        --out "$OUT/train_$config.json" >"$OUT/train_$config.log" 2>&1 &
+      gpu=$((gpu + 1))
+    done
+    wait
+    grep -h -v -i warn "$OUT"/train_*.log | grep GPU
+    ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernel|train|generate|x4" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernel|train|generate|x4|x4-full" >&2
     exit 2
     ;;
 esac
