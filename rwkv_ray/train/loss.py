@@ -57,20 +57,25 @@ def summed_head_loss(hidden, kernel, tokens, loss_mask=None, rows_per_piece=2048
     """`summed_loss(hidden @ kernel, tokens, loss_mask)` computed piece by piece.
 
     hidden [B,T,C]; kernel [C,V] (cast to hidden's dtype, as the Dense head does; logits are
-    accumulated in float32). The predictions are flattened and cut into pieces of
-    `rows_per_piece` rows; each piece's logits are made, reduced to its loss and dropped, and
-    remade in the backward pass (jax.checkpoint): one more head matmul for a
-    [rows_per_piece, V] peak instead of [B, T, V]."""
+    accumulated in float32). The time axis is cut into pieces of about rows_per_piece / B
+    steps, every row's together; each piece's logits [B, steps, V] are made, reduced to its
+    loss and dropped, and remade in the backward pass (jax.checkpoint): one more head matmul
+    for a [rows_per_piece, V] peak instead of [B, T, V]. Pieces run along time, not over
+    the flattened rows, so that under a data-parallel mesh every device keeps its own rows
+    (flattened pieces straddled the devices' rows: XLA gathered the whole batch's hidden
+    states onto every device, and each computed the head for all of them)."""
     weights = target_weights(tokens, loss_mask)
-    c = hidden.shape[-1]
-    h = hidden[:, :-1].reshape(-1, c)
-    targets = tokens[:, 1:].reshape(-1)
-    w = weights.reshape(-1)
-    rows = max(1, min(rows_per_piece, h.shape[0]))  # T = 1: no predictions, one empty piece
-    pad = (-h.shape[0]) % rows
-    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, rows, c)
-    targets = jnp.pad(targets, (0, pad), constant_values=PAD_ID).reshape(-1, rows)
-    w = jnp.pad(w, (0, pad)).reshape(-1, rows)  # padded rows weigh 0
+    batch, predictions = weights.shape
+    steps = max(1, min(predictions, rows_per_piece // max(batch, 1)))
+    pad = (-predictions) % steps  # padded steps weigh 0
+
+    def pieces(x, fill=0):  # [B, T-1, ...] -> [pieces, B, steps, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return jnp.swapaxes(x.reshape(batch, -1, steps, *x.shape[2:]), 0, 1)
+
+    h = pieces(hidden[:, :-1])
+    targets = pieces(tokens[:, 1:], fill=PAD_ID)
+    w = pieces(weights)
 
     @jax.checkpoint
     def piece_loss(h_piece, targets_piece, w_piece):
@@ -82,5 +87,5 @@ def summed_head_loss(hidden, kernel, tokens, loss_mask=None, rows_per_piece=2048
     def body(total, piece):
         return total + piece_loss(*piece), None
 
-    total, _ = jax.lax.scan(body, jnp.float32(0), (h, targets, w))
+    total, _ = jax.lax.scan(body, jnp.float32(0), (h, targets, w))  # T = 1: no pieces
     return total, jnp.sum(weights)

@@ -1,0 +1,67 @@
+"""The training step on a 2-device data-parallel mesh keeps every device on its own rows.
+
+Run on 2 virtual CPU devices in a subprocess (the device count is fixed at JAX start). The
+head's loss is applied in pieces (`summed_head_loss`); pieces cut across the flattened rows
+made XLA gather the whole batch's hidden states onto every device, so each device computed
+the head for the global batch (on 4 H100s the state-tuning step took 0.52 s instead of 0.37).
+Checked: the compiled step has no all-gather, and its loss equals the model's own loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax, jax.numpy as jnp, numpy as np
+    from rwkv_ray.train.config import JobConfig
+    from rwkv_ray.train.loss import mean_loss
+    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer
+
+    layer = {"vocab_size": 53, "num_layers": 1, "hidden_size": 64, "mix_lora_size": 8,
+             "decay_lora_size": 8}
+    config = JobConfig.from_dict({"mode": "state", "model": {"config": layer},
+                                  "data": {"train": "unused"}})
+    model = build_model(config)
+    # 4 rows x 1100 steps: 1099 predictions a row, pieces of 512 steps -> 3 pieces.
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, layer["vocab_size"], (4, 1100)).astype(np.int32)
+    tokens[1, :300] = 0  # a left-padded row
+    mask = (tokens != 0).astype(np.float32)
+    logits, _ = model.forward(tokens)
+    expected = float(mean_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask)))
+    trainer = TrainStep(model, build_optimizer(config, model, 10), clip_norm=1.0)
+    state = trainer.initial_state()
+    batch = [trainer.shard_batch(x[None]) for x in (tokens, mask)]
+    with jax.set_mesh(trainer.mesh):
+        hlo = trainer._step.lower(state, *batch).compile().as_text()
+    _, metrics = trainer(state, tokens[None], mask[None])
+    print("RESULT " + json.dumps({
+        "devices": int(trainer.mesh.devices.size),
+        "all_gathers": hlo.count("all-gather"),
+        "all_reduces": hlo.count("all-reduce"),
+        "loss": metrics["loss"],
+        "expected": expected,
+    }))
+    """
+)
+
+
+def test_step_keeps_each_device_on_its_rows():
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu", KERAS_BACKEND="jax")
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env
+    )
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, done.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
+    assert result["devices"] == 2
+    assert result["all_gathers"] == 0, result
+    assert result["all_reduces"] > 0, result  # the state gradients are summed over devices
+    assert abs(result["loss"] - result["expected"]) < 1e-5 * result["expected"], result
