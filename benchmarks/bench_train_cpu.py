@@ -33,11 +33,20 @@ SHAPES = {
 }  # fmt: skip
 
 
+def remat_setting(name) -> bool | str:
+    """--remat off|block|dots (or a bool) -> the model.remat setting."""
+    return {"off": False, "block": "block", "dots": "dots"}.get(name, name)
+
+
 def bench(shape: str, mode: str, args) -> dict:
     config = JobConfig.from_dict(
         {
             "mode": mode,
-            "model": {"config": SHAPES[shape], "dtype": args.dtype, "remat": args.remat},
+            "model": {
+                "config": SHAPES[shape],
+                "dtype": args.dtype,
+                "remat": remat_setting(args.remat),
+            },
             "data": {"train": "unused"},
         }
     )
@@ -46,7 +55,8 @@ def bench(shape: str, mode: str, args) -> dict:
         for v in model.weights:
             if not v.trainable and v.path.endswith("kernel"):
                 v.assign(np.random.default_rng(0).normal(0, 0.02, v.shape).astype(v.dtype))
-    trainer = TrainStep(model, build_optimizer(config, model, 1000), clip_norm=1.0)
+    optimizer = build_optimizer(config, model, 1000)
+    trainer = TrainStep(model, optimizer, clip_norm=1.0, remat=config.model.remat)
     state = trainer.initial_state()
     rng = np.random.default_rng(0)
     vocab = SHAPES[shape]["vocab_size"]
@@ -98,7 +108,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--remat", action="store_true")
+    parser.add_argument(
+        "--remat",
+        choices=("off", "block", "dots"),
+        default="off",
+        help="model.remat: keep all activations, recompute each block, or keep matmul outputs",
+    )
     parser.add_argument(
         "--memory", action="store_true", help="only compile and report XLA's planned memory"
     )

@@ -25,7 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "ours_full": dict(mode="full", remat=False),
-    "ours_full_remat": dict(mode="full", remat=True),
+    "ours_full_remat": dict(mode="full", remat="block"),
+    # Keep the matmul outputs, recompute the elementwise work and the WKV forward.
+    "ours_full_dots": dict(mode="full", remat="dots"),
     # Gradient accumulation: the same global batch in 2 micro-batches, half the activations.
     "ours_full_micro2": dict(mode="full", remat=False, micro_batches=2),
     "ours_state": dict(mode="state", remat=False),

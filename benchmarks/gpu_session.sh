@@ -18,9 +18,10 @@
 # x4: on a 4-GPU host, three benchmarks side by side within one call (about 9.5 min): the
 #     training step (fla, ours full, ours state) on GPU 0, generation on GPU 1, and the
 #     data-parallel scaling of state tuning (1 then 2 GPUs) on GPUs 2-3. Logs go to $OUT.
-# x4-full: on a 4-GPU host, one training configuration per GPU side by side (about 9 min):
-#     fla (its cold compile has needed over 240 s), ours full tuning with remat, ours full
-#     tuning in 2 micro-batches, ours state tuning.
+# x4-full: on a 4-GPU host, one training configuration per GPU side by side (about 6-9 min):
+#     fla (its cold compile has needed over 240 s), ours full tuning with per-block remat,
+#     ours full tuning keeping the matmul outputs (remat "dots"), ours state tuning.
+# scaling: on a 4-GPU host alone, state tuning on 1, 2 and 4 GPUs (about 4 min).
 # Multi-GPU scaling alone, on nvidia-h100-x2:
 #   python3 benchmarks/bench_train_gpu.py --configs ours_state --gpus 1,2 --timeout 250 --out ...
 set -u
@@ -71,7 +72,7 @@ case ${1:-} in
     ;;
   x4-full)
     gpu=0
-    for config in fla ours_full_remat ours_full_micro2 ours_state; do
+    for config in fla ours_full_remat ours_full_dots ours_state; do
       CUDA_VISIBLE_DEVICES=$gpu timeout 560 python3 benchmarks/bench_train_gpu.py --steps 3 \
         --first-gpu $gpu --timeout 540 --configs $config \
         --out "$OUT/train_$config.json" >"$OUT/train_$config.log" 2>&1 &
@@ -80,8 +81,12 @@ case ${1:-} in
     wait
     grep -h -v -i warn "$OUT"/train_*.log | grep GPU
     ;;
+  scaling)
+    timeout 560 python3 benchmarks/bench_train_gpu.py --steps 3 --gpus 1,2,4 --timeout 170 \
+      --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
+    ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernel|train|generate|x4|x4-full" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernel|train|generate|x4|x4-full|scaling" >&2
     exit 2
     ;;
 esac

@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    p.add_argument("--remat", action="store_true")
+    p.add_argument("--remat", choices=("off", "block", "dots"), default="off")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--out")
     return p.parse_args(argv)
@@ -60,19 +60,24 @@ def main(argv=None):
     import jax
     import numpy as np
 
-    from benchmarks.bench_train_cpu import SHAPES
+    from benchmarks.bench_train_cpu import SHAPES, remat_setting
     from rwkv_ray.train.config import JobConfig
     from rwkv_ray.train.step import TrainStep, build_model, build_optimizer
 
     config = JobConfig.from_dict(
         {
             "mode": args.mode,
-            "model": {"config": SHAPES[args.shape], "dtype": args.dtype, "remat": args.remat},
+            "model": {
+                "config": SHAPES[args.shape],
+                "dtype": args.dtype,
+                "remat": remat_setting(args.remat),
+            },
             "data": {"train": "unused"},
         }
     )
     model = build_model(config)
-    trainer = TrainStep(model, build_optimizer(config, model, 1000), clip_norm=1.0)
+    optimizer = build_optimizer(config, model, 1000)
+    trainer = TrainStep(model, optimizer, clip_norm=1.0, remat=config.model.remat)
     state = trainer.initial_state()
     vocab = SHAPES[args.shape]["vocab_size"]
     rng = np.random.default_rng(0)

@@ -39,6 +39,7 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         ("optimizer.lr=fast", "optimizer.lr"),
         ("scaling.num_workers=3", "data.num_streams"),  # 2 streams over 3 workers
         ("debug.fail_mode=crash", "debug.fail_mode"),
+        ("model.remat=layers", "model.remat"),
     ],
 )
 def test_bad_settings_name_the_key(override, named):

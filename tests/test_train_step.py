@@ -81,7 +81,9 @@ def run(steps: int, grad_accum: int, remat: bool = False, **model):
         }
     )
     model = build_model(config)
-    trainer = TrainStep(model, build_optimizer(config, model, steps), clip_norm=0.5)
+    trainer = TrainStep(
+        model, build_optimizer(config, model, steps), clip_norm=0.5, remat=config.model.remat
+    )
     tokens = pattern_tokens(4 * steps, 16, ONE_LAYER["vocab_size"], seed=2).astype(np.int32)
     tokens = tokens.reshape(steps, grad_accum, 4 // grad_accum, 16)
     state, history = trainer.initial_state(), []
@@ -94,8 +96,13 @@ def run(steps: int, grad_accum: int, remat: bool = False, **model):
 def test_accumulated_micro_batches_equal_one_batch_and_remat_changes_nothing():
     plain, h1, _ = run(steps=2, grad_accum=1, remat=True)
     accumulated, h2, _ = run(steps=2, grad_accum=2)
-    for a, b in zip(plain, accumulated, strict=True):
+    dots, h3, _ = run(steps=2, grad_accum=1, remat="dots")
+    for a, b, c in zip(plain, accumulated, dots, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-6)
+        np.testing.assert_allclose(c, b, atol=2e-6)
+    for m3, m2 in zip(h3, h2, strict=True):
+        assert np.isclose(m3["loss"], m2["loss"], rtol=1e-5)
+        assert np.isclose(m3["grad_norm"], m2["grad_norm"], rtol=1e-4)
     for m1, m2 in zip(h1, h2, strict=True):
         assert np.isclose(m1["loss"], m2["loss"], rtol=1e-5)
         assert np.isclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)

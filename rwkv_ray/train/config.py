@@ -23,6 +23,7 @@ from rwkv_ray.models.rwkv6_config import RWKV6Config
 
 MODES = ("full", "state", "state+shift")
 DTYPES = ("float32", "bfloat16")
+REMAT_MODES = (False, True, "block", "dots")
 
 
 class JobConfigError(ValueError):
@@ -35,7 +36,10 @@ class ModelSettings:
     config: dict | None = None  # RWKV6Config fields for a from-scratch model (official init)
     dtype: str = "float32"  # bfloat16: bf16 compute; fp32 master weights where they train
     wkv_impl: str | None = None  # None = the op's auto choice
-    remat: bool = False  # recompute each block in the backward pass (less memory)
+    # Recompute in the backward pass instead of keeping activations: false = keep all;
+    # true or "block" = keep each block's input only, recompute the block (least memory);
+    # "dots" = keep every matmul's output, recompute the elementwise work and the WKV op.
+    remat: bool | str = False
     init_seed: int = 0  # seed of the from-scratch init (the same on every worker)
 
 
@@ -157,6 +161,7 @@ def validate(c: JobConfig) -> None:
         except ValueError as e:
             raise JobConfigError(f"model.config: {e}") from e
     _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+    _check(m.remat in REMAT_MODES, "model.remat", f"must be one of {REMAT_MODES}, got {m.remat!r}")
     _check(c.data.batch_size_per_stream >= 1, "data.batch_size_per_stream", "must be >= 1")
     workers = c.scaling.num_workers
     _check(workers >= 1, "scaling.num_workers", "must be >= 1")

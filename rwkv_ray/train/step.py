@@ -72,7 +72,7 @@ def build_model(config: JobConfig) -> RWKV6CausalLM:
 def _remat_scope(config: JobConfig, num_layers: int | None):
     import contextlib
 
-    if not config.model.remat:
+    if config.model.remat not in (True, "block"):  # "dots" is applied by the step
         return contextlib.nullcontext()
     # Block names are block_0..block_{L-1}; a loaded model's L is not known yet, so name
     # generously (names that match no layer are ignored).
@@ -149,10 +149,12 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
 
 
-def make_step_fn(model: RWKV6CausalLM, optimizer, clip_norm: float | None) -> Callable:
+def make_step_fn(
+    model: RWKV6CausalLM, optimizer, clip_norm: float | None, remat: bool | str = False
+) -> Callable:
     """(state, tokens [A,B,T], loss_mask [A,B,T]) -> (state, metrics); A = micro-batches."""
 
-    grad_of = jax.value_and_grad(summed_loss_fn(model), has_aux=True)
+    grad_of = jax.value_and_grad(summed_loss_fn(model, remat), has_aux=True)
 
     def step(state: TrainState, tokens, loss_mask):
         def micro(carry, batch):
@@ -185,13 +187,26 @@ def make_step_fn(model: RWKV6CausalLM, optimizer, clip_norm: float | None) -> Ca
     return step
 
 
-def summed_loss_fn(model: RWKV6CausalLM) -> Callable:
+def summed_loss_fn(model: RWKV6CausalLM, remat: bool | str = False) -> Callable:
     """(trainable, non_trainable, tokens, loss_mask) -> (summed loss, counted tokens): the
-    model run statelessly and its head applied piece by piece (`summed_head_loss`)."""
+    model run statelessly and its head applied piece by piece (`summed_head_loss`).
+
+    remat="dots" runs the model under jax.checkpoint with a policy that keeps the outputs of
+    the matmuls (their weights have no batch dimension) and recomputes everything else in
+    the backward pass. Other values: the model is used as built (`build_model` applies
+    per-block remat through Keras)."""
     which, index = _variable_index(model, model.head.kernel)
 
-    def loss_of(trainable, non_trainable, tokens, loss_mask):
+    def hidden_of(trainable, non_trainable, tokens):
         (hidden, _), _ = model.stateless_call(trainable, non_trainable, tokens, return_hidden=True)
+        return hidden
+
+    if remat == "dots":
+        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        hidden_of = jax.checkpoint(hidden_of, policy=policy)
+
+    def loss_of(trainable, non_trainable, tokens, loss_mask):
+        hidden = hidden_of(trainable, non_trainable, tokens)
         kernel = (trainable, non_trainable)[which][index]
         return summed_head_loss(hidden, kernel, tokens, loss_mask)
 
@@ -217,7 +232,9 @@ class TrainStep:
         train.write_back(state)                              # values -> keras variables
     """
 
-    def __init__(self, model: RWKV6CausalLM, optimizer, clip_norm: float | None):
+    def __init__(
+        self, model: RWKV6CausalLM, optimizer, clip_norm: float | None, remat: bool | str = False
+    ):
         self.model, self.optimizer = model, optimizer
         if optimizer.variables[0].path.split("/")[-1] != "iteration":
             raise RuntimeError(f"unexpected first optimizer variable {optimizer.variables[0]}")
@@ -225,7 +242,7 @@ class TrainStep:
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.data = NamedSharding(self.mesh, PartitionSpec(None, "data"))
         self._step = jax.jit(
-            make_step_fn(model, optimizer, clip_norm),
+            make_step_fn(model, optimizer, clip_norm, remat),
             in_shardings=(self.replicated, self.data, self.data),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,),

@@ -172,7 +172,7 @@ def train_loop_per_worker(payload: dict) -> None:
     per_epoch, steps = total_steps(config, reader.steps_per_epoch)
     model = build_model(config)
     optimizer = build_optimizer(config, model, steps)
-    train = TrainStep(model, optimizer, config.optimizer.clip_norm)
+    train = TrainStep(model, optimizer, config.optimizer.clip_norm, config.model.remat)
     state, position = restore(train, config)
     tracker = None
     if rank == 0 and config.mlflow.enabled:
