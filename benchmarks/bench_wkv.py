@@ -209,6 +209,14 @@ def main():
         args, dy = make_inputs(*shape)
         fla = None if a.no_fla else fla_fns(args, dy)
         row = {"shape": "B{}-T{}-H{}-K{}".format(*shape)}
+        if fla is not None:  # first: a run cut short by a time limit still has the peer
+            row["fla_fwd_ms"] = time_torch(fla[0], reps=a.reps)
+            row["fla_fwd_bwd_ms"] = time_torch(fla[1], reps=a.reps)
+            print(
+                f"{row['shape']} fla: fwd {row['fla_fwd_ms']:.3f} ms "
+                f"fwd+bwd {row['fla_fwd_bwd_ms']:.3f} ms",
+                flush=True,
+            )
         best = None
         for cfg in configs:
             tag = "c{}w{}s{}{}-{}-bwd_{}".format(*cfg) + ("+keep" if cfg[6] else "")
@@ -233,16 +241,8 @@ def main():
             )
             if best is None or tf + tb < best[1] + best[2]:
                 best = (tag, tf, tb, cfg)
-        if best:
-            row.update(ours_config=best[0], ours_fwd_ms=best[1], ours_fwd_bwd_ms=best[2])
-        if fla is not None:
-            row["fla_fwd_ms"] = time_torch(fla[0], reps=a.reps)
-            row["fla_fwd_bwd_ms"] = time_torch(fla[1], reps=a.reps)
-            print(
-                f"{row['shape']} fla: fwd {row['fla_fwd_ms']:.3f} ms "
-                f"fwd+bwd {row['fla_fwd_bwd_ms']:.3f} ms",
-                flush=True,
-            )
+                row.update(ours_config=tag, ours_fwd_ms=tf, ours_fwd_bwd_ms=tb)
+            write_json(a, card, rows + [row])  # after every config, for the same reason
         rows.append(row)
         del args, dy, fla
         if best:

@@ -15,6 +15,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 from rwkv_ray.ops import wkv_kernel as wk  # noqa: E402
+from rwkv_ray.ops import wkv_kernel_intra as intra  # noqa: E402
 from rwkv_ray.ops.wkv_kernel_fwd import stack_dtype  # noqa: E402
 
 NAMES = ("r", "k", "v", "log_w", "u", "initial_state")
@@ -164,6 +165,18 @@ def test_interpret_bf16_two_pass_stores_rounded_states_exactly():
     run(1, 40, 1, 16, jnp.bfloat16, "strong", interpret=True, seed=26)
 
 
+@pytest.mark.parametrize("decay", ["weak", "strong"])
+def test_interpret_factored_mode_matches_reference(decay):
+    """mode "factored": weak decay takes the matmul form in every chunk, strong decay (-1e3
+    entries) falls back to "loop" per chunk; both directions, fused and two-pass."""
+    ins, _, _ = make_inputs(0, 1, 16, 1, 32, jnp.float32, decay)
+    inc, exc, _ = intra._chunk_terms(ins[3][0, :, 0])
+    assert bool(intra._factors(inc, exc, 16)[2]) == (decay == "weak")
+    for options in (dict(forward="two_pass", backward="two_pass"), dict(forward="fused")):
+        run = with_kernel_options(mode="factored", **options)
+        run(2, 37, 2, 32, jnp.float32, decay, interpret=True, seed=23)
+
+
 def test_state_stride_must_be_a_multiple_of_the_chunk():
     x = jnp.zeros((1, 32, 1, 16))
     with pytest.raises(ValueError, match="state_stride must be a multiple of chunk_size 16"):
@@ -231,8 +244,18 @@ def test_gpu_matches_reference(t, decay, dtype):
         dict(forward="two_pass", backward="two_pass", keep_states=True),
         dict(forward="two_pass", state_stride=64),
         dict(forward="two_pass", state_stride=256),
+        dict(mode="factored"),
+        dict(mode="factored", forward="fused", backward="fused"),
     ],
-    ids=["fused", "two_pass", "two_pass_kept", "stride64", "stride256"],
+    ids=[
+        "fused",
+        "two_pass",
+        "two_pass_kept",
+        "stride64",
+        "stride256",
+        "factored",
+        "factored_fused",
+    ],  # fmt: skip
 )
 def test_gpu_algorithms_match_reference(options, t, dtype):
     """Each forward/backward algorithm explicitly, strong decay (B1: the two-pass backward's

@@ -157,9 +157,10 @@ def wkv6_kernel(
 
     `interpret=True` runs the kernels in Pallas' interpreter (CPU); `poison_outputs=True`
     NaN-fills every kernel output buffer first (a testing aid for unwritten elements);
-    `num_warps` / `num_stages` are Triton's; `mode` picks the intra-chunk code ("loop" or
-    "3d", see _intra_p); `forward` the forward algorithm: "fused" (one sequential kernel),
-    "two_pass" (span-entry states, then all spans' outputs in parallel) or "auto"
+    `num_warps` / `num_stages` are Triton's; `mode` picks the intra-chunk code ("loop", "3d"
+    or "factored": matmuls of scaled operands where exact, else "loop"; see _intra_p);
+    `forward` the forward algorithm: "fused" (one sequential kernel), "two_pass" (span-entry
+    states, then all spans' outputs in parallel) or "auto"
     (`use_two_pass`); `backward` likewise ("fused": two sequential kernels; "two_pass":
     span-entry states and span-exit state gradients, then all spans' gradients in parallel;
     "auto": `use_two_pass_backward`); `keep_states=True` keeps the two-pass forward's
@@ -181,8 +182,8 @@ def wkv6_kernel(
         raise ValueError(f"u has shape {u.shape}, expected {(h, n)}")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of 2 >= 16, got {chunk_size}")
-    if mode not in ("loop", "3d"):
-        raise ValueError(f"mode must be 'loop' or '3d', got {mode!r}")
+    if mode not in ("loop", "3d", "factored"):
+        raise ValueError(f"mode must be 'loop', '3d' or 'factored', got {mode!r}")
     if forward not in ("auto", "fused", "two_pass"):
         raise ValueError(f"forward must be 'auto', 'fused' or 'two_pass', got {forward!r}")
     if backward not in ("auto", "fused", "two_pass"):

@@ -75,10 +75,43 @@ def _add_row(pair, w_ref, base, j):
 
 # The three intra-chunk contractions with M. "3d": one [C, C, N] broadcast; "loop": C steps
 # of [C, N] work, one key/row at a time (rows re-read from L1/L2), less register pressure.
+# "factored": M[t, s, i] = exp(Ae_t[i] - ref[i]) * exp(ref[i] - A_s[i]) with ref the
+# exclusive cumsum at the chunk's middle row, so each contraction is one matmul of scaled
+# operands (2 C N exps instead of C^2 N); taken per chunk when every one of those exponents
+# lies within +-_FACTOR_LIMIT (no float32 overflow or underflow, no big decay), else "loop".
+_FACTOR_LIMIT = 60.0
+
+
+def _factors(inc, exc, chunk):
+    """(exp(Ae_t - ref) [C, N], exp(ref - A_s) [C, N], whether the factored form is exact)."""
+    rows = lax.broadcasted_iota(jnp.int32, exc[0].shape, 0)
+    # A masked sum, not a slice: Pallas' Triton backend cannot slice a value.
+    ref = jnp.sum(jnp.where(rows == chunk // 2, exc[0], 0.0), axis=0, keepdims=True)
+    up, down = exc[0] - ref, ref - inc[0]
+    bound = jnp.maximum(jnp.max(jnp.abs(up)), jnp.max(jnp.abs(down)))
+    ok = (bound < _FACTOR_LIMIT) & (jnp.max(inc[1]) < 0.5)
+    return jnp.exp(jnp.minimum(up, _FACTOR_LIMIT)), jnp.exp(jnp.minimum(down, _FACTOR_LIMIT)), ok
+
+
+def _causal(x, chunk, transposed=False):
+    """x [C, C] with the pairs s >= t zeroed (x indexed [t, s], or [s, t] if transposed)."""
+    t_idx, s_idx = _iota(chunk, 1 if transposed else 0), _iota(chunk, 0 if transposed else 1)
+    return jnp.where(t_idx > s_idx, x, 0.0)
+
+
+def _exact_mm(a, b, dims=None):
+    return _mm(a, b, F32, dims)  # IEEE float32: the factored path keeps "loop"'s accuracy
 
 
 def _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode):
     """P[t, s] = sum_i r_t[i] k_s[i] M[t, s, i]."""
+    if mode == "factored":
+        q, kk, ok = _factors(inc, exc, chunk)
+        return lax.cond(
+            ok,
+            lambda: _causal(_exact_mm(r * q, k * kk, _NT), chunk),
+            lambda: _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, "loop"),
+        )
     if mode == "3d":
         return jnp.sum(r[:, None, :] * k[None, :, :] * _m3d(inc, exc, chunk), axis=2)
     t_idx, s_idx = _iota(chunk, 0), _iota(chunk, 1)
@@ -93,6 +126,13 @@ def _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode):
 
 def _intra_dr(d, k, inc, exc, k_ref, w_ref, base, chunk, mode):
     """out[t, i] = sum_s D[t, s] k_s[i] M[t, s, i]."""
+    if mode == "factored":
+        q, kk, ok = _factors(inc, exc, chunk)
+        return lax.cond(
+            ok,
+            lambda: q * _exact_mm(_causal(d, chunk), k * kk),
+            lambda: _intra_dr(d, k, inc, exc, k_ref, w_ref, base, chunk, "loop"),
+        )
     if mode == "3d":
         return jnp.sum(d[:, :, None] * k[None, :, :] * _m3d(inc, exc, chunk), axis=1)
     t_idx, s_idx = _iota(chunk, 0), _iota(chunk, 1)
@@ -106,7 +146,14 @@ def _intra_dr(d, k, inc, exc, k_ref, w_ref, base, chunk, mode):
 
 
 def _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, base, chunk, mode):
-    """out[s, i] = sum_t D[t, s] r_t[i] M[t, s, i]; d_t = D^T."""
+    """out[s, i] = sum_t D[t, s] r_t[i] M[t, s, i]; d_t = D^T (modes "loop", "factored")."""
+    if mode == "factored":
+        q, kk, ok = _factors(inc, exc, chunk)
+        return lax.cond(
+            ok,
+            lambda: kk * _exact_mm(_causal(d, chunk), r * q, _TN),
+            lambda: _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, base, chunk, "loop"),
+        )
     if mode == "3d":
         return jnp.sum(d[:, :, None] * r[:, None, :] * _m3d(inc, exc, chunk), axis=0)
     s_idx, t_idx = _iota(chunk, 0), _iota(chunk, 1)  # d_t is indexed [s, t]
