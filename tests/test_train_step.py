@@ -9,7 +9,13 @@ from train_support import pattern_tokens
 
 from rwkv_ray.train.config import JobConfig
 from rwkv_ray.train.loss import mean_loss, summed_head_loss, summed_loss
-from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, to_numpy
+from rwkv_ray.train.step import (
+    TrainStep,
+    build_model,
+    build_optimizer,
+    summed_loss_fn,
+    to_numpy,
+)
 
 ONE_LAYER = {"vocab_size": 53, "num_layers": 1, "hidden_size": 64, "mix_lora_size": 8,
              "decay_lora_size": 8}  # fmt: skip
@@ -69,6 +75,23 @@ def test_step_loss_equals_the_loss_of_the_model_logits():
     trainer = TrainStep(model, build_optimizer(config, model, 10), clip_norm=1.0)
     _, metrics = trainer(trainer.initial_state(), tokens[None], mask[None])
     assert abs(metrics["loss"] - expected) < 1e-5 * expected
+
+
+def test_remat_dots_checkpoints_the_model_with_the_matmul_policy():
+    """remat "dots": the model runs under jax.checkpoint keeping only matmul outputs (the
+    head's pieces have their own checkpoint either way)."""
+    config = JobConfig.from_dict({"model": {"config": ONE_LAYER}, "data": {"train": "unused"}})
+    model = build_model(config)
+    args = (
+        [v.value for v in model.trainable_variables],
+        [v.value for v in model.non_trainable_variables],
+        np.ones((2, 16), np.int32),
+        np.ones((2, 16), np.float32),
+    )
+    for remat, policies in ((False, 0), ("dots", 1)):
+        loss = summed_loss_fn(model, remat)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a, f=loss: f(*a)[0]))(*args))
+        assert jaxpr.count("DotsSaveable(only_if_no_batch_dims=True)") == policies, remat
 
 
 def run(steps: int, grad_accum: int, remat: bool = False, **model):
