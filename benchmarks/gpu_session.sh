@@ -9,7 +9,8 @@
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh generate # about 8 min
 #
 # kernel: the GPU kernel tests (the "factored" intra-chunk mode, poisoned outputs), then
-#         bench_wkv on the three shapes against fla (fla first; "factored" at chunks of 16 and 32; "loop").
+#         bench_wkv on the three shapes against fla (fla first; "factored" at chunks
+#         of 16 and 32; "loop").
 # train:  the 1.6B training step: fla first (the peer; a cold machine needed over 150 s for
 #         it), then ours full, state, and full in 2 micro-batches.
 # generate: the generation issue's figures (ours and the official package, same run), then
@@ -34,7 +35,8 @@ case ${1:-} in
     JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
       -k "factored or poison" 2>&1 | tail -15
     timeout 330 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
-      --configs 16:4:1:factored,32:4:1:factored,16:4:1:loop --out "$OUT/wkv_vs_fla.json" 2>&1 | grep -v -i warn
+      --configs 16:4:1:factored,32:4:1:factored,16:4:1:loop --out "$OUT/wkv_vs_fla.json" \
+      2>&1 | grep -v -i warn
     ;;
   train)
     timeout 570 python3 benchmarks/bench_train_gpu.py --steps 3 --timeout 240 \
