@@ -93,10 +93,9 @@ def _factors(inc, exc, chunk):
     return jnp.exp(jnp.minimum(up, _FACTOR_LIMIT)), jnp.exp(jnp.minimum(down, _FACTOR_LIMIT)), ok
 
 
-def _causal(x, chunk, transposed=False):
-    """x [C, C] with the pairs s >= t zeroed (x indexed [t, s], or [s, t] if transposed)."""
-    t_idx, s_idx = _iota(chunk, 1 if transposed else 0), _iota(chunk, 0 if transposed else 1)
-    return jnp.where(t_idx > s_idx, x, 0.0)
+def _causal(x, chunk):
+    """x [C, C] (indexed [t, s]) with the pairs s >= t zeroed."""
+    return jnp.where(_iota(chunk, 0) > _iota(chunk, 1), x, 0.0)
 
 
 def _exact_mm(a, b, dims=None):
