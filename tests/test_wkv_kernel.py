@@ -165,16 +165,17 @@ def test_interpret_bf16_two_pass_stores_rounded_states_exactly():
     run(1, 40, 1, 16, jnp.bfloat16, "strong", interpret=True, seed=26)
 
 
-@pytest.mark.parametrize("decay", ["weak", "strong"])
-def test_interpret_factored_mode_matches_reference(decay):
-    """mode "factored": weak decay takes the matmul form in every chunk, strong decay (-1e3
-    entries) falls back to "loop" per chunk; both directions, fused and two-pass."""
+@pytest.mark.parametrize(
+    ("decay", "algorithm"), [("weak", "two_pass"), ("strong", "fused")], ids=["weak", "strong"]
+)
+def test_interpret_factored_mode_matches_reference(decay, algorithm):
+    """mode "factored": weak decay takes the matmul form in every chunk (two-pass kernels),
+    strong decay (-1e3 entries) falls back to "loop" per chunk (fused kernels)."""
     ins, _, _ = make_inputs(0, 1, 16, 1, 32, jnp.float32, decay)
     inc, exc, _ = intra._chunk_terms(ins[3][0, :, 0])
     assert bool(intra._factors(inc, exc, 16)[2]) == (decay == "weak")
-    for options in (dict(forward="two_pass", backward="two_pass"), dict(forward="fused")):
-        run = with_kernel_options(mode="factored", **options)
-        run(2, 37, 2, 32, jnp.float32, decay, interpret=True, seed=23)
+    run = with_kernel_options(mode="factored", forward=algorithm, backward=algorithm)
+    run(2, 37, 2, 32, jnp.float32, decay, interpret=True, seed=23)
 
 
 def test_state_stride_must_be_a_multiple_of_the_chunk():
