@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 # The GPU-only tests (kernel vs reference); tests/conftest.py defaults JAX to the CPU, so the
 # platform is named here.
