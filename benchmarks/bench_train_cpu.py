@@ -34,8 +34,8 @@ SHAPES = {
 
 
 def remat_setting(name) -> bool | str:
-    """--remat off|block|dots (or a bool) -> the model.remat setting."""
-    return {"off": False, "block": "block", "dots": "dots"}.get(name, name)
+    """--remat off|block|dots (or a model.remat value) -> the model.remat setting."""
+    return False if name == "off" else name
 
 
 def bench(shape: str, mode: str, args) -> dict:

@@ -223,7 +223,9 @@ def _variable_index(model: RWKV6CausalLM, variable) -> tuple[int, int]:
 
 
 class TrainStep:
-    """The compiled step on a global data-parallel mesh (1 process or many).
+    """The compiled step on a global data-parallel mesh (1 process or many). `remat` is the
+    job's model.remat: the step applies "dots" itself (per-block remat is built into the
+    model by `build_model`, as Keras offers it only per layer).
 
     Example:
         train = TrainStep(model, optimizer, clip_norm=1.0)
