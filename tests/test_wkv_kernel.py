@@ -228,8 +228,9 @@ def _needs_gpu():
 @pytest.mark.parametrize("decay", ["strong", "weak"])
 @pytest.mark.parametrize("t", [1, 63, 64, 65, 4096])
 def test_gpu_matches_reference(t, decay, dtype):
-    """The default ('auto') algorithms: beyond one chunk, the two-pass forward (spans of one
-    chunk) and the two-pass backward."""
+    """The defaults: the 'auto' algorithms (beyond one chunk, the two-pass forward with spans
+    of one chunk and the two-pass backward) and mode 'factored' (weak decay takes its matmul
+    form, strong decay its per-chunk fallback)."""
     _needs_gpu()
     check_against_reference(2, t, 2, 64, dtype, decay, seed=t)
 
@@ -245,7 +246,7 @@ def test_gpu_matches_reference(t, decay, dtype):
         dict(forward="two_pass", backward="two_pass", keep_states=True),
         dict(forward="two_pass", state_stride=64),
         dict(forward="two_pass", state_stride=256),
-        dict(mode="factored"),
+        dict(mode="loop"),
         dict(mode="factored", forward="fused", backward="fused"),
     ],
     ids=[
@@ -254,7 +255,7 @@ def test_gpu_matches_reference(t, decay, dtype):
         "two_pass_kept",
         "stride64",
         "stride256",
-        "factored",
+        "loop",
         "factored_fused",
     ],  # fmt: skip
 )
@@ -278,7 +279,7 @@ def test_gpu_poisoned_outputs_all_written(t, backward):
 def _check_poisoned(t, interpret, backward="auto"):
     b, h, n = (1, 1, 16) if interpret else (2, 3, 64)
     ins, dy, dst = make_inputs(1, b, t, h, n, jnp.float32, "strong")
-    mode = "3d" if interpret else "loop"  # "3d" interprets faster on CPU
+    mode = "3d" if interpret else "factored"  # "3d" interprets faster on CPU
     kw = dict(interpret=interpret, poison_outputs=True, mode=mode, backward=backward)
     fn = lambda *a: wk.wkv6_kernel(*a, **kw)  # noqa: E731
     y, st = jax.jit(fn)(*ins)

@@ -15,8 +15,11 @@ with A = inclusive cumsum of log_w inside the chunk, Ae = A - log_w (exclusive),
     S_new = exp(a) * S + (k * exp(a - A))^T @ v
 
 Every exponent is <= 0, and decays below -50 are kept out of the cumsums (wkv_kernel_intra.py),
-so any log-decay (down to -inf) is safe. The intra-chunk matrix P is computed exactly,
-key-column by key-column (mode "loop") or in a [C, C, N] broadcast (mode "3d").
+so any log-decay (down to -inf) is safe. The intra-chunk matrix P (and the backward's
+intra-chunk terms) are one matmul of operands scaled around the chunk's middle row wherever
+every such exponent is small (mode "factored", the default; other chunks fall back to
+"loop"), or computed exactly key-column by key-column ("loop") or in a [C, C, N] broadcast
+("3d"). On an H100 (B8 T4096) "factored" took the forward+backward from 9.05 to 6.49 ms.
 Forward, "fused": one sequential Triton program per (b, h) and value-column block
 (`value_splits`). Forward, "two_pass": a sequential kernel stores the state entering every
 span of `state_stride` tokens, then every span runs its chunks in parallel with the others.
@@ -145,7 +148,7 @@ def wkv6_kernel(
     poison_outputs=False,
     num_warps=4,
     num_stages=1,
-    mode="loop",
+    mode="factored",
     forward="auto",
     backward="auto",
     keep_states=False,
