@@ -45,8 +45,14 @@ def make_weights(key, c, f, layers):
         ks = jax.random.split(jax.random.fold_in(key, i), 8)
         out.append(
             dict(
-                r=w(ks[0], (c, c)), k=w(ks[1], (c, c)), v=w(ks[2], (c, c)), g=w(ks[3], (c, c)),
-                o=w(ks[4], (c, c)), fk=w(ks[5], (c, f)), fr=w(ks[6], (c, c)), fv=w(ks[7], (f, c)),
+                r=w(ks[0], (c, c)),
+                k=w(ks[1], (c, c)),
+                v=w(ks[2], (c, c)),
+                g=w(ks[3], (c, c)),
+                o=w(ks[4], (c, c)),
+                fk=w(ks[5], (c, f)),
+                fr=w(ks[6], (c, c)),
+                fv=w(ks[7], (f, c)),
             )  # fmt: skip
         )
     return out
@@ -130,9 +136,7 @@ def main(argv=None):
             )  # fmt: skip
             rows.append(row)
             print(row, flush=True)
-    result = dict(
-        device=str(jax.devices()[0].device_kind), weight_gb=weight_bytes / 1e9, rows=rows
-    )
+    result = dict(device=str(jax.devices()[0].device_kind), weight_gb=weight_bytes / 1e9, rows=rows)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
