@@ -14,6 +14,7 @@
 # x4-mixed: the kernel step on GPU 0, state-tuning scaling over 1 then 2 GPUs on GPUs 1-2,
 #     the generate step (without command buffers) on GPU 3.
 # scaling: the host alone, state tuning on 1, 2 and 4 GPUs.
+# scaling-full: scaling with a shorter limit, then x4-full without fla (one 10-min call).
 # Single-GPU steps (nvidia-h100-x1):
 # kernel: the GPU kernel tests (the "factored" intra-chunk mode, poisoned outputs), then
 #     bench_wkv on the three shapes against fla (fla first; "factored" at chunks of 16
@@ -68,12 +69,27 @@ case ${1:-} in
       echo "== $log"; grep -v -i warn "$OUT/$log.log" | grep -v '^ ' | tail -25
     done
     ;;
+  scaling-full)
+    # The host alone for the scaling rows, then ours (no fla: its cold compile alone needs
+    # over 4 minutes) full tuning both remat ways and state tuning side by side.
+    timeout 300 python3 benchmarks/bench_train_gpu.py --steps 3 --gpus 1,2,4 --timeout 95 \
+      --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
+    gpu=0
+    for config in ours_full_remat ours_full_dots ours_state; do
+      CUDA_VISIBLE_DEVICES=$gpu timeout 270 python3 benchmarks/bench_train_gpu.py --steps 3 \
+        --first-gpu $gpu --timeout 260 --configs $config \
+        --out "$OUT/train_$config.json" >"$OUT/train_$config.log" 2>&1 &
+      gpu=$((gpu + 1))
+    done
+    wait
+    grep -h -v -i warn "$OUT"/train_*.log | grep GPU
+    ;;
   scaling)
     timeout 560 python3 benchmarks/bench_train_gpu.py --steps 3 --gpus 1,2,4 --timeout 170 \
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernel|generate|train|x4-full|x4-mixed|scaling" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernel|generate|train|x4-full|x4-mixed|scaling|scaling-full" >&2
     exit 2
     ;;
 esac
