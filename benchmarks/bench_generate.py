@@ -54,7 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--official", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--official-strategy", default=None, help="default: cuda fp16 / cpu fp32")
-    p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument(
+        "--pack",
+        choices=("auto", "on", "off", "both"),
+        default="auto",
+        help="decode with packed projection kernels (rwkv_ray.models.rwkv6_packed; auto: on a "
+        "GPU); both: time each, the unpacked rows named decode_batchN_unpacked_...",
+    )
+    p.add_argument("--out", help="write the figures as JSON here (also before the official)")
     return p.parse_args(argv)
 
 
@@ -192,9 +199,16 @@ def main(argv=None) -> dict:
     model = build_model(args)
     figures = {"prefill_tokens": args.prefill_tokens, "decode_tokens": args.decode_tokens}
     figures["prefill_tokens_per_s"] = bench_prefill(model, args.prefill_tokens, args.repeats)
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        rate = bench_decode(model, batch, args.decode_tokens, args.repeats)
-        figures[f"decode_batch{batch}_tokens_per_s"] = rate
+    print("prefill_tokens_per_s", round(figures["prefill_tokens_per_s"]), flush=True)
+    packings = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}[args.pack]
+    for pack in packings:
+        use_engine(model, pack)
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            rate = bench_decode(model, batch, args.decode_tokens, args.repeats)
+            name = f"decode_batch{batch}{'_unpacked' if args.pack == 'both' and not pack else ''}"
+            figures[f"{name}_tokens_per_s"] = rate
+            print(f"{name}_tokens_per_s", round(rate, 1), flush=True)
+    figures["packed"] = eng_pack(model) if args.pack != "both" else "both"
     report = {
         "benchmark": "generate",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -208,14 +222,31 @@ def main(argv=None) -> dict:
         },
         "ours": figures,
     }
+    write(report, args.out)
     if want_official(args.official):
         report["official_rwkv"] = official_figures(model, args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write(report, args.out)
+    print(json.dumps(report, indent=2))
     return report
+
+
+def write(report: dict, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def use_engine(model, pack: bool | None) -> None:
+    """Make generate() use an engine that decodes packed (True), unpacked, or as default."""
+    from rwkv_ray.generation import engine as eng
+
+    eng._ENGINES[model] = eng.Engine(model, pack=pack)
+
+
+def eng_pack(model) -> bool:
+    from rwkv_ray.generation import engine as eng
+
+    return eng.engine_for(model).pack
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from rwkv_ray.generation import (
     import_peft_state,
     stream_generate,
 )
+from rwkv_ray.generation import engine as engine_module
 from rwkv_ray.models import RWKV6State
 
 VOCAB = 97
@@ -58,7 +59,17 @@ def assert_state_close(ours, ref, what):
         assert err <= RTOL_OF_MAX, f"{what} state[{i}]: error {err:.2e} of max"
 
 
-def test_greedy_matches_official_and_state_covers_every_token(ckpt):
+@pytest.fixture(params=[False, True], ids=["unpacked", "packed"])
+def pack(request, ckpt):
+    """Decode with and without packed projection kernels (the GPU default is packed)."""
+    model = ckpt[3]
+    saved = engine_module._ENGINES.get(model)
+    engine_module._ENGINES[model] = engine_module.Engine(model, pack=request.param)
+    yield request.param
+    engine_module._ENGINES[model] = saved
+
+
+def test_greedy_matches_official_and_state_covers_every_token(ckpt, pack):
     _, _, official, model = ckpt
     prompts = [prompt(9, 1), prompt(3, 2)]
     result = generate(model, prompts, 12, token_ban=NO_PAD)
@@ -152,7 +163,7 @@ def test_end_token_stops_its_row_and_freezes_its_state(ckpt):
     assert len(result.text[0]) == stop_at - 1  # ids 1..96 are one byte each; no end token
 
 
-def test_stream_yields_what_generate_returns(ckpt):
+def test_stream_yields_what_generate_returns(ckpt, pack):
     _, _, _, model = ckpt
     prompts = [prompt(5, 40), prompt(2, 41)]
     reference = generate(model, prompts, 10, token_ban=NO_PAD, end_token=prompt(1, 9)[0])

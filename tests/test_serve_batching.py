@@ -20,6 +20,7 @@ from official import random_state_dict, torch_save
 from test_serve import NO_PAD, VOCAB, free_port, post, sse
 
 import rwkv_ray
+from rwkv_ray.generation import engine as eng
 from rwkv_ray.generation import generate, load_state, save_state
 from rwkv_ray.generation.batcher import ContinuousBatcher
 from rwkv_ray.models import RWKV6Config, RWKV6State
@@ -42,6 +43,25 @@ def tiny(tmp_path_factory):
 
 def drain(stream) -> list[int]:
     return [token for tokens in stream for token in tokens]
+
+
+def test_packed_decode_in_the_batcher_equals_the_library(tiny):
+    """The batcher with packed projection kernels (the GPU default; vmapped over slots)
+    gives the unpacked library's greedy tokens."""
+    model = tiny[0]
+    prompts = [np.random.default_rng(7).integers(1, VOCAB, n).tolist() for n in (4, 7)]
+    want = [generate(model, [p], 10, token_ban=NO_PAD).tokens[0] for p in prompts]
+    saved = eng._ENGINES[model]
+    eng._ENGINES[model] = eng.Engine(model, pack=True)
+    batcher = ContinuousBatcher(model, **SMALL)
+    try:
+        assert batcher.engine.pack
+        streams = [batcher.submit(p, 10, token_ban=NO_PAD) for p in prompts]
+        got = [drain(s) for s in streams]
+    finally:
+        batcher.close()
+        eng._ENGINES[model] = saved
+    assert got == want
 
 
 def test_batched_rows_equal_the_library_alone(tiny):

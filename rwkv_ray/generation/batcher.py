@@ -339,9 +339,8 @@ class ContinuousBatcher:
         features = _union(s.request.features for _, s in busy)
         exact_stop = any(s.request.stop and s.need_state for _, s in busy)
         steps = 1 if exact_stop else self.steps_per_call
-        trainable, non_trainable = self.engine.variables()
         self._batch, tokens, active = _decode(
-            trainable, non_trainable, self._batch, self.engine, features, steps
+            self.engine.decode_variables(), self._batch, self.engine, features, steps
         )
         carry = self._batch[0]
         tokens, active, done, ended = jax.device_get(
@@ -420,11 +419,12 @@ class ContinuousBatcher:
 
 
 # Module-level compiled functions: batchers of one model (engine) share their compilations.
-@partial(jax.jit, static_argnums=(3, 4, 5), donate_argnums=(2,))
-def _decode(trainable, non_trainable, batch, engine, features, steps):
-    """`steps` decode steps of every slot: (batch, tokens [S, steps], active [S, steps])."""
+@partial(jax.jit, static_argnums=(2, 3, 4), donate_argnums=(1,))
+def _decode(weights, batch, engine, features, steps):
+    """`steps` decode steps of every slot: (batch, tokens [S, steps], active [S, steps]).
+    `weights`: `engine.decode_variables()`."""
     carry, params, end_mask, limit = batch
-    step = partial(engine._decode_step, trainable, non_trainable, features=features)
+    step = partial(engine._decode_step, *weights, features=features)
     rows = jax.vmap(lambda c, p, e, n: step(c, p, e, n))
     width = carry.tokens.shape[-1]
 

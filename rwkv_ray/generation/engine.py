@@ -33,7 +33,7 @@ from rwkv_ray.generation.sampling import (
     sample_tokens,
     update_penalties,
 )
-from rwkv_ray.models import RWKV6State
+from rwkv_ray.models import RWKV6State, rwkv6_packed
 
 PREFILL_CHUNK = 1024
 MIN_BUCKET = 16
@@ -87,14 +87,24 @@ class DecodeCarry(NamedTuple):
 
 
 class Engine:
-    """Compiled generation functions of one model (one Engine per model, see `engine_for`)."""
+    """Compiled generation functions of one model (one Engine per model, see `engine_for`).
 
-    def __init__(self, model):
+    Args:
+        model: an `RWKV6CausalLM`.
+        pack: decode with packed projection kernels (`rwkv_ray.models.rwkv6_packed`: the
+            same numbers, fewer and larger weight reads; a copy of those kernels is kept).
+            None: on a GPU only, where decoding is bound by the weight reads (on a CPU the
+            packed matmul's wasted arithmetic costs more than it saves).
+    """
+
+    def __init__(self, model, pack: bool | None = None):
         self.model = model
+        self.pack = jax.default_backend() == "gpu" if pack is None else bool(pack)
+        self._packed = None  # (the kernel arrays it was made from, the packed kernels)
         self.prefill_fn = jax.jit(self._prefill, donate_argnums=(3, 4))
         self.init_fn = jax.jit(self._init, static_argnames=("vocab_size", "features"))
-        self.step_fn = jax.jit(self._step, static_argnames=("features",), donate_argnums=(2,))
-        self.loop_fn = jax.jit(self._loop, static_argnames=("features",), donate_argnums=(2,))
+        self.step_fn = jax.jit(self._step, static_argnames=("features",), donate_argnums=(3,))
+        self.loop_fn = jax.jit(self._loop, static_argnames=("features",), donate_argnums=(3,))
 
     def variables(self) -> tuple[list, list]:
         model = self.model
@@ -102,6 +112,23 @@ class Engine:
             [v.value for v in model.trainable_variables],
             [v.value for v in model.non_trainable_variables],
         )
+
+    def decode_variables(self) -> tuple[list, list, list | None]:
+        """(trainable, non_trainable, packed kernels or None): the arguments of step_fn and
+        loop_fn. The packed kernels are remade when a projection kernel has changed (the
+        model was trained or loaded since)."""
+        trainable, non_trainable = self.variables()
+        if not self.pack:
+            return trainable, non_trainable, None
+        sources = [
+            dense.kernel.value
+            for block in self.model.backbone.blocks
+            for dense in (*rwkv6_packed.time_mix_dense(block), *rwkv6_packed.ffn_dense(block))
+        ]
+        cached = self._packed
+        if cached is None or any(a is not b for a, b in zip(cached[0], sources, strict=True)):
+            self._packed = cached = (sources, rwkv6_packed.pack_kernels(self.model.backbone))
+        return trainable, non_trainable, cached[1]
 
     # ---- model calls (traced) ----------------------------------------------------------
     def _prefill(self, trainable, non_trainable, token_ids, state, logits):
@@ -117,25 +144,30 @@ class Engine:
         fed = jnp.any(token_ids != 0, axis=1)[:, None]
         return jnp.where(fed, new_logits, logits), state
 
-    def _feed_one(self, trainable, non_trainable, token, state):
-        (logits, state), _ = self.model.stateless_call(
-            trainable, non_trainable, token[:, None], state=state
-        )
-        return logits[:, -1].astype(jnp.float32), state
+    def _feed_one(self, trainable, non_trainable, packed, token, state):
+        model = self.model
+        mapping = list(zip(model.trainable_variables, trainable, strict=True))
+        mapping += list(zip(model.non_trainable_variables, non_trainable, strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
+            hidden, state = model.backbone(token[:, None], state=state, packed_kernels=packed)
+            logits = model.head(hidden[:, 0])
+        return logits.astype(jnp.float32), state
 
     # ---- decoding (traced) -------------------------------------------------------------
     def _init(self, history, length, vocab_size: int, features: SamplerFeatures):
         _COMPILES["init_penalties"] += 1
         return init_penalties(history, length, vocab_size, features)
 
-    def _decode_step(self, trainable, non_trainable, carry, params, end_mask, limit, features):
+    def _decode_step(
+        self, trainable, non_trainable, packed, carry, params, end_mask, limit, features
+    ):
         processed = process_logits(carry.logits, params, carry.penalties, features)
         key = jax.random.fold_in(carry.key, carry.step)
         token = sample_tokens(key, processed, params, features)
         active = ~carry.done
         token = jnp.where(active, token, 0)
         tokens = carry.tokens.at[:, carry.step].set(token)
-        logits, state = self._feed_one(trainable, non_trainable, token, carry.state)
+        logits, state = self._feed_one(trainable, non_trainable, packed, token, carry.state)
         logits = jnp.where((token == 0)[:, None], carry.logits, logits)
         penalties = update_penalties(carry.penalties, token, active, params, features)
         count = carry.count + active.astype(jnp.int32)
@@ -145,11 +177,13 @@ class Engine:
             carry.step + 1, state, logits, tokens, count, done, ended, penalties, carry.key
         )
 
-    def _step(self, trainable, non_trainable, carry, params, end_mask, limit, features):
+    def _step(self, trainable, non_trainable, packed, carry, params, end_mask, limit, features):
         _COMPILES["decode_step"] += 1
-        return self._decode_step(trainable, non_trainable, carry, params, end_mask, limit, features)
+        return self._decode_step(
+            trainable, non_trainable, packed, carry, params, end_mask, limit, features
+        )
 
-    def _loop(self, trainable, non_trainable, carry, params, end_mask, limit, features):
+    def _loop(self, trainable, non_trainable, packed, carry, params, end_mask, limit, features):
         """Decode until every row is done or `limit` steps, without leaving the device."""
         _COMPILES["decode_loop"] += 1
 
@@ -157,7 +191,9 @@ class Engine:
             return (c.step < limit) & ~jnp.all(c.done)
 
         def body(c):
-            return self._decode_step(trainable, non_trainable, c, params, end_mask, limit, features)
+            return self._decode_step(
+                trainable, non_trainable, packed, c, params, end_mask, limit, features
+            )
 
         return jax.lax.while_loop(cond, body, carry)
 

@@ -303,10 +303,8 @@ def generate(
             pass
         return stream.result
     engine, carry = _start(model, request)
-    trainable, non_trainable = engine.variables()
     carry = engine.loop_fn(
-        trainable,
-        non_trainable,
+        *engine.decode_variables(),
         carry,
         request.params,
         request.end_mask,
@@ -329,7 +327,7 @@ class GenerationStream:
     def __iter__(self) -> Iterator[list[int | None]]:
         request = self.request
         engine, carry = _start(self._model, request)
-        trainable, non_trainable = engine.variables()
+        weights = engine.decode_variables()
         limit = jnp.int32(request.max_new_tokens)
         rows = len(request.prompts)
         texts = [bytearray() for _ in range(rows)]
@@ -340,8 +338,7 @@ class GenerationStream:
             if before.all():
                 break
             carry = engine.step_fn(
-                trainable,
-                non_trainable,
+                *weights,
                 carry,
                 request.params,
                 request.end_mask,

@@ -91,8 +91,10 @@ class RWKV6Backbone(keras.Model):
             ffn_shift=stacked([b.channel_mix.initial_shift for b in self.blocks], (c,)),
         )
 
-    def call(self, token_ids, state: RWKV6State | None = None):
-        """token_ids [B,T] int -> (hidden [B,T,C], new `RWKV6State`)."""
+    def call(self, token_ids, state: RWKV6State | None = None, packed_kernels=None):
+        """token_ids [B,T] int -> (hidden [B,T,C], new `RWKV6State`). `packed_kernels`
+        (`rwkv6_packed.pack_kernels(backbone)`, for decoding) reads each sub-layer's
+        projections in one matmul; the numbers are the same."""
         token_ids = ops.convert_to_tensor(token_ids)
         if len(token_ids.shape) != 2:
             raise ValueError(f"token_ids must be [batch, time], got shape {token_ids.shape}")
@@ -107,7 +109,8 @@ class RWKV6Backbone(keras.Model):
         # new slices would copy the whole state every step (400 MB at batch 32 for 1.6B).
         att_shift, wkv, ffn_shift = state
         for i, block in enumerate(self.blocks):
-            x, a, w, f = block(x, mask, att_shift[i], wkv[i], ffn_shift[i])
+            packed = None if packed_kernels is None else packed_kernels[i]
+            x, a, w, f = block(x, mask, att_shift[i], wkv[i], ffn_shift[i], packed)
             att_shift = _set_layer(att_shift, i, a)
             wkv = _set_layer(wkv, i, w)
             ffn_shift = _set_layer(ffn_shift, i, f)

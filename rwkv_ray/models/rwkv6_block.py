@@ -54,15 +54,19 @@ class RWKV6Block(keras.layers.Layer):
                 sublayer.build(shape)
         self.built = True
 
-    def call(self, x, mask, att_shift, wkv_state, ffn_shift):
-        """x [B,T,C]; mask [B,T] bool; the layer's three state pieces (float32).
+    def call(self, x, mask, att_shift, wkv_state, ffn_shift, packed_kernels=None):
+        """x [B,T,C]; mask [B,T] bool; the layer's three state pieces (float32);
+        packed_kernels: None or this layer's pair from `rwkv6_packed.pack_kernels`.
 
         Returns (x, att_shift, wkv_state, ffn_shift)."""
+        att_packed, ffn_packed = packed_kernels or (None, None)
         if self.ln0 is not None:
             x = self.ln0(x)
-        out, att_shift, wkv_state = self.time_mix(self.ln1(x), mask, att_shift, wkv_state)
+        out, att_shift, wkv_state = self.time_mix(
+            self.ln1(x), mask, att_shift, wkv_state, packed_kernel=att_packed
+        )
         x = x + out
-        out, ffn_shift = self.channel_mix(self.ln2(x), mask, ffn_shift)
+        out, ffn_shift = self.channel_mix(self.ln2(x), mask, ffn_shift, packed_kernel=ffn_packed)
         return x + out, att_shift, wkv_state, ffn_shift
 
     def get_config(self):

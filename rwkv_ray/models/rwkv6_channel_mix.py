@@ -12,6 +12,7 @@ from keras import ops
 
 from rwkv_ray.models import rwkv6_init as init
 from rwkv_ray.models.rwkv6_config import RWKV6Config
+from rwkv_ray.models.rwkv6_packed import packed_matmul
 from rwkv_ray.models.rwkv6_time_mix import token_shift
 
 
@@ -55,14 +56,22 @@ class RWKV6ChannelMix(keras.layers.Layer):
         self.value.build((None, None, cfg.intermediate_size))
         self.built = True
 
-    def call(self, b, mask, shift_state):
-        """b: ln2 output [B,T,C]; mask [B,T] bool; shift_state [B,C] -> (out, new shift)."""
+    def call(self, b, mask, shift_state, packed_kernel=None):
+        """b: ln2 output [B,T,C]; mask [B,T] bool; shift_state [B,C]; packed_kernel: None,
+        or the key|receptance kernels as one [C, F + C] matrix (see rwkv6_packed.py).
+
+        Returns (out, new shift)."""
         previous, new_shift = token_shift(b, mask, shift_state)
         xx = previous - b
         xk = b + xx * ops.cast(self.maa_k, b.dtype)
         xr = b + xx * ops.cast(self.maa_r, b.dtype)
-        hidden = ops.square(ops.relu(self.key(xk)))
-        return ops.sigmoid(self.receptance(xr)) * self.value(hidden), new_shift
+        if packed_kernel is None:
+            key, receptance = self.key(xk), self.receptance(xr)
+        else:
+            widths = [self.config.intermediate_size, self.config.hidden_size]
+            key, receptance = packed_matmul([xk, xr], packed_kernel, widths)
+        hidden = ops.square(ops.relu(key))
+        return ops.sigmoid(receptance) * self.value(hidden), new_shift
 
     def get_config(self):
         base = super().get_config()

@@ -18,6 +18,7 @@ from keras import ops
 
 from rwkv_ray.models import rwkv6_init as init
 from rwkv_ray.models.rwkv6_config import RWKV6Config
+from rwkv_ray.models.rwkv6_packed import packed_matmul
 from rwkv_ray.ops import wkv6
 
 MIX_SLOTS = ("w", "k", "v", "r", "g")
@@ -106,8 +107,10 @@ class RWKV6TimeMix(keras.layers.Layer):
         self.output_projection.build((None, None, c))
         self.built = True
 
-    def call(self, a, mask, shift_state, wkv_state):
-        """a: ln1 output [B,T,C]; mask [B,T] bool; shift_state [B,C]; wkv_state [B,H,N,N].
+    def call(self, a, mask, shift_state, wkv_state, packed_kernel=None):
+        """a: ln1 output [B,T,C]; mask [B,T] bool; shift_state [B,C]; wkv_state [B,H,N,N];
+        packed_kernel: None, or this layer's r|k|v|g kernels as one [C, 4C] matrix (see
+        rwkv6_packed.py; the same numbers, read in one matmul).
 
         Returns (out [B,T,C], new shift_state, new wkv_state)."""
         cfg = self.config
@@ -121,10 +124,14 @@ class RWKV6TimeMix(keras.layers.Layer):
         lora = ops.reshape(lora, (batch, steps, 5, cfg.mix_lora_size))
         lora = ops.einsum("btsd,sdc->btsc", lora, ops.cast(self.maa_w2, a.dtype))
         mixed = {slot: a + xx * (maa[slot] + lora[:, :, s]) for s, slot in enumerate(MIX_SLOTS)}
-        r = ops.reshape(self.receptance(mixed["r"]), heads_shape)
-        k = ops.reshape(self.key(mixed["k"]), heads_shape)
-        v = ops.reshape(self.value(mixed["v"]), heads_shape)
-        g = ops.silu(self.gate(mixed["g"]))
+        inputs = [mixed[slot] for slot in "rkvg"]
+        if packed_kernel is None:
+            dense = (self.receptance, self.key, self.value, self.gate)
+            r, k, v, g = (layer(x) for layer, x in zip(dense, inputs, strict=True))
+        else:
+            r, k, v, g = packed_matmul(inputs, packed_kernel, [cfg.hidden_size] * 4)
+        r, k, v = (ops.reshape(x, heads_shape) for x in (r, k, v))
+        g = ops.silu(g)
         log_w = self._log_decay(mixed["w"])
         real = ops.cast(mask, "float32")[:, :, None, None]
         # Padding: no write (k = 0) and no decay (log_w = 0) -> the state passes untouched.

@@ -1,0 +1,60 @@
+"""Packed projection kernels (rwkv_ray/models/rwkv6_packed.py): the same numbers as one
+matmul per projection, on both of `packed_matmul`'s paths, in a decode step of the model,
+and remade by the generation engine when the weights change."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from rwkv_ray.generation.engine import Engine
+from rwkv_ray.models import RWKV6CausalLM, RWKV6Config
+from rwkv_ray.models.rwkv6_packed import ROW_LIMIT, pack_kernels, packed_matmul
+
+
+@pytest.mark.parametrize("rows", [3, ROW_LIMIT // 2 + 1], ids=["packed", "sliced"])
+def test_packed_matmul_equals_one_matmul_per_block(rows):
+    """Two inputs (2 * rows stacked): up to ROW_LIMIT one packed matmul, above it one matmul
+    per column slice. Unequal widths, as ChannelMix's key|receptance. fp32: within 1e-5."""
+    rng = np.random.default_rng(0)
+    widths = [48, 16]
+    inputs = [rng.standard_normal((1, rows, 32)).astype(np.float32) for _ in widths]
+    kernels = [rng.standard_normal((32, w)).astype(np.float32) for w in widths]
+    got = packed_matmul(inputs, np.concatenate(kernels, axis=1), widths)
+    for x, w, y in zip(inputs, kernels, got, strict=True):
+        assert y.shape == (1, rows, w.shape[1])
+        np.testing.assert_allclose(np.asarray(y), x @ w, rtol=1e-5, atol=1e-5)
+
+
+def tiny_model(dtype="float32"):
+    config = RWKV6Config(vocab_size=64, num_layers=2, hidden_size=64, head_size=16)
+    return RWKV6CausalLM.from_model_config(config, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_decode_step_with_packed_kernels_equals_the_model(dtype, tol):
+    """One token after a 5-token prefix, batch 3: hidden states and every state piece within
+    `tol` of the largest |value| (bf16: the packed matmul may sum in another order)."""
+    model = tiny_model(dtype)
+    backbone = model.backbone
+    tokens = jax.numpy.asarray(np.random.default_rng(1).integers(1, 64, (3, 6)), "int32")
+    _, state = backbone(tokens[:, :5])
+    expected = backbone(tokens[:, 5:], state=state)
+    got = backbone(tokens[:, 5:], state=state, packed_kernels=pack_kernels(backbone))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= tol * np.abs(b).max()
+
+
+def test_engine_repacks_after_the_weights_change():
+    model = tiny_model()
+    engine = Engine(model, pack=True)
+    first = engine.decode_variables()[2]
+    assert engine.decode_variables()[2] is first  # unchanged weights: the same arrays
+    receptance = model.backbone.blocks[1].time_mix.receptance.kernel
+    receptance.assign(receptance.value + 1.0)
+    second = engine.decode_variables()[2]
+    assert second is not first
+    np.testing.assert_array_equal(np.asarray(second[1][0][:, :64]), np.asarray(receptance.value))
+    assert Engine(model, pack=False).decode_variables()[2] is None
