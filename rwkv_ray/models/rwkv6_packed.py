@@ -4,7 +4,8 @@ Decoding a token reads every weight once, at a handful of rows per matmul, so a 
 what its matmuls take to stream their weights. Small matmuls stream them slowly: on an H100
 the 1.6B shape's per-token projections ran at 1.28 TB/s one matmul per projection and
 1.53 TB/s with TimeMix's r|k|v|g and ChannelMix's key|receptance each as one matmul
-(batch 2; `benchmarks/bench_decode_gemm.py`).
+(batch 2; `benchmarks/bench_decode_gemm.py`). Whole decoding at batch 1 (2 rows on a GPU):
+440 -> 486 tokens/s; at batch 32 packed was slower (9.51k -> 9.34k), hence `ROW_LIMIT`.
 
 Those projections read different inputs (each its own token-shift mix), so one matmul
 stacks the inputs on rows and the kernels on columns: [n*M, C] @ [C, sum(widths)], of
@@ -21,9 +22,10 @@ from __future__ import annotations
 
 from keras import ops
 
-# Stacked rows up to which one packed matmul beats separate ones (H100, 1.6B shape, bf16:
-# faster at 8 and at 128 stacked rows; bench_decode_gemm.py).
-ROW_LIMIT = 128
+# Stacked rows up to which one packed matmul is used (H100, 1.6B shape, bf16, whole decode
+# steps: faster at 8 stacked rows (batch 2), slower at 128 (batch 32); bench_generate.py
+# --pack both). Up to batch 8 (32 rows of r|k|v|g) packs.
+ROW_LIMIT = 32
 
 
 def time_mix_dense(block) -> tuple:
