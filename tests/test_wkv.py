@@ -327,13 +327,16 @@ def test_auto_and_kernel_use_an_available_kernel(clean_env):
     fake = types.SimpleNamespace(
         is_available=lambda: (True, "fake GPU"),
         wkv6_kernel=lambda *args, **options: calls.append(options) or ("y", "state"),
+        wkv6_kernel_step=lambda *args: calls.append("step") or ("y1", "state1"),
     )
     clean_env.setitem(sys.modules, wkv_module.KERNEL_MODULE, fake)
     args = make_case(1, 4, 1, 8, "weak")
     assert resolve_wkv_impl("auto") == ("kernel", "auto: fake GPU")
     assert wkv6(*args) == ("y", "state")
     assert wkv6(*args, impl="kernel", chunk_size=32) == ("y", "state")
-    assert calls == [{}, {"chunk_size": 32}]
+    one_token = [x[:, :1] if i < 4 else x for i, x in enumerate(args)]
+    assert wkv6(*one_token) == ("y1", "state1")  # decoding: the kernel's one-step form
+    assert calls == [{}, {"chunk_size": 32}, "step"]
 
 
 @pytest.mark.parametrize(

@@ -78,9 +78,15 @@ def reference_and_grads(ins, dy, dst):
         return np.asarray(y), np.asarray(st), [np.asarray(g) for g in grads]
 
 
-def check_against_reference(b, t, h, n, dtype, decay, chunk=16, interpret=False, seed=0):
+def check_against_reference(
+    b, t, h, n, dtype, decay, chunk=16, interpret=False, seed=0, kernel=None
+):
+    """kernel: None for wkv6_kernel, or another function of the same signature."""
     ins, dy, dst = make_inputs(seed, b, t, h, n, dtype, decay)
-    fn = lambda *a: wk.wkv6_kernel(*a, chunk_size=chunk, interpret=interpret)  # noqa: E731
+    if kernel is None:
+        fn = lambda *a: wk.wkv6_kernel(*a, chunk_size=chunk, interpret=interpret)  # noqa: E731
+    else:
+        fn = lambda *a: kernel(*a, interpret=interpret)  # noqa: E731
     y, st = jax.jit(fn)(*ins)
     grads = jax.jit(jax.grad(_loss(fn, dy, dst), argnums=range(6)))(*ins)
     y_ref, st_ref, grads_ref = reference_and_grads(ins, dy, dst)  # sees the rounded inputs
@@ -203,6 +209,38 @@ def test_interpret_weak_decay_chunk32_3d_kept_states():
     run(1, 33, 1, 16, jnp.float32, "weak", chunk=32, interpret=True)
 
 
+@pytest.mark.parametrize("decay", ["strong", "weak"])
+def test_interpret_decode_step_matches_reference(decay):
+    """wkv6_kernel_step (T == 1, the state updated in place): output, state and every
+    gradient (through the plain-JAX step's VJP), N=64 as on a GPU."""
+    check_against_reference(
+        2, 1, 3, 64, jnp.float32, decay, interpret=True, seed=31, kernel=wk.wkv6_kernel_step
+    )
+
+
+def test_decode_step_in_a_loop_reuses_the_state_buffer():
+    """A jitted loop of steps (as in decoding) equals the reference over the same tokens; the
+    kernel's output state is its input's buffer (input_output_aliases)."""
+    ins, _, _ = make_inputs(5, 2, 6, 2, 16, jnp.float32, "weak")
+    r, k, v, log_w, u, s0 = ins
+
+    def decode(state):
+        def body(t, carry):
+            ys, state = carry
+            at = lambda x: jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1)  # noqa: E731
+            y, state = wk.wkv6_kernel_step(at(r), at(k), at(v), at(log_w), u, state, interpret=True)
+            return jax.lax.dynamic_update_slice_in_dim(ys, y, t, axis=1), state
+
+        return jax.lax.fori_loop(0, 6, body, (jnp.zeros_like(r), state))
+
+    ys, st = jax.jit(decode, donate_argnums=0)(jnp.array(s0))
+    y_ref, st_ref = ref_wkv6(*ins)
+    assert rel_rms(ys, y_ref) < 1e-5 and rel_rms(st, st_ref) < 1e-5
+    # The GPU call (traced, not run): the state argument (5) is output 1's buffer.
+    jaxpr = jax.make_jaxpr(lambda *a: wk.wkv6_kernel_step(*a))(*(x[:, :1] for x in ins[:4]), u, s0)
+    assert "input_output_aliases=((5, 1),)" in str(jaxpr)
+
+
 def test_is_available_reports_reason():
     ok, reason = wk.is_available()
     assert isinstance(ok, bool) and reason
@@ -264,6 +302,17 @@ def test_gpu_algorithms_match_reference(options, t, dtype):
     sequential passes split each head's value columns in four)."""
     _needs_gpu()
     with_kernel_options(**options)(1, t, 2, 64, dtype, "strong", seed=t + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_gpu_decode_step_matches_reference(batch, dtype):
+    """The decoding step kernel (T == 1): output, state and gradients, strong decay."""
+    _needs_gpu()
+    check_against_reference(
+        batch, 1, 4, 64, dtype, "strong", seed=batch, kernel=wk.wkv6_kernel_step
+    )
 
 
 @pytest.mark.gpu

@@ -195,7 +195,13 @@ class Engine:
                 trainable, non_trainable, packed, c, params, end_mask, limit, features
             )
 
-        return jax.lax.while_loop(cond, body, carry)
+        # Inside the loop each layer's WKV state is its own buffer, so the GPU step kernel
+        # (rwkv_ray/ops/wkv_kernel_step.py) can update it in place; as slices of one stacked
+        # array the update went through a copy of the whole state every step (H100, 1.6B,
+        # batch 32: 0.27 ms of a 3.4 ms step). The shift states are small and stay stacked.
+        wkv = list(carry.state.wkv)
+        carry = jax.lax.while_loop(cond, body, carry._replace(state=carry.state._replace(wkv=wkv)))
+        return carry._replace(state=carry.state._replace(wkv=jnp.stack(carry.state.wkv)))
 
 
 def engine_for(model) -> Engine:

@@ -14,7 +14,10 @@ PAD_ID = 0
 
 
 def _set_layer(stacked, i: int, value):
-    """stacked[i] = value, functionally: [L, ...] with layer i replaced."""
+    """stacked[i] = value, functionally: [L, ...] (or a list of L per-layer arrays) with
+    layer i replaced."""
+    if isinstance(stacked, list):
+        return [*stacked[:i], ops.cast(value, stacked[i].dtype), *stacked[i + 1 :]]
     start = (i,) + (0,) * (len(stacked.shape) - 1)
     return ops.slice_update(stacked, start, ops.cast(value, stacked.dtype)[None])
 
@@ -100,8 +103,10 @@ class RWKV6Backbone(keras.Model):
             raise ValueError(f"token_ids must be [batch, time], got shape {token_ids.shape}")
         if state is None:
             state = self.initial_state(token_ids.shape[0])
-        else:
-            state = RWKV6State(*(ops.convert_to_tensor(piece, "float32") for piece in state))
+        else:  # a piece may be a list of per-layer arrays (the decode loop's wkv, engine.py)
+            state = RWKV6State(
+                *(p if isinstance(p, list) else ops.convert_to_tensor(p, "float32") for p in state)
+            )
         mask = ops.not_equal(token_ids, PAD_ID)
         x = self.embedding(token_ids)
         # Layer i reads its slice of the running state and writes it back in place: a chain

@@ -14,8 +14,9 @@ Implementations (`impl`, else env RWKV_WKV_IMPL, else legacy env OPS_KERNEL, els
             `is_available() -> (ok, reason)` and `wkv6_kernel(r, k, v, log_w, u,
             initial_state=None, *, chunk_size=...)` (chunk_size passed only when given);
   'auto'    the kernel when available, else 'chunked' (the reason is logged once).
-A single step (T == 1, decoding) is computed directly by `wkv6_single_step` whatever the
-choice (the choice is still resolved, so an impossible explicit request still raises).
+A single step (T == 1, decoding) skips the chunk machinery: the kernel module's
+`wkv6_kernel_step` (one kernel updating the state in place) when 'kernel' is chosen, else
+`wkv6_single_step`.
 An explicit request that cannot be met raises; nothing falls back silently.
 """
 
@@ -62,6 +63,9 @@ def wkv6(r, k, v, log_w, u, initial_state=None, *, impl: str | None = None, chun
     if r.shape[1] == 1:
         # A decoding step: every implementation reduces to one application of the
         # recurrence; the chunked forms would pad the token to a whole chunk.
+        if chosen == "kernel":
+            kernel = importlib.import_module(KERNEL_MODULE)
+            return kernel.wkv6_kernel_step(r, k, v, log_w, u, initial_state)
         return wkv6_single_step(r, k, v, log_w, u, initial_state)
     if chosen == "scan":
         return wkv6_scan(r, k, v, log_w, u, initial_state)

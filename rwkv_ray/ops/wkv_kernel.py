@@ -37,7 +37,8 @@ accumulation and state in float32. `interpret=True` runs the same kernels on CPU
 Files: this one holds the custom VJP, `is_available` and the public `wkv6_kernel` (and
 re-exports `value_splits`, `use_two_pass`, `use_two_pass_backward`); wkv_kernel_fwd.py the
 forward kernels and launchers; wkv_kernel_bwd.py the backward ones; wkv_kernel_call.py the
-shared pallas_call / BlockSpec helpers; wkv_kernel_intra.py the intra-chunk math.
+shared pallas_call / BlockSpec helpers; wkv_kernel_intra.py the intra-chunk math;
+wkv_kernel_step.py the one-token step of decoding (`wkv6_kernel_step`, re-exported).
 These modules import only jax; the dispatcher (rwkv_ray/ops/wkv.py) imports this one lazily.
 """
 
@@ -53,8 +54,16 @@ from rwkv_ray.ops.wkv_kernel_bwd import _backward_fused, _backward_two_pass, use
 from rwkv_ray.ops.wkv_kernel_call import _Opts
 from rwkv_ray.ops.wkv_kernel_fwd import _forward, _forward_two_pass, use_two_pass, value_splits
 from rwkv_ray.ops.wkv_kernel_intra import F32
+from rwkv_ray.ops.wkv_kernel_step import wkv6_kernel_step
 
-__all__ = ["is_available", "use_two_pass", "use_two_pass_backward", "value_splits", "wkv6_kernel"]
+__all__ = [
+    "is_available",
+    "use_two_pass",
+    "use_two_pass_backward",
+    "value_splits",
+    "wkv6_kernel",
+    "wkv6_kernel_step",
+]
 
 # ----------------------------------------------------------------------------- custom VJP
 
