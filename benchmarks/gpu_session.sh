@@ -3,93 +3,83 @@
 # calls of under 10 minutes each. Every step has its own time limit and writes its JSON under
 # $OUT as soon as it has a row, so a step that runs long loses only itself.
 #
-# Next session's plan (about 25 min of device time):
-#   OUT=$OUT bash benchmarks/gpu_session.sh x4-full   # nvidia-h100-x4, about 9 min
-#   OUT=$OUT bash benchmarks/gpu_session.sh x4-mixed  # same host, about 9 min
-#   OUT=$OUT bash benchmarks/gpu_session.sh scaling   # same host, about 4 min
+# Next session's plan (about 25 min of device time; one-GPU machines have counted half):
+#   OUT=$OUT bash benchmarks/gpu_session.sh decode   # nvidia-h100-x1, about 8 min
+#   OUT=$OUT bash benchmarks/gpu_session.sh kernel   # same machine, about 8 min
+#   OUT=$OUT bash benchmarks/gpu_session.sh train-x4 # nvidia-h100-x4, about 9 min
 #
-# x4-full: one training configuration per GPU side by side (the 1.6B step at B4 T4096): fla
-#     (its cold compile has needed over 240 s), ours full tuning with per-block remat, ours
-#     full tuning keeping the matmul outputs (remat "dots"), ours state tuning.
-# x4-mixed: the kernel step on GPU 0, state-tuning scaling over 1 then 2 GPUs on GPUs 1-2,
-#     the generate step (without command buffers) on GPU 3.
-# scaling: the host alone, state tuning on 1, 2 and 4 GPUs.
-# scaling-full: scaling with a shorter limit, then x4-full without fla (one 10-min call).
-# Single-GPU steps (nvidia-h100-x1):
-# kernel: the GPU kernel tests (the "factored" intra-chunk mode, poisoned outputs), then
-#     bench_wkv on the issue's three shapes against fla (fla first; "factored" at chunks of 16
-#     and 32; "loop").
-# train: the 1.6B training step: fla first, then ours full (block remat, dots) and state.
-# generate: the generation issue's figures (ours and the official package, same run).
+# decode: first the decode-step kernel's GPU tests (new, never run on a GPU: if they fail,
+#     `auto` decoding on a GPU is broken and that comes first), then the generation issue's
+#     figures (ours packed and unpacked, the official package, same run), then a profile of
+#     decoding at batch 2 and 32 (is the per-step state memcpy gone?).
+# kernel: bench_wkv on the issue's three shapes against fla (fla first), chunks of 16 and 32
+#     ("factored"): chunk 32 halves the sequential passes that dominate B1 T16384.
+# train-x4: one training configuration per GPU side by side (the 1.6B step at B4 T4096): fla
+#     (its cold compile has needed over 240 s), ours full tuning (per-block remat), ours state
+#     tuning; on GPU 3 a profile of our full-tuning step (where its 0.25 s over state tuning
+#     goes).
+# scaling: the host alone, state tuning on 1, 2 and 4 GPUs (0.985 / 0.964 on 2026-11-27).
+# generate / train: the generation figures alone; the training configurations one after the
+#     other on one GPU.
 set -u
 OUT=${OUT:?set OUT to a folder for the results}
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 
-kernel() {
-  JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
-    -k "factored or poison" 2>&1 | tail -15
-  timeout 330 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
-    --configs 16:4:1:factored,32:4:1:factored,16:4:1:loop --out "$OUT/wkv_vs_fla.json" \
-    2>&1 | grep -v -i warn
+generate() {
+  timeout 330 python3 benchmarks/bench_generate.py --shape 1b6 --dtype bfloat16 \
+    --official on --repeats 3 --pack both --out "$OUT/generate_h100.json" 2>&1 \
+    | grep -v -i warn | grep -v '^\[\|ptxas\|^ '
 }
 
-generate() {
-  timeout 300 python3 benchmarks/bench_generate.py --shape 1b6 --dtype bfloat16 \
-    --official on --repeats 3 --out "$OUT/generate_h100.json" 2>&1 | grep -v -i warn
+# side_by_side LIMIT CONFIG...: one bench_train_gpu configuration per GPU, GPUs 0, 1, ...
+side_by_side() {
+  local limit=$1 gpu=0
+  shift
+  for config in "$@"; do
+    CUDA_VISIBLE_DEVICES=$gpu timeout $((limit + 20)) python3 benchmarks/bench_train_gpu.py \
+      --steps 3 --first-gpu $gpu --timeout "$limit" --configs "$config" \
+      --out "$OUT/train_$config.json" >"$OUT/train_$config.log" 2>&1 &
+    gpu=$((gpu + 1))
+  done
+  wait
+  grep -h -v -i warn "$OUT"/train_*.log | grep GPU
 }
 
 case ${1:-} in
-  kernel) kernel ;;
+  decode)
+    JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
+      -k "decode_step" 2>&1 | tail -15
+    generate
+    timeout 130 python3 benchmarks/profile_generate.py --shape 1b6 --dtype bfloat16 \
+      --batch-sizes 2,32 --decode-tokens 32 --top 20 --out "$OUT/profile_generate.json" \
+      2>&1 | grep -v -i warn | grep -A3 '"decode_batch\|"name": "memcpy\|wkv6_step'
+    ;;
+  kernel)
+    timeout 540 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
+      --configs 16:4:1:factored,32:4:1:factored --out "$OUT/wkv_vs_fla.json" \
+      2>&1 | grep -v -i warn
+    ;;
   generate) generate ;;
   train)
     timeout 570 python3 benchmarks/bench_train_gpu.py --steps 3 --timeout 240 \
-      --configs fla,ours_full_remat,ours_full_dots,ours_state --out "$OUT/train_1p6b.json" \
+      --configs fla,ours_full_remat,ours_state --out "$OUT/train_1p6b.json" \
       2>&1 | grep -v -i warn | grep -v '^ '
     ;;
-  x4-full)
-    gpu=0
-    for config in fla ours_full_remat ours_full_dots ours_state; do
-      CUDA_VISIBLE_DEVICES=$gpu timeout 560 python3 benchmarks/bench_train_gpu.py --steps 3 \
-        --first-gpu $gpu --timeout 540 --configs $config \
-        --out "$OUT/train_$config.json" >"$OUT/train_$config.log" 2>&1 &
-      gpu=$((gpu + 1))
-    done
+  train-x4)
+    (export CUDA_VISIBLE_DEVICES=3; timeout 500 python3 benchmarks/profile_train.py \
+      --mode full --remat block --out "$OUT/profile_train_full.json" \
+      >"$OUT/profile_train_full.log" 2>&1) &
+    side_by_side 520 fla ours_full_remat ours_state
     wait
-    grep -h -v -i warn "$OUT"/train_*.log | grep GPU
-    ;;
-  x4-mixed)
-    (export CUDA_VISIBLE_DEVICES=0; kernel) >"$OUT/kernel.log" 2>&1 &
-    CUDA_VISIBLE_DEVICES=1 timeout 570 python3 benchmarks/bench_train_gpu.py --steps 3 \
-      --first-gpu 1 --gpus 1,2 --timeout 280 --configs ours_state \
-      --out "$OUT/train_scaling.json" >"$OUT/scaling.log" 2>&1 &
-    (export CUDA_VISIBLE_DEVICES=3; generate) >"$OUT/generate.log" 2>&1 &
-    wait
-    for log in kernel scaling generate; do
-      echo "== $log"; grep -v -i warn "$OUT/$log.log" | grep -v '^ ' | tail -25
-    done
-    ;;
-  scaling-full)
-    # The host alone for the scaling rows, then ours (no fla: its cold compile alone needs
-    # over 4 minutes) full tuning both remat ways and state tuning side by side.
-    timeout 300 python3 benchmarks/bench_train_gpu.py --steps 3 --gpus 1,2,4 --timeout 95 \
-      --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
-    gpu=0
-    for config in ours_full_remat ours_full_dots ours_state; do
-      CUDA_VISIBLE_DEVICES=$gpu timeout 270 python3 benchmarks/bench_train_gpu.py --steps 3 \
-        --first-gpu $gpu --timeout 260 --configs $config \
-        --out "$OUT/train_$config.json" >"$OUT/train_$config.log" 2>&1 &
-      gpu=$((gpu + 1))
-    done
-    wait
-    grep -h -v -i warn "$OUT"/train_*.log | grep GPU
+    grep -v -i warn "$OUT/profile_train_full.log" | tail -40
     ;;
   scaling)
     timeout 560 python3 benchmarks/bench_train_gpu.py --steps 3 --gpus 1,2,4 --timeout 170 \
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernel|generate|train|x4-full|x4-mixed|scaling|scaling-full" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|kernel|train-x4|scaling|generate|train" >&2
     exit 2
     ;;
 esac

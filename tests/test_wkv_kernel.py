@@ -209,12 +209,14 @@ def test_interpret_weak_decay_chunk32_3d_kept_states():
     run(1, 33, 1, 16, jnp.float32, "weak", chunk=32, interpret=True)
 
 
-@pytest.mark.parametrize("decay", ["strong", "weak"])
-def test_interpret_decode_step_matches_reference(decay):
+@pytest.mark.parametrize(
+    "decay,dtype", [("strong", jnp.float32), ("weak", jnp.float32), ("strong", jnp.bfloat16)]
+)
+def test_interpret_decode_step_matches_reference(decay, dtype):
     """wkv6_kernel_step (T == 1, the state updated in place): output, state and every
     gradient (through the plain-JAX step's VJP), N=64 as on a GPU."""
     check_against_reference(
-        2, 1, 3, 64, jnp.float32, decay, interpret=True, seed=31, kernel=wk.wkv6_kernel_step
+        2, 1, 3, 64, dtype, decay, interpret=True, seed=31, kernel=wk.wkv6_kernel_step
     )
 
 
