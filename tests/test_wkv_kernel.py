@@ -243,6 +243,23 @@ def test_decode_step_in_a_loop_reuses_the_state_buffer():
     assert "input_output_aliases=((5, 1),)" in str(jaxpr)
 
 
+def test_decode_step_under_vmap():
+    """The serving batcher vmaps a one-row decode step over its slots: the vmapped kernel
+    equals the reference per slot and keeps the state's buffer aliased."""
+    ins, _, _ = make_inputs(9, 3, 1, 2, 16, jnp.float32, "strong")  # 3 slots of one row each
+    r, k, v, log_w, u, s0 = ins
+    rows = [x[:, None] for x in (r, k, v, log_w, s0)]  # [slots, 1, ...]
+
+    def step(r, k, v, log_w, s, interpret=True):
+        return wk.wkv6_kernel_step(r, k, v, log_w, u, s, interpret=interpret)
+
+    y, st = jax.jit(jax.vmap(step))(*rows)
+    y_ref, st_ref = ref_wkv6(*ins)
+    assert rel_rms(y[:, 0], y_ref) < 1e-5 and rel_rms(st[:, 0], st_ref) < 1e-5
+    jaxpr = jax.make_jaxpr(jax.vmap(lambda *a: step(*a, interpret=False)))(*rows)
+    assert "input_output_aliases=((5, 1),)" in str(jaxpr)
+
+
 def test_is_available_reports_reason():
     ok, reason = wk.is_available()
     assert isinstance(ok, bool) and reason
