@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# Two pytest-xdist workers, a whole module at a time (module fixtures are built once).
 test: install
-	$(BIN)/python -m pytest -q -ra --durations=15 tests
+	$(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadfile tests
 
 # The GPU-only tests (kernel vs reference); tests/conftest.py defaults JAX to the CPU, so the
 # platform is named here.
