@@ -240,7 +240,7 @@ def use_engine(model, pack: bool | None) -> None:
     """Make generate() use an engine that decodes packed (True), unpacked, or as default."""
     from rwkv_ray.generation import engine as eng
 
-    eng._ENGINES[model] = eng.Engine(model, pack=pack)
+    eng.engine_for(model, pack)
 
 
 def eng_pack(model) -> bool:

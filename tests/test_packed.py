@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from rwkv_ray.generation.engine import Engine
+from rwkv_ray.generation.engine import Engine, engine_for
 from rwkv_ray.models import RWKV6CausalLM, RWKV6Config
 from rwkv_ray.models.rwkv6_packed import ROW_LIMIT, pack_kernels, packed_matmul
 
@@ -58,3 +58,14 @@ def test_engine_repacks_after_the_weights_change():
     assert second is not first
     np.testing.assert_array_equal(np.asarray(second[1][0][:, :64]), np.asarray(receptance.value))
     assert Engine(model, pack=False).decode_variables()[2] is None
+
+
+def test_engine_for_switches_packing():
+    """engine_for(model, pack=...) replaces the cached engine (what generate() uses) only
+    when it decodes the other way."""
+    model = tiny_model()
+    default = engine_for(model)
+    assert default.pack is False  # CPU
+    assert engine_for(model) is default and engine_for(model, pack=False) is default
+    packed = engine_for(model, pack=True)
+    assert packed.pack and engine_for(model) is packed

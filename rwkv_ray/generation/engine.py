@@ -204,11 +204,13 @@ class Engine:
         return carry._replace(state=carry.state._replace(wkv=jnp.stack(carry.state.wkv)))
 
 
-def engine_for(model) -> Engine:
-    """The (cached) Engine of a model."""
+def engine_for(model, pack: bool | None = None) -> Engine:
+    """The (cached) Engine that `generate`, streams and the serving batcher use for a model.
+    `pack` True / False (see `Engine`) replaces a cached engine that decodes the other way:
+    `engine_for(model, pack=False)` turns packed decoding off for that model."""
     engine = _ENGINES.get(model)
-    if engine is None:
-        engine = _ENGINES[model] = Engine(model)
+    if engine is None or (pack is not None and engine.pack != pack):
+        engine = _ENGINES[model] = Engine(model, pack)
     return engine
 
 
