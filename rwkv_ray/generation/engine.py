@@ -131,13 +131,18 @@ class Engine:
         return trainable, non_trainable, cached[1]
 
     # ---- model calls (traced) ----------------------------------------------------------
+    def _weights(self, trainable, non_trainable) -> keras.StatelessScope:
+        """A scope in which the model's variables read these (traced) values."""
+        model = self.model
+        mapping = list(zip(model.trainable_variables, trainable, strict=True))
+        mapping += list(zip(model.non_trainable_variables, non_trainable, strict=True))
+        return keras.StatelessScope(state_mapping=mapping)
+
     def _prefill(self, trainable, non_trainable, token_ids, state, logits):
         """Feed token_ids [B,T]; rows that are all padding keep their logits."""
         _COMPILES["prefill"] += 1
         model = self.model
-        mapping = list(zip(model.trainable_variables, trainable, strict=True))
-        mapping += list(zip(model.non_trainable_variables, non_trainable, strict=True))
-        with keras.StatelessScope(state_mapping=mapping):
+        with self._weights(trainable, non_trainable):
             hidden, state = model.backbone(token_ids, state=state)
             # The head only for the last position: prefill never needs the other logits.
             new_logits = model.head(hidden[:, -1:])[:, 0].astype(jnp.float32)
@@ -146,9 +151,7 @@ class Engine:
 
     def _feed_one(self, trainable, non_trainable, packed, token, state):
         model = self.model
-        mapping = list(zip(model.trainable_variables, trainable, strict=True))
-        mapping += list(zip(model.non_trainable_variables, non_trainable, strict=True))
-        with keras.StatelessScope(state_mapping=mapping):
+        with self._weights(trainable, non_trainable):
             hidden, state = model.backbone(token[:, None], state=state, packed_kernels=packed)
             logits = model.head(hidden[:, 0])
         return logits.astype(jnp.float32), state

@@ -12,7 +12,7 @@ from keras import ops
 
 from rwkv_ray.models import rwkv6_init as init
 from rwkv_ray.models.rwkv6_config import RWKV6Config
-from rwkv_ray.models.rwkv6_packed import packed_matmul
+from rwkv_ray.models.rwkv6_packed import packed_matmul, packs
 from rwkv_ray.models.rwkv6_time_mix import token_shift
 
 
@@ -65,7 +65,7 @@ class RWKV6ChannelMix(keras.layers.Layer):
         xx = previous - b
         xk = b + xx * ops.cast(self.maa_k, b.dtype)
         xr = b + xx * ops.cast(self.maa_r, b.dtype)
-        if packed_kernel is None:
+        if packed_kernel is None or not packs([xk, xr]):
             key, receptance = self.key(xk), self.receptance(xr)
         else:
             widths = [self.config.intermediate_size, self.config.hidden_size]

@@ -11,7 +11,8 @@ Those projections read different inputs (each its own token-shift mix), so one m
 stacks the inputs on rows and the kernels on columns: [n*M, C] @ [C, sum(widths)], of
 which block (i, i) is projection i of input i. The other blocks are wasted arithmetic,
 free while the rows are few (the matmul is bound by the weight read). Above `ROW_LIMIT`
-stacked rows (prefill, big batches) each projection is its own matmul on its column slice.
+stacked rows (prefill, big batches) the layers use their own Dense kernels (`packs`):
+slicing the packed matrix there would copy it on every call.
 
 `pack_kernels(model)` builds the packed kernels from a model's current weights, in the
 compute dtype: a copy (TimeMix 4*C^2 and ChannelMix (F + C)*C per layer: 1.7 GB for the
@@ -50,14 +51,19 @@ def pack_kernels(backbone) -> list[tuple]:
     return [(pack(time_mix_dense(b)), pack(ffn_dense(b))) for b in backbone.blocks]
 
 
+def packs(inputs) -> bool:
+    """Whether these inputs ([B, T, C_in] each) are few enough rows for one packed matmul."""
+    return len(inputs) * ops.shape(inputs[0])[0] * ops.shape(inputs[0])[1] <= ROW_LIMIT
+
+
 def packed_matmul(inputs, kernel, widths):
     """[x_i @ kernel[:, block i] for each i]: inputs are [B, T, C_in], block i is widths[i]
-    columns wide."""
+    columns wide. One matmul where `packs(inputs)`, else one per column slice."""
     batch, steps = ops.shape(inputs[0])[0], ops.shape(inputs[0])[1]
     kernel = ops.cast(kernel, inputs[0].dtype)
     offsets = [sum(widths[:i]) for i in range(len(widths))]
     rows = batch * steps
-    if len(inputs) * rows > ROW_LIMIT:
+    if not packs(inputs):
         return [
             ops.matmul(x, kernel[:, start : start + width])
             for x, start, width in zip(inputs, offsets, widths, strict=True)

@@ -18,7 +18,7 @@ from keras import ops
 
 from rwkv_ray.models import rwkv6_init as init
 from rwkv_ray.models.rwkv6_config import RWKV6Config
-from rwkv_ray.models.rwkv6_packed import packed_matmul
+from rwkv_ray.models.rwkv6_packed import packed_matmul, packs
 from rwkv_ray.ops import wkv6
 
 MIX_SLOTS = ("w", "k", "v", "r", "g")
@@ -125,7 +125,7 @@ class RWKV6TimeMix(keras.layers.Layer):
         lora = ops.einsum("btsd,sdc->btsc", lora, ops.cast(self.maa_w2, a.dtype))
         mixed = {slot: a + xx * (maa[slot] + lora[:, :, s]) for s, slot in enumerate(MIX_SLOTS)}
         inputs = [mixed[slot] for slot in "rkvg"]
-        if packed_kernel is None:
+        if packed_kernel is None or not packs(inputs):
             dense = (self.receptance, self.key, self.value, self.gate)
             r, k, v, g = (layer(x) for layer, x in zip(dense, inputs, strict=True))
         else:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-F32 = jnp.float32
+from rwkv_ray.ops.wkv_kernel_intra import F32
 
 
 def _step_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s_ref, y_ref, s_out_ref):
