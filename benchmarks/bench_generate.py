@@ -61,12 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="decode with packed projection kernels (rwkv_ray.models.rwkv6_packed; auto: on a "
         "GPU); both: time each, the unpacked rows named decode_batchN_unpacked_...",
     )
-    p.add_argument(
-        "--unroll",
-        default=None,
-        help="decode steps per loop iteration (Engine unroll; default the engine's), or a "
-        "list such as 1,2,4,1 timed one after the other, rows named decode_batchN_unrollU",
-    )
     p.add_argument("--out", help="write the figures as JSON here (also before the official)")
     return p.parse_args(argv)
 
@@ -207,20 +201,13 @@ def main(argv=None) -> dict:
     figures["prefill_tokens_per_s"] = bench_prefill(model, args.prefill_tokens, args.repeats)
     print("prefill_tokens_per_s", round(figures["prefill_tokens_per_s"]), flush=True)
     packings = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}[args.pack]
-    unrolls = [None] if args.unroll is None else [int(u) for u in args.unroll.split(",")]
     for pack in packings:
-        for unroll in unrolls:
-            use_engine(model, pack, unroll)
-            for batch in (int(b) for b in args.batch_sizes.split(",")):
-                rate = bench_decode(model, batch, args.decode_tokens, args.repeats)
-                name = f"decode_batch{batch}"
-                name += "_unpacked" if args.pack == "both" and not pack else ""
-                name += f"_unroll{unroll}" if len(unrolls) > 1 else ""
-                while f"{name}_tokens_per_s" in figures:  # a value listed twice: its repeat
-                    name += "_again"
-                figures[f"{name}_tokens_per_s"] = rate
-                print(f"{name}_tokens_per_s", round(rate, 1), flush=True)
-    figures["unroll"] = args.unroll or engine_unroll(model)
+        use_engine(model, pack)
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            rate = bench_decode(model, batch, args.decode_tokens, args.repeats)
+            name = f"decode_batch{batch}{'_unpacked' if args.pack == 'both' and not pack else ''}"
+            figures[f"{name}_tokens_per_s"] = rate
+            print(f"{name}_tokens_per_s", round(rate, 1), flush=True)
     figures["packed"] = eng_pack(model) if args.pack != "both" else "both"
     report = {
         "benchmark": "generate",
@@ -249,18 +236,11 @@ def write(report: dict, out: str | None) -> None:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def use_engine(model, pack: bool | None, unroll: int | None = None) -> None:
-    """Make generate() use an engine that decodes packed (True), unpacked, or as default,
-    with `unroll` decode steps per loop iteration (None: as the cached engine)."""
+def use_engine(model, pack: bool | None) -> None:
+    """Make generate() use an engine that decodes packed (True), unpacked, or as default."""
     from rwkv_ray.generation import engine as eng
 
-    eng.engine_for(model, pack, unroll)
-
-
-def engine_unroll(model) -> int:
-    from rwkv_ray.generation import engine as eng
-
-    return eng.engine_for(model).unroll
+    eng.engine_for(model, pack)
 
 
 def eng_pack(model) -> bool:

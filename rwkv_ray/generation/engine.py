@@ -37,11 +37,6 @@ from rwkv_ray.models import RWKV6State, rwkv6_packed
 
 PREFILL_CHUNK = 1024
 MIN_BUCKET = 16
-# Decode steps per iteration of the on-device loop. Every iteration ends with a round trip
-# (the loop predicate goes to the host, which then launches the next body), so a few steps
-# per iteration hide it; an iteration may run up to DECODE_UNROLL - 1 steps after every row
-# has finished, which feed padding and change nothing.
-DECODE_UNROLL = 1
 _COMPILES: collections.Counter[str] = collections.Counter()
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -100,15 +95,11 @@ class Engine:
             same numbers, fewer and larger weight reads; a copy of those kernels is kept).
             None: on a GPU only, where decoding is bound by the weight reads (on a CPU the
             packed matmul's wasted arithmetic costs more than it saves).
-        unroll: decode steps per iteration of the on-device loop (None: DECODE_UNROLL).
     """
 
-    def __init__(self, model, pack: bool | None = None, unroll: int | None = None):
+    def __init__(self, model, pack: bool | None = None):
         self.model = model
         self.pack = jax.default_backend() == "gpu" if pack is None else bool(pack)
-        self.unroll = DECODE_UNROLL if unroll is None else int(unroll)
-        if self.unroll < 1:
-            raise ValueError(f"unroll must be >= 1, got {unroll}")
         self._packed = None  # (the kernel arrays it was made from, the packed kernels)
         self.prefill_fn = jax.jit(self._prefill, donate_argnums=(3, 4))
         self.init_fn = jax.jit(self._init, static_argnames=("vocab_size", "features"))
@@ -178,8 +169,7 @@ class Engine:
         token = sample_tokens(key, processed, params, features)
         active = ~carry.done
         token = jnp.where(active, token, 0)
-        # "drop": an unrolled loop may step past the token buffer once every row is done.
-        tokens = carry.tokens.at[:, carry.step].set(token, mode="drop")
+        tokens = carry.tokens.at[:, carry.step].set(token)
         logits, state = self._feed_one(trainable, non_trainable, packed, token, carry.state)
         logits = jnp.where((token == 0)[:, None], carry.logits, logits)
         penalties = update_penalties(carry.penalties, token, active, params, features)
@@ -204,35 +194,29 @@ class Engine:
             return (c.step < limit) & ~jnp.all(c.done)
 
         def body(c):
-            for _ in range(self.unroll):
-                c = self._decode_step(
-                    trainable, non_trainable, packed, c, params, end_mask, limit, features
-                )
-            return c
+            return self._decode_step(
+                trainable, non_trainable, packed, c, params, end_mask, limit, features
+            )
 
         # Inside the loop each layer's state pieces are their own buffers, so the GPU step
         # kernel (rwkv_ray/ops/wkv_kernel_step.py) can update the WKV state in place and the
-        # shift states come straight out of the fusions that compute them; as slices of one
+        # shift states come straight out of the fusions that compute them. As slices of one
         # stacked array the WKV update went through a copy of the whole state every step
-        # (H100, 1.6B, batch 32: 0.27 ms of a 3.4 ms step).
+        # (H100, 1.6B, batch 32: 0.27 ms of a 3.4 ms step), and each shift state took a
+        # slice-update kernel per layer (batch 1: 479 -> 491-506 tokens/s without them).
+        # Steps per iteration (2, 4) were timed too: no clear gain (BENCHMARKS.md).
         listed = RWKV6State(*(list(piece) for piece in carry.state))
         carry = jax.lax.while_loop(cond, body, carry._replace(state=listed))
         return carry._replace(state=RWKV6State(*(jnp.stack(p) for p in carry.state)))
 
 
-def engine_for(model, pack: bool | None = None, unroll: int | None = None) -> Engine:
+def engine_for(model, pack: bool | None = None) -> Engine:
     """The (cached) Engine that `generate`, streams and the serving batcher use for a model.
-    `pack` True / False or an `unroll` (see `Engine`) replaces a cached engine that decodes
-    another way: `engine_for(model, pack=False)` turns packed decoding off for that model."""
+    `pack` True / False (see `Engine`) replaces a cached engine that decodes the other way:
+    `engine_for(model, pack=False)` turns packed decoding off for that model."""
     engine = _ENGINES.get(model)
-    if (
-        engine is None
-        or (pack is not None and engine.pack != pack)
-        or (unroll is not None and engine.unroll != unroll)
-    ):
-        engine = _ENGINES[model] = Engine(
-            model, engine.pack if pack is None and engine else pack, unroll
-        )
+    if engine is None or (pack is not None and engine.pack != pack):
+        engine = _ENGINES[model] = Engine(model, pack)
     return engine
 
 

@@ -103,7 +103,7 @@ class RWKV6Backbone(keras.Model):
             raise ValueError(f"token_ids must be [batch, time], got shape {token_ids.shape}")
         if state is None:
             state = self.initial_state(token_ids.shape[0])
-        else:  # a piece may be a list of per-layer arrays (the decode loop's wkv, engine.py)
+        else:  # pieces may be lists of per-layer arrays (the decode loop's, engine.py)
             state = RWKV6State(
                 *(p if isinstance(p, list) else ops.convert_to_tensor(p, "float32") for p in state)
             )
