@@ -46,6 +46,7 @@ def bench(shape: str, mode: str, args) -> dict:
                 "config": SHAPES[shape],
                 "dtype": args.dtype,
                 "remat": remat_setting(args.remat),
+                "master_weights": getattr(args, "master_weights", "float32"),
             },
             "data": {"train": "unused"},
         }
@@ -118,6 +119,12 @@ def main() -> None:
         "--memory", action="store_true", help="only compile and report XLA's planned memory"
     )
     parser.add_argument("--micro-batches", type=int, default=1, help="split --batch into A")
+    parser.add_argument(
+        "--master-weights",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="model.master_weights: full tuning's weights and moments (with --dtype bfloat16)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results = [bench(args.shape, mode, args) for mode in args.modes.split(",")]

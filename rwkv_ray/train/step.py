@@ -4,8 +4,10 @@
   (shared over the batch); `state+shift` also the two initial token-shift vectors. Frozen
   variables never pass through the optimizer, so they stay bit-identical.
 - Precision: `float32`, or `bfloat16` = bf16 compute. In full mode the weights the optimizer
-  updates stay float32 (Keras "mixed_bfloat16": float32 master, bf16 matmuls); in state
-  modes the frozen weights are stored in bf16 and the trained states are float32.
+  updates stay float32 (Keras "mixed_bfloat16": float32 master, bf16 matmuls) unless
+  model.master_weights is bfloat16 (weights and AdamW moments in bf16, Keras "bfloat16");
+  in state modes the frozen weights are stored in bf16 and the trained states are float32.
+  The decay, bonus, GroupNorm and state variables are float32 in every case.
 - Loss: next-token cross-entropy with the head applied piece by piece
   (`summed_head_loss`), so the [B, T, V] logits never exist at once.
 - Optimizer: AdamW (weight decay on weight matrices only, as RWKV-LM), warmup (from 1% of
@@ -47,7 +49,9 @@ class TrainState(NamedTuple):
 def dtype_policy(config: JobConfig) -> str:
     if config.model.dtype == "float32":
         return "float32"
-    return "mixed_bfloat16" if config.mode == "full" else "bfloat16"
+    if config.mode == "full" and config.model.master_weights == "float32":
+        return "mixed_bfloat16"
+    return "bfloat16"
 
 
 def build_model(config: JobConfig) -> RWKV6CausalLM:
