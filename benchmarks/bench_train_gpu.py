@@ -127,6 +127,13 @@ def run_fla(args) -> dict:
     }
 
 
+def gpu_memory_fraction() -> float:
+    sys.path.insert(0, str(ROOT))
+    from rwkv_ray.train.config import ScalingSettings
+
+    return ScalingSettings().gpu_memory_fraction
+
+
 def run_one(name: str, gpus: int, args) -> dict:
     """One configuration in its own process on `gpus` GPUs from --first-gpu (data parallel
     over them: the global batch is --batch rows per GPU)."""
@@ -136,6 +143,8 @@ def run_one(name: str, gpus: int, args) -> dict:
     env = dict(
         os.environ, CUDA_VISIBLE_DEVICES=",".join(str(args.first_gpu + i) for i in range(gpus))
     )
+    # The share of GPU memory our training workers give JAX (JAX's default is 0.75).
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(gpu_memory_fraction()))
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:

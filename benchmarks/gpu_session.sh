@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# The GPU measurements still open for the kernel, training and generation issues, as device
-# calls of under 10 minutes each. Every step has its own time limit and writes its JSON under
-# $OUT as soon as it has a row, so a step that runs long loses only itself.
+# The GPU measurements still open for the kernel and training issues, as device calls of
+# under 10 minutes each. Every step has its own time limit and writes its JSON under $OUT as
+# soon as it has a row, so a step that runs long loses only itself.
 #
-# Next session's plan (about 25 min of device time; one-GPU machines have counted half):
-#   OUT=$OUT bash benchmarks/gpu_session.sh decode   # nvidia-h100-x1, about 8 min
-#   OUT=$OUT bash benchmarks/gpu_session.sh kernel   # same machine, about 8 min
-#   OUT=$OUT bash benchmarks/gpu_session.sh train-x4 # nvidia-h100-x4, about 9 min
+# Next session's plan (about 25 min of device time):
+#   OUT=$OUT bash benchmarks/gpu_session.sh train-x4 # nvidia-h100-x4, about 10 min
+#   OUT=$OUT bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, about 8 min
 #
-# decode: first the decode-step kernel's GPU tests (new, never run on a GPU: if they fail,
-#     `auto` decoding on a GPU is broken and that comes first), then the generation issue's
-#     figures (ours packed and unpacked, the official package, same run), then a profile of
-#     decoding at batch 2 and 32 (is the per-step state memcpy gone?).
+# train-x4: training configurations side by side, one process per GPU (the 1.6B step at B4
+#     T4096). New since the last training run: JAX now gets 95% of the card
+#     (scaling.gpu_memory_fraction; JAX's default 75% is what the no-remat, "dots" and
+#     2-micro-batch steps ran out of), and model.master_weights=bfloat16 (bf16 weights and
+#     AdamW moments, as fla trains). GPU 0 fla (its cold compile has needed over 240 s);
+#     GPU 1 ours full tuning without remat, then "dots"; GPU 2 the same with bf16 master
+#     weights; GPU 3 per-block remat, then state tuning (its goal is relative to ours full).
 # kernel: bench_wkv on the issue's three shapes against fla (fla first), chunks of 16 and 32
 #     ("factored"): chunk 32 halves the sequential passes that dominate B1 T16384.
-# train-x4: training configurations side by side, one process per GPU (the 1.6B step at B4
-#     T4096): fla (its cold compile has needed over 240 s); ours full tuning with bf16
-#     weights and moments (model.master_weights, new) without remat and with "dots" remat
-#     (float32 masters ran out of memory in both); ours full tuning with float32 masters and
-#     per-block remat, then state tuning, on GPU 3.
+# decode: the decode-step kernel's GPU tests, then the generation issue's figures (ours
+#     packed and unpacked, the official package, same run), then a profile of decoding at
+#     batch 2 and 32 (done 2026-11-27 12:5x: tests passed, b1 482.5, b32 10.76k).
 # scaling: the host alone, state tuning on 1, 2 and 4 GPUs (0.985 / 0.964 on 2026-11-27).
 # generate / train: the generation figures alone; the training configurations one after the
 #     other on one GPU.
@@ -64,11 +64,11 @@ case ${1:-} in
       2>&1 | grep -v -i warn | grep -v '^ '
     ;;
   train-x4)
-    # fla needs its 540 s (cold compile); on GPU 3 the baseline then state tuning (its goal
-    # is relative to our full tuning, so it is timed in the same run).
+    # fla needs its 540 s (cold compile). Ours two configurations per GPU, one after the
+    # other; state tuning beside our remat baseline (its goal is relative to full tuning).
     on_gpu 0 540 fla
-    on_gpu 1 270 ours_full_bf16
-    on_gpu 2 270 ours_full_bf16_dots
+    on_gpu 1 260 ours_full,ours_full_dots
+    on_gpu 2 260 ours_full_bf16,ours_full_bf16_dots
     on_gpu 3 260 ours_full_remat,ours_state
     wait
     grep -h -v -i warn "$OUT"/train_gpu*.log | grep GPU

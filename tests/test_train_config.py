@@ -55,3 +55,18 @@ def test_model_needs_exactly_one_source():
         JobConfig.from_dict({"model": {}})
     with pytest.raises(JobConfigError, match="model"):
         JobConfig.from_dict({"model": {"path": "x", "config": {"num_layers": 2}}})
+
+
+def test_gpu_workers_get_the_memory_fraction_cpu_workers_the_cpu_platform():
+    from rwkv_ray.train.trainer import worker_env
+
+    path = Path(__file__).parents[1] / "jobs/configs/full/tiny.yaml"
+    gpu = worker_env(load_job_config(path, ["scaling.use_gpu=true"]))
+    assert gpu["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.95" and "JAX_PLATFORMS" not in gpu
+    custom = load_job_config(path, ["scaling.use_gpu=true", "scaling.gpu_memory_fraction=0.6"])
+    assert worker_env(custom)["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.6"
+    cpu = worker_env(load_job_config(path, []))
+    assert cpu["JAX_PLATFORMS"] == "cpu" and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in cpu
+    for bad in ("0", "1.5"):
+        with pytest.raises(JobConfigError, match=r"scaling\.gpu_memory_fraction"):
+            load_job_config(path, [f"scaling.gpu_memory_fraction={bad}"])

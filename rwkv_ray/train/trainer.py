@@ -71,7 +71,9 @@ def worker_env(config: JobConfig) -> dict[str, str]:
     env["MLFLOW_TRACKING_URI"] = tracking_uri(config.mlflow.tracking_uri)
     if config.s3_endpoint_url:
         env["AWS_ENDPOINT_URL"] = config.s3_endpoint_url
-    if not config.scaling.use_gpu:
+    if config.scaling.use_gpu:
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(config.scaling.gpu_memory_fraction)
+    else:
         env["JAX_PLATFORMS"] = "cpu"
     return env
 
