@@ -14,8 +14,10 @@
 #     AdamW moments, as fla trains). GPU 0 fla (its cold compile has needed over 240 s);
 #     GPU 1 ours full tuning without remat, then "dots"; GPU 2 the same with bf16 master
 #     weights; GPU 3 per-block remat, then state tuning (its goal is relative to ours full).
-# kernel: bench_wkv on the three shapes against fla (fla first), chunks of 16 and 32
-#     ("factored"): chunk 32 halves the sequential passes that dominate B1 T16384.
+# kernel: bench_wkv on the three shapes against fla (fla first): the default and
+#     pass1_stride 64 / 128 (new: the sequential passes step over 64 or 128 tokens and a
+#     parallel kernel fills in the 16-token states; B1 T16384 is those passes, 1.85 + 1.93
+#     of 6.5 ms). The first shape picks the configuration the other two run.
 # decode: the decode-step kernel's GPU tests, then the generation issue's figures (ours
 #     packed and unpacked, the official package, same run), then a profile of decoding at
 #     batch 2 and 32 (done 2026-11-27 12:5x: tests passed, b1 482.5, b32 10.76k).
@@ -54,7 +56,8 @@ case ${1:-} in
     ;;
   kernel)
     timeout 540 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
-      --configs 16:4:1:factored,32:4:1:factored --out "$OUT/wkv_vs_fla.json" \
+      --configs 16:4:1:factored,16:4:1:factored:auto:auto::0:64,16:4:1:factored:auto:auto::0:128 \
+      --out "$OUT/wkv_vs_fla.json" \
       2>&1 | grep -v -i warn
     ;;
   generate) generate ;;

@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from rwkv_ray.ops import wkv_kernel as wk  # noqa: E402
 from rwkv_ray.ops import wkv_kernel_intra as intra  # noqa: E402
-from rwkv_ray.ops.wkv_kernel_fwd import stack_dtype  # noqa: E402
+from rwkv_ray.ops.wkv_kernel_fwd import pass1_length, stack_dtype  # noqa: E402
 
 NAMES = ("r", "k", "v", "log_w", "u", "initial_state")
 
@@ -184,10 +184,39 @@ def test_interpret_factored_mode_matches_reference(decay, algorithm):
     run(2, 37, 2, 32, jnp.float32, decay, interpret=True, seed=23)
 
 
+def test_pass1_length_is_the_longest_dividing_multiple_of_the_span():
+    assert pass1_length(4096, 16, 64) == pass1_length(16384, 16, 64) == 64
+    assert pass1_length(96, 16, 64) == 48 and pass1_length(160, 16, 64) == 32
+    assert pass1_length(80, 16, 64) == pass1_length(4096, 16, 16) == 16
+    assert pass1_length(256, 32, 128) == 128
+
+
+def test_interpret_coarse_pass1_matches_reference():
+    """pass1_stride 64 over spans of 16: both sequential passes step over blocks of 64 tokens
+    (T=128: two blocks, float32 block states), then fill in four spans per block in parallel;
+    strong decay; outputs, final state and every gradient against the reference."""
+    options = dict(forward="two_pass", backward="two_pass", pass1_stride=64, interpret=True)
+    ins, _, _ = make_inputs(0, 1, 128, 1, 16, jnp.float32, "weak")
+    loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, **options)[0])  # noqa: E731
+    program = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
+    assert "wkv6_states_fill" in program and "wkv6_bwd_state_grads_fill" in program
+    run = with_kernel_options(forward="two_pass", backward="two_pass", pass1_stride=64)
+    run(2, 128, 2, 32, jnp.float32, "strong", interpret=True, seed=27)
+
+
+def test_interpret_coarse_pass1_bf16_with_padding_matches_reference():
+    """bf16 (the filled-in states are stored rounded, the block states stay float32): T=150
+    pads to 160 = 5 blocks of 32 (the longest multiple of 16 up to 64 that divides 160)."""
+    run = with_kernel_options(forward="two_pass", backward="two_pass", pass1_stride=64)
+    run(1, 150, 1, 16, jnp.bfloat16, "weak", interpret=True, seed=28)
+
+
 def test_state_stride_must_be_a_multiple_of_the_chunk():
     x = jnp.zeros((1, 32, 1, 16))
     with pytest.raises(ValueError, match="state_stride must be a multiple of chunk_size 16"):
         wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), state_stride=24, interpret=True)
+    with pytest.raises(ValueError, match="pass1_stride must be a multiple of state_stride 16"):
+        wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), pass1_stride=40, interpret=True)
 
 
 def test_interpret_two_pass_backward_matches_reference():
@@ -305,6 +334,7 @@ def test_gpu_matches_reference(t, decay, dtype):
         dict(forward="two_pass", state_stride=256),
         dict(mode="loop"),
         dict(mode="factored", forward="fused", backward="fused"),
+        dict(pass1_stride=64),
     ],
     ids=[
         "fused",
@@ -314,6 +344,7 @@ def test_gpu_matches_reference(t, decay, dtype):
         "stride256",
         "loop",
         "factored_fused",
+        "pass1_64",
     ],  # fmt: skip
 )
 def test_gpu_algorithms_match_reference(options, t, dtype):

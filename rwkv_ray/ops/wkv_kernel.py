@@ -29,7 +29,9 @@ of r*dr - k*dk plus the final-state term), d(u) and the initial state's gradient
 Backward, "two_pass" (derivation in wkv_kernel_bwd.py): the states entering and
 the state gradients leaving every span (two cheap sequential kernels), then every span's
 gradients in parallel (three kernels: dr; dk, d(log_w), d(u); dv); d(log_w)'s sum over later
-spans is a reverse cumsum in plain JAX.
+spans is a reverse cumsum in plain JAX. With `pass1_stride` both sequential passes step over
+longer blocks (float32 block states) and a parallel kernel fills in every span's state from
+its block's: fewer sequential steps for a long sequence with few programs.
 
 Matmul operands are in the input dtype (bf16 -> tensor cores; float32 -> exact IEEE float32),
 accumulation and state in float32. `interpret=True` runs the same kernels on CPU.
@@ -142,6 +144,7 @@ def is_available() -> tuple[bool, str]:
         "backward",
         "keep_states",
         "state_stride",
+        "pass1_stride",
     ),
 )
 def wkv6_kernel(
@@ -162,6 +165,7 @@ def wkv6_kernel(
     backward="auto",
     keep_states=False,
     state_stride=None,
+    pass1_stride=None,
 ):
     """Fused WKV6 (RWKV x060). r, k, v, log_w: [B, T, H, N]; u: [H, N]; state [B, H, N, N]
     ([key, value], float32). log_w is the log-decay (<= 0). Returns (y [B, T, H, N] in r's
@@ -182,7 +186,11 @@ def wkv6_kernel(
     `state_stride` (a multiple of chunk_size; None: chunk_size) the span of both two-pass
     directions: the tokens between the states their sequential passes store, and the tokens
     each parallel program walks chunk by chunk (see _forward_two_pass). On an H100 (B8 T4096,
-    forward only, before spans were unrolled) one chunk measured fastest.
+    forward only, before spans were unrolled) one chunk measured fastest. `pass1_stride`
+    (None: the span) the tokens per step of both sequential passes when longer: they store
+    a float32 state per block of that many tokens, then a parallel kernel fills in every
+    span's from it (`pass1_length`; fewer sequential steps where a long sequence has few
+    programs).
 
     Example: y, s = wkv6_kernel(r, k, v, -jnp.exp(w_raw), u, s0)
     """
@@ -204,6 +212,11 @@ def wkv6_kernel(
     if state_stride < chunk_size or state_stride % chunk_size:
         raise ValueError(
             f"state_stride must be a multiple of chunk_size {chunk_size}, got {state_stride}"
+        )
+    pass1_stride = pass1_stride or state_stride
+    if pass1_stride < state_stride or pass1_stride % state_stride:
+        raise ValueError(
+            f"pass1_stride must be a multiple of state_stride {state_stride}, got {pass1_stride}"
         )
     if n < 16 or n & (n - 1):
         raise ValueError(f"head size N must be a power of 2 >= 16, got {n}")
@@ -229,6 +242,7 @@ def wkv6_kernel(
         backward,
         keep_states,
         state_stride,
+        pass1_stride,
     )
     kernel = _per_device_rows(lambda *args: _wkv6(*args, chunk_size, opts), b)
     y, st = kernel(r, k, v, log_w, u, initial_state.astype(F32))

@@ -16,6 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from rwkv_ray.ops.wkv_kernel_call import (
+    _block_split_specs,
     _call,
     _chunk_loop,
     _chunk_specs,
@@ -24,7 +25,13 @@ from rwkv_ray.ops.wkv_kernel_call import (
     _specs,
     _value_split_specs,
 )
-from rwkv_ray.ops.wkv_kernel_fwd import _entry_states, span_length, stack_dtype, value_splits
+from rwkv_ray.ops.wkv_kernel_fwd import (
+    _entry_states,
+    pass1_length,
+    span_length,
+    stack_dtype,
+    value_splits,
+)
 from rwkv_ray.ops.wkv_kernel_intra import (
     _NT,
     _TN,
@@ -136,23 +143,66 @@ def _bwd_dkv_kernel(
 # chunk total; the sum over later chunks is a reverse cumsum in plain JAX (_backward_two_pass).
 
 
-def _chunk_state_grads_kernel(r_ref, w_ref, dy_ref, dst_ref, gs_ref, ds0_ref, *, chunk, mm_dtype):
+def _chunk_state_grads_kernel(
+    r_ref, w_ref, dy_ref, dst_ref, gs_ref, ds0_ref=None, *, chunk, mm_dtype
+):  # fmt: skip
     """Two-pass backward, pass 1b (reverse over chunks): gs[c*N:(c+1)*N] = G_c, dL/dS at the end
-    of chunk c, and dS0 = G before chunk 0. The value columns are independent (dy's columns
-    only), so the launcher may split them like the fused forward."""
-    n_chunks = r_ref.shape[0] // chunk
+    of chunk c, and dS0 = G before chunk 0 (ds0_ref; None where the caller does not need it).
+    The value columns are independent (dy's columns only), so the launcher may split them
+    like the fused forward."""
     n = r_ref.shape[1]
 
-    def body(i, g):
-        c = n_chunks - 1 - i
+    def body(c, g, advance):
+        gs_ref[pl.ds(c * n, n), :] = g.astype(gs_ref.dtype)
+        if not advance:
+            return g
         sl = pl.ds(c * chunk, chunk)
         r, lw, dy = (_load(x, sl) for x in (r_ref, w_ref, dy_ref))
         inc, exc, last = _chunk_terms(lw)
-        gs_ref[pl.ds(c * n, n), :] = g.astype(gs_ref.dtype)
         f_start, _, f_all = _decay_factors(inc, exc, last)
         return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN)
 
-    ds0_ref[...] = lax.fori_loop(0, n_chunks, body, dst_ref[...].astype(F32))
+    final = ds0_ref is not None
+    n_chunks = r_ref.shape[0] // chunk
+    g = _chunk_loop(n_chunks, body, dst_ref[...].astype(F32), reverse=True, final=final)
+    if final:
+        ds0_ref[...] = g
+
+
+def _state_grads(r, log_w, dy, dst, span, opts, splits, gs_dtype):
+    """Pass 1b: gs [B, H, T/span * N, N] (gs_dtype), dL/dS at the end of every span, and dS0
+    (float32). Like the forward's `_entry_states`: with a longer `pass1_length` the reverse
+    kernel steps over blocks of that many tokens, then every block's spans are filled in
+    from the gradient leaving it, all blocks in parallel."""
+    b, t, h, n = r.shape
+    block, bv = pass1_length(t, span, opts.pass1_stride), n // splits
+    kern = functools.partial(_chunk_state_grads_kernel, mm_dtype=_mm_dtype(r.dtype))
+    full, cols, state, stack = _value_split_specs(t, n, bv, t // block)
+    gb, ds0 = _call(
+        functools.partial(kern, chunk=block),
+        [full, full, cols, state],
+        [stack, state],
+        (
+            jax.ShapeDtypeStruct((b, h, t // block * n, n), gs_dtype if block == span else F32),
+            jax.ShapeDtypeStruct((b, h, n, n), F32),
+        ),
+        (b, h, splits),
+        opts,
+        "wkv6_bwd_state_grads",
+    )(r, log_w, dy, dst)
+    if block == span:
+        return gb, ds0
+    full, cols, state, stack = _block_split_specs(block, n, bv, block // span * n)
+    gs = _call(
+        functools.partial(kern, chunk=span),
+        [full, full, cols, state],
+        stack,
+        jax.ShapeDtypeStruct((b, h, t // span * n, n), gs_dtype),
+        (b, h, splits, t // block),
+        opts,
+        "wkv6_bwd_state_grads_fill",
+    )(r, log_w, dy, gb)
+    return gs, ds0
 
 
 # Pass 2 is three kernels, one per gradient family, each about as heavy as the forward's
@@ -301,20 +351,7 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
     n_spans, stored = t // span, stack_dtype(span, chunk, r.dtype)
     if hs is None:
         hs = _entry_states(k, v, log_w, s0, span, opts, splits, stored)[0]
-    bv = n // splits
-    full, cols, state, stack = _value_split_specs(t, n, bv, n_spans)
-    gs, ds0 = _call(
-        functools.partial(_chunk_state_grads_kernel, chunk=span, mm_dtype=_mm_dtype(r.dtype)),
-        [full, full, cols, state],
-        [stack, state],
-        (
-            jax.ShapeDtypeStruct((b, h, n_spans * n, n), stored),
-            jax.ShapeDtypeStruct((b, h, n, n), F32),
-        ),
-        (b, h, splits),
-        opts,
-        "wkv6_bwd_state_grads",
-    )(r, log_w, dy, dst)
+    gs, ds0 = _state_grads(r, log_w, dy, dst, span, opts, splits, stored)
     piece, head, entry, row = _chunk_specs(span, n)
     seq_f32 = jax.ShapeDtypeStruct((b, t, h, n), F32)
     rows = jax.ShapeDtypeStruct((b, h, n_spans, n), F32)

@@ -26,6 +26,7 @@ _Opts = collections.namedtuple(
         "backward",
         "keep",
         "stride",
+        "pass1_stride",
     ],
 )
 
@@ -103,6 +104,18 @@ def _chunk_specs(chunk, n):
     entry = pl.BlockSpec((None, None, n, n), lambda b_, h_, c: (b_, h_, c, 0))
     row = pl.BlockSpec((None, None, None, n), lambda b_, h_, c: (b_, h_, c, 0))
     return piece, head, entry, row
+
+
+def _block_split_specs(block, n, bv, rows):
+    """Grid (b, h, value block j, time block c) blocks: time block c (`block` tokens) of a
+    [B, T, H, N] array, whole or its value columns block j; value columns block j of block c
+    of a [B, H, T/block * N, N] state stack (one state per block) and of a
+    [B, H, T/block * rows, N] one (`rows` rows per block)."""
+    full = pl.BlockSpec((None, block, None, n), lambda b_, h_, j, c: (b_, c, h_, 0))
+    cols = pl.BlockSpec((None, block, None, bv), lambda b_, h_, j, c: (b_, c, h_, j))
+    state = pl.BlockSpec((None, None, n, bv), lambda b_, h_, j, c: (b_, h_, c, j))
+    stack = pl.BlockSpec((None, None, rows, bv), lambda b_, h_, j, c: (b_, h_, c, j))
+    return full, cols, state, stack
 
 
 def _value_split_specs(t, n, bv, n_chunks=0):

@@ -11,10 +11,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from rwkv_ray.ops.wkv_kernel_call import (
+    _block_split_specs,
     _call,
     _chunk_loop,
     _chunk_specs,
@@ -53,22 +53,27 @@ def _fwd_kernel(
         st_ref[...] = s
 
 
-def _chunk_states_kernel(k_ref, v_ref, w_ref, s0_ref, hs_ref, st_ref, *, chunk, mm_dtype):
+def _chunk_states_kernel(k_ref, v_ref, w_ref, s0_ref, hs_ref, st_ref=None, *, chunk, mm_dtype):
     """Two-pass forward, pass 1 (sequential over chunks): the state entering every chunk,
-    hs[c*N:(c+1)*N] = S before chunk c, and the final state. Only the cheap state update runs
-    in the sequential loop; the intra-chunk work is left to the parallel pass 2."""
-    n_chunks = k_ref.shape[0] // chunk
+    hs[c*N:(c+1)*N] = S before chunk c, and the final state (st_ref; None where the caller
+    does not need it). Only the cheap state update runs in the sequential loop; the
+    intra-chunk work is left to the parallel pass 2."""
     n = k_ref.shape[1]
 
-    def body(c, s):
+    def body(c, s, advance):
+        hs_ref[pl.ds(c * n, n), :] = s.astype(hs_ref.dtype)
+        if not advance:
+            return s
         sl = pl.ds(c * chunk, chunk)
         k, v, lw = (_load(x, sl) for x in (k_ref, v_ref, w_ref))
         inc, exc, last = _chunk_terms(lw)
-        hs_ref[pl.ds(c * n, n), :] = s.astype(hs_ref.dtype)
         _, f_end, f_all = _decay_factors(inc, exc, last)
         return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
 
-    st_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
+    final = st_ref is not None
+    s = _chunk_loop(k_ref.shape[0] // chunk, body, s0_ref[...].astype(F32), final=final)
+    if final:
+        st_ref[...] = s
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -136,7 +141,30 @@ def _entry_states(k, v, log_w, s0, span, opts, splits=1, hs_dtype=F32):
     """Pass 1 of both two-pass directions: hs [B, H, T/span * N, N] (hs_dtype), the state
     entering every span, and the final state (float32). Grid (b, h, value block): a state's
     value columns only depend on v's, so small batches can split them (as the fused forward
-    does)."""
+    does). With a longer `pass1_length` the sequential kernel steps over blocks of that many
+    tokens (fewer, longer steps: a long sequence with few programs is this pass's latency),
+    then every block's spans are filled in from its entry state, all blocks in parallel."""
+    b, t, h, n = k.shape
+    block = pass1_length(t, span, opts.pass1_stride)
+    hb, st = _states_pass(k, v, log_w, s0, block, opts, splits, hs_dtype if block == span else F32)
+    if block == span:
+        return hb, st
+    bv = n // splits
+    full, cols, state, stack = _block_split_specs(block, n, bv, block // span * n)
+    hs = _call(
+        functools.partial(_chunk_states_kernel, chunk=span, mm_dtype=_mm_dtype(k.dtype)),
+        [full, cols, full, state],
+        stack,
+        jax.ShapeDtypeStruct((b, h, t // span * n, n), hs_dtype),
+        (b, h, splits, t // block),
+        opts,
+        "wkv6_states_fill",
+    )(k, v, log_w, hb)
+    return hs, st
+
+
+def _states_pass(k, v, log_w, s0, span, opts, splits, hs_dtype):
+    """The sequential kernel of pass 1: (state entering every span, final state)."""
     b, t, h, n = k.shape
     n_spans, bv = t // span, n // splits
     full, cols, state, entry = _value_split_specs(t, n, bv, n_spans)
@@ -152,6 +180,17 @@ def _entry_states(k, v, log_w, s0, span, opts, splits=1, hs_dtype=F32):
         opts,
         "wkv6_states",
     )(k, v, log_w, s0)
+
+
+def pass1_length(t: int, span: int, pass1_stride: int) -> int:
+    """Tokens per step of the sequential pass 1 (both directions): the longest multiple of
+    `span` up to pass1_stride that divides t (span itself when none is longer). The blocks'
+    states are carried in float32 and their spans filled in by a parallel kernel."""
+    best = span
+    for length in range(span, max(pass1_stride, span) + 1, span):
+        if t % length == 0:
+            best = length
+    return best
 
 
 def span_length(t: int, state_stride: int) -> int:
