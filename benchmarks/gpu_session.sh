@@ -14,10 +14,11 @@
 #     AdamW moments, as fla trains). GPU 0 fla (its cold compile has needed over 240 s);
 #     GPU 1 ours full tuning without remat, then "dots"; GPU 2 the same with bf16 master
 #     weights; GPU 3 per-block remat, then state tuning (its goal is relative to ours full).
-# kernel: bench_wkv on the three shapes against fla (fla first): the default and
-#     pass1_stride 64 / 128 (new: the sequential passes step over 64 or 128 tokens and a
-#     parallel kernel fills in the 16-token states; B1 T16384 is those passes, 1.85 + 1.93
-#     of 6.5 ms). The first shape picks the configuration the other two run.
+# kernel: bench_wkv on the three shapes against fla (fla first): the default,
+#     pass1_stride 64 (new: the sequential passes step over 64 tokens and a parallel kernel
+#     fills in the 16-token states; B1 T16384 is those passes, 1.85 + 1.93 of 6.5 ms),
+#     merge_dk_dv (new: the backward's dk and dv kernels as one, 1.34 + 1.26 ms at B8 T4096)
+#     and both. The first shape picks the configuration the other two run.
 # decode: the decode-step kernel's GPU tests, then the generation issue's figures (ours
 #     packed and unpacked, the official package, same run), then a profile of decoding at
 #     batch 2 and 32 (done 2026-11-27 12:5x: tests passed, b1 482.5, b32 10.76k).
@@ -56,7 +57,7 @@ case ${1:-} in
     ;;
   kernel)
     timeout 540 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
-      --configs 16:4:1:factored,16:4:1:factored:auto:auto::0:64,16:4:1:factored:auto:auto::0:128 \
+      --configs 16:4:1:factored,16:4:1:factored:auto:auto::0:64,16:4:1:factored:auto:auto::0:0:dkv,16:4:1:factored:auto:auto::0:64:dkv \
       --out "$OUT/wkv_vs_fla.json" \
       2>&1 | grep -v -i warn
     ;;

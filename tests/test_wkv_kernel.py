@@ -7,6 +7,7 @@ Bounds (relative RMS error, ||x - ref|| / ||ref||): float32 inputs 1e-4 (state a
 """
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -211,6 +212,20 @@ def test_interpret_coarse_pass1_bf16_with_padding_matches_reference():
     run(1, 150, 1, 16, jnp.bfloat16, "weak", interpret=True, seed=28)
 
 
+@pytest.mark.parametrize("mode", ["factored", "loop"])
+def test_interpret_merged_dk_dv_kernel_matches_reference(mode):
+    """merge_dk_dv: the two-pass backward's dk and dv kernels as one; spans of two chunks
+    (T=70 pads to 96: three spans), strong decay."""
+    options = dict(backward="two_pass", merge_dk_dv=True, interpret=True, state_stride=32)
+    ins, _, _ = make_inputs(0, 1, 64, 1, 16, jnp.float32, "weak")
+    loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, **options)[0])  # noqa: E731
+    program = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
+    kernels = set(re.findall(r"wkv6_bwd_chunks_\w+", program))
+    assert kernels == {"wkv6_bwd_chunks_dr", "wkv6_bwd_chunks_dkv"}, kernels
+    run = with_kernel_options(backward="two_pass", merge_dk_dv=True, state_stride=32, mode=mode)
+    run(2, 70, 2, 32, jnp.float32, "strong", interpret=True, seed=29)
+
+
 def test_state_stride_must_be_a_multiple_of_the_chunk():
     x = jnp.zeros((1, 32, 1, 16))
     with pytest.raises(ValueError, match="state_stride must be a multiple of chunk_size 16"):
@@ -335,6 +350,7 @@ def test_gpu_matches_reference(t, decay, dtype):
         dict(mode="loop"),
         dict(mode="factored", forward="fused", backward="fused"),
         dict(pass1_stride=64),
+        dict(merge_dk_dv=True),
     ],
     ids=[
         "fused",
@@ -345,6 +361,7 @@ def test_gpu_matches_reference(t, decay, dtype):
         "loop",
         "factored_fused",
         "pass1_64",
+        "merge_dk_dv",
     ],  # fmt: skip
 )
 def test_gpu_algorithms_match_reference(options, t, dtype):

@@ -145,6 +145,7 @@ def is_available() -> tuple[bool, str]:
         "keep_states",
         "state_stride",
         "pass1_stride",
+        "merge_dk_dv",
     ),
 )
 def wkv6_kernel(
@@ -166,6 +167,7 @@ def wkv6_kernel(
     keep_states=False,
     state_stride=None,
     pass1_stride=None,
+    merge_dk_dv=False,
 ):
     """Fused WKV6 (RWKV x060). r, k, v, log_w: [B, T, H, N]; u: [H, N]; state [B, H, N, N]
     ([key, value], float32). log_w is the log-decay (<= 0). Returns (y [B, T, H, N] in r's
@@ -190,7 +192,8 @@ def wkv6_kernel(
     (None: the span) the tokens per step of both sequential passes when longer: they store
     a float32 state per block of that many tokens, then a parallel kernel fills in every
     span's from it (`pass1_length`; fewer sequential steps where a long sequence has few
-    programs).
+    programs). `merge_dk_dv=True` runs the two-pass backward's dk and dv kernels as one
+    (one read of the state gradients and the shared loads, more live registers).
 
     Example: y, s = wkv6_kernel(r, k, v, -jnp.exp(w_raw), u, s0)
     """
@@ -243,6 +246,7 @@ def wkv6_kernel(
         keep_states,
         state_stride,
         pass1_stride,
+        merge_dk_dv,
     )
     kernel = _per_device_rows(lambda *args: _wkv6(*args, chunk_size, opts), b)
     y, st = kernel(r, k, v, log_w, u, initial_state.astype(F32))

@@ -237,60 +237,53 @@ def _chunk_dr_kernel(
     _chunk_loop(k_ref.shape[0] // chunk, body, hs_ref[...].astype(F32), final=False)
 
 
-def _chunk_dk_kernel(
-    r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, drn_ref, gs_ref, dk_ref, dwl_ref, tot_ref, du_ref,
-    *, chunk, mm_dtype, mode,
+def _chunk_dkv_kernel(
+    r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, drn_ref, gs_ref, *out_refs,
+    chunk, mm_dtype, mode, parts,
 ):  # fmt: skip
-    """Pass 2b (per span, chunks in reverse from G leaving the span): dk; d log_w's in-span part
-    (dwl, float32: sum_{m >= t in the span} dd_m - r_t drn_t) and the span's total of dd
-    (tot); this span's part of du."""
+    """Pass 2b and / or 2c (per span, chunks in reverse from G leaving the span). `parts`
+    "dk": dk; d log_w's in-span part (dwl, float32: sum_{m >= t in the span} dd_m - r_t drn_t)
+    and the span's total of dd (tot); this span's part of du. "dv": dv. "dk+dv": both in one
+    kernel (`merge_dk_dv`): they walk the same chunks from the same G and share its read,
+    the loads, the decay factors and D = dy v^T, for more live registers."""
+    dk_ref, dwl_ref, tot_ref, du_ref = out_refs[:4] if "dk" in parts else (None,) * 4
+    dv_ref = out_refs[-1] if "dv" in parts else None
     u = u_ref[...].astype(F32)[None, :]
 
     def body(c, carry, advance):
         g, later, du = carry  # later: the sum of dd over this span's later chunks
         base = c * chunk
         sl = pl.ds(base, chunk)
-        r, k, v, lw, dy, drn = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref, dy_ref, drn_ref))
+        r, k, lw, dy = (_load(x, sl) for x in (r_ref, k_ref, w_ref, dy_ref))
         inc, exc, last = _chunk_terms(lw)
         f_start, f_end, f_all = _decay_factors(inc, exc, last)
-        d = _mm(dy, v, mm_dtype, _NT)
-        d_t = _mm(v, dy, mm_dtype, _NT) if mode in ("loop", "factored") else None
-        dkn = f_end * _mm(v, g, mm_dtype, _NT)
-        dkn = dkn + _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, base, chunk, mode)
-        vdy = jnp.sum(v * dy, axis=1, keepdims=True)
-        dk_ref[sl, :] = (dkn + u * r * vdy).astype(dk_ref.dtype)
-        rdr = r * drn
-        dd = rdr - k * dkn
-        tot = jnp.sum(dd, axis=0, keepdims=True)
-        dwl_ref[sl, :] = later + tot - jnp.cumsum(dd, axis=0) + dd - rdr
-        du = du + jnp.sum(r * k * vdy, axis=0, keepdims=True)
+        if dk_ref is not None:
+            v, drn = _load(v_ref, sl), _load(drn_ref, sl)
+            d = _mm(dy, v, mm_dtype, _NT)
+            d_t = _mm(v, dy, mm_dtype, _NT) if mode in ("loop", "factored") else None
+            dkn = f_end * _mm(v, g, mm_dtype, _NT)
+            dkn = dkn + _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, base, chunk, mode)
+            vdy = jnp.sum(v * dy, axis=1, keepdims=True)
+            dk_ref[sl, :] = (dkn + u * r * vdy).astype(dk_ref.dtype)
+            rdr = r * drn
+            dd = rdr - k * dkn
+            tot = jnp.sum(dd, axis=0, keepdims=True)
+            dwl_ref[sl, :] = later + tot - jnp.cumsum(dd, axis=0) + dd - rdr
+            later, du = later + tot, du + jnp.sum(r * k * vdy, axis=0, keepdims=True)
+        if dv_ref is not None:
+            p = _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode)
+            bonus = jnp.sum(r * u * k, axis=1, keepdims=True)
+            dv = _mm(k * f_end, g, mm_dtype) + _mm(p, dy, mm_dtype, _TN) + bonus * dy
+            dv_ref[sl, :] = dv.astype(dv_ref.dtype)
         g = f_all * g + _mm(r * f_start, dy, mm_dtype, _TN) if advance else g
-        return g, later + tot, du
+        return g, later, du
 
     zero = jnp.zeros((1, r_ref.shape[1]), F32)
     carry = (gs_ref[...].astype(F32), zero, zero)
     _, span_total, du = _chunk_loop(r_ref.shape[0] // chunk, body, carry, True, final=False)
-    tot_ref[...] = span_total[0]
-    du_ref[...] = du[0]
-
-
-def _chunk_dv_kernel(r_ref, k_ref, w_ref, u_ref, dy_ref, gs_ref, dv_ref, *, chunk, mm_dtype, mode):
-    """Pass 2c (per span, chunks in reverse from G leaving the span): dv."""
-    u = u_ref[...].astype(F32)[None, :]
-
-    def body(c, g, advance):
-        base = c * chunk
-        sl = pl.ds(base, chunk)
-        r, k, lw, dy = (_load(x, sl) for x in (r_ref, k_ref, w_ref, dy_ref))
-        inc, exc, last = _chunk_terms(lw)
-        f_start, f_end, f_all = _decay_factors(inc, exc, last)
-        p = _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode)
-        bonus = jnp.sum(r * u * k, axis=1, keepdims=True)
-        dv = _mm(k * f_end, g, mm_dtype) + _mm(p, dy, mm_dtype, _TN) + bonus * dy
-        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
-        return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN) if advance else g
-
-    _chunk_loop(r_ref.shape[0] // chunk, body, gs_ref[...].astype(F32), True, final=False)
+    if dk_ref is not None:
+        tot_ref[...] = span_total[0]
+        du_ref[...] = du[0]
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -367,24 +360,29 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
         opts,
         "wkv6_bwd_chunks_dr",
     )(k, v, log_w, u, dy, hs)
-    dk, dwl, tot, du = _call(
-        functools.partial(_chunk_dk_kernel, **kw),
-        [piece] * 4 + [head, piece, piece, entry],
-        [piece, piece, row, row],
-        (like(k), seq_f32, rows, rows),
-        grid,
-        opts,
-        "wkv6_bwd_chunks_dk",
-    )(r, k, v, log_w, u, dy, drn, gs)
-    dv = _call(
-        functools.partial(_chunk_dv_kernel, **kw),
-        [piece] * 3 + [head, piece, entry],
-        piece,
-        like(v),
-        grid,
-        opts,
-        "wkv6_bwd_chunks_dv",
-    )(r, k, log_w, u, dy, gs)
+    dkv = functools.partial(_chunk_dkv_kernel, **kw)
+    dk_specs, dk_shapes = [piece, piece, row, row], (like(k), seq_f32, rows, rows)
+    dkv_args = (r, k, v, log_w, u, dy, drn, gs)
+    dkv_specs = [piece] * 4 + [head, piece, piece, entry]
+    if opts.merge_dk_dv:
+        dk, dwl, tot, du, dv = _call(
+            functools.partial(dkv, parts="dk+dv"),
+            dkv_specs,
+            [*dk_specs, piece],
+            (*dk_shapes, like(v)),
+            grid,
+            opts,
+            "wkv6_bwd_chunks_dkv",
+        )(*dkv_args)
+    else:
+        dk, dwl, tot, du = _call(
+            functools.partial(dkv, parts="dk"), dkv_specs, dk_specs, dk_shapes, grid, opts,
+            "wkv6_bwd_chunks_dk",
+        )(*dkv_args)  # fmt: skip
+        dv = _call(
+            functools.partial(dkv, parts="dv"), dkv_specs, piece, like(v), grid, opts,
+            "wkv6_bwd_chunks_dv",
+        )(*dkv_args)  # fmt: skip
     # Cross-span part of d log_w, the fused kernel's acc_w carry: for span c,
     # rowsum(dS_T * S_T) + the totals of all later spans.
     later = lax.cumsum(tot, axis=2, reverse=True) - tot

@@ -27,6 +27,7 @@ _Opts = collections.namedtuple(
         "keep",
         "stride",
         "pass1_stride",
+        "merge_dk_dv",
     ],
 )
 
