@@ -211,6 +211,7 @@ def _state_grads(r, log_w, dy, dst, span, opts, splits, gs_dtype):
 # forward (74.8 ms at B8 T4096 on an H100, BENCHMARKS.md). Each program takes one span of
 # `state_stride` tokens (one chunk by default) and walks its chunks from the span's entry
 # state (dr: in order) or exit gradient (dk, dv: in reverse), carrying it in registers.
+# `merge_dk_dv` runs dk and dv as one kernel (two of the three fit better than all three).
 
 
 def _chunk_dr_kernel(
