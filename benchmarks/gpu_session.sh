@@ -6,6 +6,7 @@
 # Next session's plan (about 25 min of device time):
 #   OUT=$OUT bash benchmarks/gpu_session.sh train-x4 # nvidia-h100-x4, about 10 min
 #   OUT=$OUT bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, about 8 min
+#   OUT=$OUT bash benchmarks/gpu_session.sh decode   # same machine, about 7 min
 #
 # train-x4: training configurations side by side, one process per GPU (the 1.6B step at B4
 #     T4096). New since the last training run: JAX now gets 95% of the card
@@ -21,7 +22,9 @@
 #     and both. The first shape picks the configuration the other two run.
 # decode: the decode-step kernel's GPU tests, then the generation issue's figures (ours
 #     packed and unpacked, the official package, same run), then a profile of decoding at
-#     batch 2 and 32 (done 2026-11-27 12:5x: tests passed, b1 482.5, b32 10.76k).
+#     batch 2 and 32 (2026-11-27 12:5x: tests passed, b1 482.5, b32 10.76k; then 491-506
+#     with per-layer loop state). New since: the step kernel also does the GroupNorm (one
+#     kernel less per layer and token): its GPU tests and batch 1 against 500 tok/s.
 # scaling: the host alone, state tuning on 1, 2 and 4 GPUs (0.985 / 0.964 on 2026-11-27).
 # generate / train: the generation figures alone; the training configurations one after the
 #     other on one GPU.

@@ -327,7 +327,7 @@ def test_auto_and_kernel_use_an_available_kernel(clean_env):
     fake = types.SimpleNamespace(
         is_available=lambda: (True, "fake GPU"),
         wkv6_kernel=lambda *args, **options: calls.append(options) or ("y", "state"),
-        wkv6_kernel_step=lambda *args: calls.append("step") or ("y1", "state1"),
+        wkv6_kernel_step=lambda *args, **norm: calls.append(("step", norm)) or ("y1", "state1"),
     )
     clean_env.setitem(sys.modules, wkv_module.KERNEL_MODULE, fake)
     args = make_case(1, 4, 1, 8, "weak")
@@ -336,7 +336,10 @@ def test_auto_and_kernel_use_an_available_kernel(clean_env):
     assert wkv6(*args, impl="kernel", chunk_size=32) == ("y", "state")
     one_token = [x[:, :1] if i < 4 else x for i, x in enumerate(args)]
     assert wkv6(*one_token) == ("y1", "state1")  # decoding: the kernel's one-step form
-    assert calls == [{}, {"chunk_size": 32}, "step"]
+    # ... which also norms y when asked (the model's ln_x).
+    assert wkv6(*one_token, group_norm=("g", "b", 1e-5)) == ("y1", "state1")
+    normed = ("step", {"group_norm": ("g", "b", 1e-5)})
+    assert calls == [{}, {"chunk_size": 32}, ("step", {}), normed]
 
 
 @pytest.mark.parametrize(

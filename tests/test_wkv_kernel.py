@@ -264,6 +264,49 @@ def test_interpret_decode_step_matches_reference(decay, dtype):
     )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_interpret_decode_step_fuses_the_group_norm(dtype):
+    check_fused_group_norm(2, dtype, interpret=True)
+
+
+def check_fused_group_norm(batch, dtype, interpret):
+    """group_norm=(gamma, beta, eps): y leaves the step kernel GroupNorm'd per head. Against
+    the plain single step followed by the dispatcher's group_norm_heads (float32, from the
+    kernel's float32 output, so bf16 differs only by that output's rounding): y, the state
+    and the gradients of every input, gamma and beta included."""
+    from rwkv_ray.ops.wkv import group_norm_heads
+    from rwkv_ray.ops.wkv_scan import wkv6_single_step
+
+    ins, dy, dst = make_inputs(33, batch, 1, 3, 64, dtype, "strong")
+    rng = np.random.default_rng(33)
+    gamma, beta = (jnp.asarray(rng.normal(1, 0.3, (3, 64)), jnp.float32) for _ in range(2))
+    eps = 64e-5
+
+    def fused(*a):
+        return wk.wkv6_kernel_step(*a[:6], group_norm=(a[6], a[7], eps), interpret=interpret)
+
+    def plain(*a):
+        y, state = wkv6_single_step(*a[:4], a[4], a[5])
+        y = group_norm_heads(y.astype(jnp.float32), a[6], a[7], eps)
+        return y.astype(a[0].dtype), state
+
+    args = (*ins, gamma, beta)
+    bound = 1e-5 if dtype == jnp.float32 else 2e-2
+    for got, want in zip(jax.jit(fused)(*args), jax.jit(plain)(*args), strict=True):
+        assert rel_rms(got, want) < bound, rel_rms(got, want)
+
+    def loss(fn):
+        def value(*a):
+            y, state = fn(*a)
+            return jnp.sum(y.astype(jnp.float32) * dy) + jnp.sum(state * dst)
+
+        return jax.jit(jax.grad(value, argnums=range(8)))
+
+    grads = zip(loss(fused)(*args), loss(plain)(*args), strict=True)
+    for name, (got, want) in zip("r k v log_w u state gamma beta".split(), grads, strict=True):
+        assert rel_rms(got, want) < 5 * bound, (name, rel_rms(got, want))
+
+
 def test_decode_step_in_a_loop_reuses_the_state_buffer():
     """A jitted loop of steps (as in decoding) equals the reference over the same tokens; the
     kernel's output state is its input's buffer (input_output_aliases)."""
@@ -380,6 +423,14 @@ def test_gpu_decode_step_matches_reference(batch, dtype):
     check_against_reference(
         batch, 1, 4, 64, dtype, "strong", seed=batch, kernel=wk.wkv6_kernel_step
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_gpu_decode_step_fuses_the_group_norm(batch, dtype):
+    _needs_gpu()
+    check_fused_group_norm(batch, dtype, interpret=False)
 
 
 @pytest.mark.gpu

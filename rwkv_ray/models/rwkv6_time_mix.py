@@ -6,7 +6,7 @@ Math (a = ln1(x), one sequence; see ../shared/docs/rwkv6-reference.md §2):
   x_s = a + xx * (maa_s + m_s)
   r, k, v = x_r Wr, x_k Wk, x_v Wv;  g = silu(x_g Wg)
   log_w = -exp(time_decay + tanh(x_w @ decay_w1) @ decay_w2)      (float32)
-  y = wkv6(r, k, v, log_w, u=time_faaaa, state);  out = (GroupNorm_H(y) * g) Wo
+  y = GroupNorm_H(wkv6(r, k, v, log_w, u=time_faaaa, state));  out = (y * g) Wo
 Left padding (token id 0) must not touch any state: padded steps get k = 0 and log_w = 0
 (decay 1), and the token shift of the first real token reads the carried shift state.
 """
@@ -137,10 +137,17 @@ class RWKV6TimeMix(keras.layers.Layer):
         # Padding: no write (k = 0) and no decay (log_w = 0) -> the state passes untouched.
         k = k * ops.cast(real, k.dtype)
         log_w = ops.reshape(log_w, heads_shape) * real
-        y, new_wkv = wkv6(
-            r, k, v, log_w, ops.cast(self.time_faaaa, "float32"), wkv_state, impl=self.wkv_impl
+        heads = (cfg.num_heads, cfg.head_size)
+        group_norm = (  # ln_x, one group per head: in the WKV op (the decode kernel fuses it)
+            ops.reshape(self.ln_x_gamma, heads),
+            ops.reshape(self.ln_x_beta, heads),
+            cfg.group_norm_epsilon,
         )
-        y = self._group_norm(y)
+        y, new_wkv = wkv6(
+            r, k, v, log_w, ops.cast(self.time_faaaa, "float32"), wkv_state,
+            impl=self.wkv_impl, group_norm=group_norm,
+        )  # fmt: skip
+        y = ops.reshape(y, (batch, steps, cfg.hidden_size))
         out = self.output_projection(ops.cast(y, g.dtype) * g)
         return out, new_shift, new_wkv
 
@@ -149,15 +156,6 @@ class RWKV6TimeMix(keras.layers.Layer):
         x_w = ops.cast(x_w, "float32")
         lora = ops.matmul(ops.tanh(ops.matmul(x_w, self.decay_w1)), self.decay_w2)
         return -ops.exp(ops.cast(self.time_decay, "float32") + lora)
-
-    def _group_norm(self, y):
-        """GroupNorm with one group per head, in float32; y [B,T,H,N] -> [B,T,C]."""
-        y = ops.cast(y, "float32")
-        mean = ops.mean(y, axis=-1, keepdims=True)
-        var = ops.mean(ops.square(y - mean), axis=-1, keepdims=True)
-        y = (y - mean) * ops.rsqrt(var + self.config.group_norm_epsilon)
-        y = ops.reshape(y, (ops.shape(y)[0], ops.shape(y)[1], self.config.hidden_size))
-        return y * ops.cast(self.ln_x_gamma, "float32") + ops.cast(self.ln_x_beta, "float32")
 
     def get_config(self):
         base = super().get_config()

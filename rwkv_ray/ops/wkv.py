@@ -40,7 +40,10 @@ logger = logging.getLogger("rwkv_ray.ops")
 _fallback_logged = False  # the only global state: 'auto' explains its fallback once
 
 
-def wkv6(r, k, v, log_w, u, initial_state=None, *, impl: str | None = None, chunk_size=None):
+def wkv6(
+    r, k, v, log_w, u, initial_state=None, *, impl: str | None = None, chunk_size=None,
+    group_norm=None,
+):  # fmt: skip
     """WKV6 over a sequence. Shapes and the meaning of `impl` in the module docstring.
 
     Args:
@@ -51,6 +54,9 @@ def wkv6(r, k, v, log_w, u, initial_state=None, *, impl: str | None = None, chun
         impl: one of WKV_IMPLS, or None for the environment's choice.
         chunk_size: steps per chunk for 'chunked' / 'kernel'; None: the implementation's
             default (chunked: `wkv_chunked.DEFAULT_CHUNK_SIZE`, measured on CPU).
+        group_norm: None, or (gamma [H,N], beta [H,N], eps): y comes back GroupNorm'd per
+            head (RWKV6's ln_x; `group_norm_heads`, float32 statistics). The kernel's
+            decoding step does it in the same kernel (from its float32 output).
 
     Returns:
         (y [B,T,H,N] in r's dtype, final_state [B,H,N,N] float32).
@@ -60,21 +66,38 @@ def wkv6(r, k, v, log_w, u, initial_state=None, *, impl: str | None = None, chun
     """
     check_shapes(r, k, v, log_w, u, initial_state)
     chosen, _ = resolve_wkv_impl(impl)
+    if r.shape[1] == 1 and chosen == "kernel":
+        # A decoding step: one kernel updating the state in place (and norming y).
+        kernel = importlib.import_module(KERNEL_MODULE)
+        norm = {} if group_norm is None else {"group_norm": group_norm}
+        return kernel.wkv6_kernel_step(r, k, v, log_w, u, initial_state, **norm)
     if r.shape[1] == 1:
-        # A decoding step: every implementation reduces to one application of the
-        # recurrence; the chunked forms would pad the token to a whole chunk.
+        # Every implementation reduces to one application of the recurrence; the chunked
+        # forms would pad the token to a whole chunk.
+        y, state = wkv6_single_step(r, k, v, log_w, u, initial_state)
+    elif chosen == "scan":
+        y, state = wkv6_scan(r, k, v, log_w, u, initial_state)
+    else:
+        # Each implementation keeps its own default chunk size (CPU- and GPU-tuned differ).
+        options = {} if chunk_size is None else {"chunk_size": chunk_size}
         if chosen == "kernel":
             kernel = importlib.import_module(KERNEL_MODULE)
-            return kernel.wkv6_kernel_step(r, k, v, log_w, u, initial_state)
-        return wkv6_single_step(r, k, v, log_w, u, initial_state)
-    if chosen == "scan":
-        return wkv6_scan(r, k, v, log_w, u, initial_state)
-    # Each implementation keeps its own default chunk size (CPU- and GPU-tuned differ).
-    options = {} if chunk_size is None else {"chunk_size": chunk_size}
-    if chosen == "kernel":
-        kernel = importlib.import_module(KERNEL_MODULE)
-        return kernel.wkv6_kernel(r, k, v, log_w, u, initial_state, **options)
-    return wkv6_chunked(r, k, v, log_w, u, initial_state, **options)
+            y, state = kernel.wkv6_kernel(r, k, v, log_w, u, initial_state, **options)
+        else:
+            y, state = wkv6_chunked(r, k, v, log_w, u, initial_state, **options)
+    if group_norm is not None:
+        y = keras.ops.cast(group_norm_heads(y, *group_norm), r.dtype)
+    return y, state
+
+
+def group_norm_heads(y, gamma, beta, eps):
+    """GroupNorm with one group per head, in float32: y [B,T,H,N]; gamma, beta [H,N]."""
+    ops = keras.ops
+    y = ops.cast(y, "float32")
+    mean = ops.mean(y, axis=-1, keepdims=True)
+    var = ops.mean(ops.square(y - mean), axis=-1, keepdims=True)
+    y = (y - mean) * ops.rsqrt(var + eps)
+    return y * ops.cast(gamma, "float32") + ops.cast(beta, "float32")
 
 
 def resolve_wkv_impl(requested: str | None = None) -> tuple[str, str]:

@@ -3,6 +3,7 @@
 Per (b, h), with S the [key, value] state:
     y[j]     = sum_i r[i] * S[i, j] + (sum_i r[i] u[i] k[i]) * v[j]
     S_new    = exp(log_w)[:, None] * S + k[:, None] * v[None, :]
+and optionally y GroupNorm'd over the head (the model's ln_x) in the same program.
 What it saves over the same math in plain JAX (`wkv_scan.wkv6_single_step`): there, two
 XLA fusions read S (the output's reduction and the update), so inside the decode loop XLA
 copies the loop-carried state every step rather than update it in place (H100, 1.6B shape,
@@ -26,20 +27,35 @@ from jax.experimental import pallas as pl
 from rwkv_ray.ops.wkv_kernel_intra import F32
 
 
-def _step_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s_ref, y_ref, s_out_ref):
+def _step_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s_ref, *refs, eps):
+    """refs: (gamma, beta,) y, new state. With `eps` (not None) y leaves GroupNorm'd per
+    head with gamma, beta: the program holds the head's whole output, so the norm costs no
+    kernel of its own."""
+    y_ref, s_out_ref = refs[-2:]
     r = r_ref[...].astype(F32)
     k = k_ref[...].astype(F32)
     v = v_ref[...].astype(F32)
     w = w_ref[...].astype(F32)
     state = s_ref[...]
     bonus = jnp.sum(r * u_ref[...] * k)
-    y_ref[...] = (jnp.sum(r[:, None] * state, axis=0) + bonus * v).astype(y_ref.dtype)
+    y = jnp.sum(r[:, None] * state, axis=0) + bonus * v
+    if eps is not None:
+        y = _head_norm(y, refs[0][...], refs[1][...], eps)
+    y_ref[...] = y.astype(y_ref.dtype)
     s_out_ref[...] = jnp.exp(w)[:, None] * state + k[:, None] * v[None, :]
 
 
-def _pallas_step(r, k, v, log_w, u, state, interpret):
-    """r, k, v, log_w [B, H, N]; u [H, N] f32; state [B, H, N, N] f32 -> (y [B, H, N] in r's
-    dtype, new state), the state's buffer reused for the new one."""
+def _head_norm(y, gamma, beta, eps):
+    """GroupNorm over the last axis (one head's values), float32 statistics."""
+    mean = jnp.mean(y, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(y - mean), axis=-1, keepdims=True)
+    return (y - mean) * jax.lax.rsqrt(var + eps) * gamma + beta
+
+
+def _pallas_step(r, k, v, log_w, u, state, norm, eps, interpret):
+    """r, k, v, log_w [B, H, N]; u [H, N] f32; state [B, H, N, N] f32; norm None or
+    (gamma, beta) [H, N] f32 -> (y [B, H, N] in r's dtype, new state), the state's buffer
+    reused for the new one."""
     b, h, n = r.shape
     row = pl.BlockSpec((None, None, n), lambda i, j: (i, j, 0))
     head = pl.BlockSpec((None, n), lambda i, j: (j, 0))
@@ -49,10 +65,11 @@ def _pallas_step(r, k, v, log_w, u, state, interpret):
         from jax.experimental.pallas import triton as plt
 
         params = plt.CompilerParams(num_warps=4, num_stages=1)
+    norm_args = () if norm is None else tuple(norm)
     return pl.pallas_call(
-        _step_kernel,
+        functools.partial(_step_kernel, eps=None if norm is None else eps),
         grid=(b, h),
-        in_specs=[row, row, row, row, head, square],
+        in_specs=[row, row, row, row, head, square] + [head] * len(norm_args),
         out_specs=[row, square],
         out_shape=(
             jax.ShapeDtypeStruct((b, h, n), r.dtype),
@@ -62,47 +79,59 @@ def _pallas_step(r, k, v, log_w, u, state, interpret):
         interpret=interpret,
         compiler_params=params,
         name="wkv6_step",
-    )(r, k, v, log_w, u, state)
+    )(r, k, v, log_w, u, state, *norm_args)
 
 
-def _plain_step(r, k, v, log_w, u, state):
+def _plain_step(r, k, v, log_w, u, state, norm, eps):
     """The same step in plain JAX (float32), for the gradient."""
     r, k, v, w = (x.astype(F32) for x in (r, k, v, log_w))
     y = jnp.einsum("bhi,bhij->bhj", r, state) + jnp.sum(r * u * k, -1, keepdims=True) * v
+    if norm is not None:
+        y = _head_norm(y, *norm, eps)
     return y, jnp.exp(w)[..., None] * state + k[..., :, None] * v[..., None, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _step(r, k, v, log_w, u, state, interpret):
-    return _pallas_step(r, k, v, log_w, u, state, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _step(r, k, v, log_w, u, state, norm, eps, interpret):
+    return _pallas_step(r, k, v, log_w, u, state, norm, eps, interpret)
 
 
-def _step_fwd(r, k, v, log_w, u, state, interpret):
-    return _pallas_step(r, k, v, log_w, u, state, interpret), (r, k, v, log_w, u, state)
+def _step_fwd(r, k, v, log_w, u, state, norm, eps, interpret):
+    out = _pallas_step(r, k, v, log_w, u, state, norm, eps, interpret)
+    return out, (r, k, v, log_w, u, state, norm)
 
 
-def _step_bwd(interpret, residuals, cotangents):
-    (r, k, v, log_w, u, state), (dy, dstate) = residuals, cotangents
-    _, vjp = jax.vjp(_plain_step, r, k, v, log_w, u, state)
+def _step_bwd(eps, interpret, residuals, cotangents):
+    (dy, dstate) = cotangents
+    _, vjp = jax.vjp(lambda *a: _plain_step(*a, eps), *residuals)
     grads = vjp((dy.astype(F32), dstate))
-    return tuple(g.astype(x.dtype) for g, x in zip(grads, residuals, strict=True))
+    return jax.tree.map(lambda g, x: g.astype(x.dtype), grads, residuals)
 
 
 _step.defvjp(_step_fwd, _step_bwd)
 
 
-def wkv6_kernel_step(r, k, v, log_w, u, initial_state=None, *, interpret=False):
+def wkv6_kernel_step(
+    r, k, v, log_w, u, initial_state=None, *, group_norm=None, interpret=False
+):  # fmt: skip
     """WKV6 for T == 1: r, k, v, log_w [B, 1, H, N]; u [H, N]; state [B, H, N, N] float32
     ([key, value]) or None for zeros. Returns (y [B, 1, H, N] in r's dtype, new state).
+    `group_norm` None, or (gamma [H, N], beta [H, N], eps): y leaves GroupNorm'd per head
+    (RWKV6's ln_x, float32 statistics of the float32 output) inside the same kernel.
     `interpret=True` runs the kernel in Pallas' interpreter (CPU)."""
     b, t, h, n = r.shape
     if t != 1:
         raise ValueError(f"wkv6_kernel_step takes one step (T == 1), got T = {t}")
     if initial_state is None:
         initial_state = jnp.zeros((b, h, n, n), F32)
+    norm, eps = None, None
+    if group_norm is not None:
+        gamma, beta, eps = group_norm
+        norm = (gamma.astype(F32).reshape(h, n), beta.astype(F32).reshape(h, n))
+        eps = float(eps)
     k, v = k.astype(r.dtype), v.astype(r.dtype)
     y, state = _step(
         r[:, 0], k[:, 0], v[:, 0], log_w[:, 0].astype(F32), u.astype(F32),
-        initial_state.astype(F32), interpret,
+        initial_state.astype(F32), norm, eps, interpret,
     )  # fmt: skip
     return y[:, None], state
