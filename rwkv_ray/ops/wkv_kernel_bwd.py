@@ -16,18 +16,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from rwkv_ray.ops.wkv_kernel_call import (
-    _block_split_specs,
     _call,
     _chunk_loop,
     _chunk_specs,
     _load,
     _mm_dtype,
     _specs,
-    _value_split_specs,
 )
 from rwkv_ray.ops.wkv_kernel_fwd import (
     _entry_states,
-    pass1_length,
+    _sequential_pass,
     span_length,
     stack_dtype,
     value_splits,
@@ -171,38 +169,11 @@ def _chunk_state_grads_kernel(
 
 def _state_grads(r, log_w, dy, dst, span, opts, splits, gs_dtype):
     """Pass 1b: gs [B, H, T/span * N, N] (gs_dtype), dL/dS at the end of every span, and dS0
-    (float32). Like the forward's `_entry_states`: with a longer `pass1_length` the reverse
-    kernel steps over blocks of that many tokens, then every block's spans are filled in
-    from the gradient leaving it, all blocks in parallel."""
-    b, t, h, n = r.shape
-    block, bv = pass1_length(t, span, opts.pass1_stride), n // splits
+    (float32), value-split by dy's columns (`_sequential_pass`, like the forward's
+    `_entry_states`)."""
     kern = functools.partial(_chunk_state_grads_kernel, mm_dtype=_mm_dtype(r.dtype))
-    full, cols, state, stack = _value_split_specs(t, n, bv, t // block)
-    gb, ds0 = _call(
-        functools.partial(kern, chunk=block),
-        [full, full, cols, state],
-        [stack, state],
-        (
-            jax.ShapeDtypeStruct((b, h, t // block * n, n), gs_dtype if block == span else F32),
-            jax.ShapeDtypeStruct((b, h, n, n), F32),
-        ),
-        (b, h, splits),
-        opts,
-        "wkv6_bwd_state_grads",
-    )(r, log_w, dy, dst)
-    if block == span:
-        return gb, ds0
-    full, cols, state, stack = _block_split_specs(block, n, bv, block // span * n)
-    gs = _call(
-        functools.partial(kern, chunk=span),
-        [full, full, cols, state],
-        stack,
-        jax.ShapeDtypeStruct((b, h, t // span * n, n), gs_dtype),
-        (b, h, splits, t // block),
-        opts,
-        "wkv6_bwd_state_grads_fill",
-    )(r, log_w, dy, gb)
-    return gs, ds0
+    args = (r, log_w, dy, dst)
+    return _sequential_pass(kern, args, 2, span, opts, splits, gs_dtype, "wkv6_bwd_state_grads")
 
 
 # Pass 2 is three kernels, one per gradient family, each about as heavy as the forward's

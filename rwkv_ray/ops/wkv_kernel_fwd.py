@@ -141,45 +141,53 @@ def _entry_states(k, v, log_w, s0, span, opts, splits=1, hs_dtype=F32):
     """Pass 1 of both two-pass directions: hs [B, H, T/span * N, N] (hs_dtype), the state
     entering every span, and the final state (float32). Grid (b, h, value block): a state's
     value columns only depend on v's, so small batches can split them (as the fused forward
-    does). With a longer `pass1_length` the sequential kernel steps over blocks of that many
-    tokens (fewer, longer steps: a long sequence with few programs is this pass's latency),
-    then every block's spans are filled in from its entry state, all blocks in parallel."""
-    b, t, h, n = k.shape
-    block = pass1_length(t, span, opts.pass1_stride)
-    hb, st = _states_pass(k, v, log_w, s0, block, opts, splits, hs_dtype if block == span else F32)
-    if block == span:
-        return hb, st
-    bv = n // splits
-    full, cols, state, stack = _block_split_specs(block, n, bv, block // span * n)
-    hs = _call(
-        functools.partial(_chunk_states_kernel, chunk=span, mm_dtype=_mm_dtype(k.dtype)),
-        [full, cols, full, state],
-        stack,
-        jax.ShapeDtypeStruct((b, h, t // span * n, n), hs_dtype),
-        (b, h, splits, t // block),
-        opts,
-        "wkv6_states_fill",
-    )(k, v, log_w, hb)
-    return hs, st
+    does)."""
+    kern = functools.partial(_chunk_states_kernel, mm_dtype=_mm_dtype(k.dtype))
+    return _sequential_pass(kern, (k, v, log_w, s0), 1, span, opts, splits, hs_dtype, "wkv6_states")
 
 
-def _states_pass(k, v, log_w, s0, span, opts, splits, hs_dtype):
-    """The sequential kernel of pass 1: (state entering every span, final state)."""
-    b, t, h, n = k.shape
-    n_spans, bv = t // span, n // splits
-    full, cols, state, entry = _value_split_specs(t, n, bv, n_spans)
-    return _call(
-        functools.partial(_chunk_states_kernel, chunk=span, mm_dtype=_mm_dtype(k.dtype)),
-        [full, cols, full, state],
-        [entry, state],
+def _sequential_pass(kernel, args, split_arg, span, opts, splits, stack_dtype, name):
+    """A sequential state pass of either direction (`_chunk_states_kernel`, the backward's
+    `_chunk_state_grads_kernel`): args are three [B, T, H, N] arrays (args[split_arg] split
+    by value columns) and a [B, H, N, N] state; returns (a state per span,
+    [B, H, T/span * N, N] in stack_dtype; the final state, float32).
+
+    With a longer `pass1_length` the sequential kernel steps over blocks of that many tokens
+    (fewer, longer steps: a long sequence with few programs is this pass's latency), keeping
+    a float32 state per block; then every block's spans are filled in from it, all blocks in
+    parallel (the same kernel, one program per block)."""
+    b, t, h, n = args[0].shape
+    block, bv = pass1_length(t, span, opts.pass1_stride), n // splits
+
+    def in_specs(full, cols, state):
+        return [cols if i == split_arg else full for i in range(3)] + [state]
+
+    full, cols, state, stack = _value_split_specs(t, n, bv, t // block)
+    stacked, final = _call(
+        functools.partial(kernel, chunk=block),
+        in_specs(full, cols, state),
+        [stack, state],
         (
-            jax.ShapeDtypeStruct((b, h, n_spans * n, n), hs_dtype),
+            jax.ShapeDtypeStruct((b, h, t // block * n, n), stack_dtype if block == span else F32),
             jax.ShapeDtypeStruct((b, h, n, n), F32),
         ),
         (b, h, splits),
         opts,
-        "wkv6_states",
-    )(k, v, log_w, s0)
+        name,
+    )(*args)
+    if block == span:
+        return stacked, final
+    full, cols, state, stack = _block_split_specs(block, n, bv, block // span * n)
+    filled = _call(
+        functools.partial(kernel, chunk=span),
+        in_specs(full, cols, state),
+        stack,
+        jax.ShapeDtypeStruct((b, h, t // span * n, n), stack_dtype),
+        (b, h, splits, t // block),
+        opts,
+        f"{name}_fill",
+    )(*args[:3], stacked)
+    return filled, final
 
 
 def pass1_length(t: int, span: int, pass1_stride: int) -> int:
