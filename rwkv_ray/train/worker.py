@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,13 @@ def maybe_fail(config: JobConfig, position, rank: int) -> None:
     if position.get("restored"):
         return
     if d.fail_mode == "exit":
+        # Ray Train V2 collects a worker's reports only when the controller polls it
+        # (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). A process that dies
+        # before that poll takes its last report with it, so the run would restart from an
+        # older checkpoint than the one just written: wait out a few polls first, the way
+        # a real crash some time after a checkpoint would.
+        interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+        time.sleep(3 * interval)
         os._exit(1)  # a killed worker process, not a Python exception
     raise InjectedFailure(f"injected failure at step {position['global_step']} on rank {rank}")
 
