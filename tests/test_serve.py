@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -49,25 +50,35 @@ def model_files(tmp_path_factory):
     return model, path, states
 
 
-@pytest.fixture(scope="module")
-def server(model_files):
+@contextlib.contextmanager
+def local_serve(app_args: dict):
+    """A local Ray (2 CPUs) running the Serve app built from `app_args`; yields its URL."""
     from rwkv_ray.serve.app import app_builder
 
-    _, path, states = model_files
     env = {k: os.environ[k] for k in ("KERAS_BACKEND", "JAX_PLATFORMS") if k in os.environ}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # Serve gives its HTTP proxy 60 s to come up, checking it every 5 s by default; on a
+    # busy 2-core machine a check can take longer than that, and the start fails.
+    env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "30"
     if ray.is_initialized():  # another module's Ray without our runtime_env
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = dict(model=str(path), states_dir=str(states), model_name="tiny", num_cpus=0.1)
-        serve.run(app_builder(dict(args, max_prompt_tokens=1000, max_body_bytes=65536)))
+        serve.run(app_builder(app_args))
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(model_files):
+    _, path, states = model_files
+    args = dict(model=str(path), states_dir=str(states), model_name="tiny", num_cpus=0.1)
+    with local_serve(dict(args, max_prompt_tokens=1000, max_body_bytes=65536)) as url:
+        yield url
 
 
 def post(url: str, body, **kwargs) -> requests.Response:

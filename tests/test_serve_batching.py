@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 from official import random_state_dict, torch_save
-from test_serve import NO_PAD, VOCAB, free_port, post, sse
+from test_serve import NO_PAD, VOCAB, local_serve, post, sse
 
 import rwkv_ray
 from rwkv_ray.generation import engine as eng
@@ -28,7 +27,6 @@ from rwkv_ray.models import RWKV6Config, RWKV6State
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-ROOT = Path(__file__).resolve().parents[1]
 STATE_ATOL = 1e-5  # a row decoded in a batch vs alone: float32 rounding of the batched matmuls
 SMALL = dict(slots=2, steps_per_call=4, max_new_tokens=4096)  # one compilation for all tests
 
@@ -152,25 +150,12 @@ def test_cancel_frees_the_slot(tiny):
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    from rwkv_ray.serve.app import app_builder
-
     _, path, root = tiny
-    env = {k: os.environ[k] for k in ("KERAS_BACKEND", "JAX_PLATFORMS") if k in os.environ}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
-    port = free_port()
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = dict(model=str(path), model_name="tiny", num_cpus=0.1, max_batch_size=8)
-        args.update(mlflow_tracking_uri=uri, state_cache_dir=str(root / "state_cache"))
-        serve.run(app_builder(args))
-        yield f"http://127.0.0.1:{port}", uri
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    args = dict(model=str(path), model_name="tiny", num_cpus=0.1, max_batch_size=8)
+    args.update(mlflow_tracking_uri=uri, state_cache_dir=str(root / "state_cache"))
+    with local_serve(args) as url:
+        yield url, uri
 
 
 def stats(url: str) -> dict:
