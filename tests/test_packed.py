@@ -13,10 +13,10 @@ from rwkv_ray.models import RWKV6CausalLM, RWKV6Config
 from rwkv_ray.models.rwkv6_packed import ROW_LIMIT, pack_kernels, packed_matmul
 
 
-@pytest.mark.parametrize("rows", [3, ROW_LIMIT // 2 + 1], ids=["packed", "sliced"])
+@pytest.mark.parametrize("rows", [3, ROW_LIMIT + 1], ids=["packed", "sliced"])
 def test_packed_matmul_equals_one_matmul_per_block(rows):
-    """Two inputs (2 * rows stacked): up to ROW_LIMIT one packed matmul, above it one matmul
-    per column slice. Unequal widths, as ChannelMix's key|receptance. fp32: within 1e-5."""
+    """Two inputs: up to ROW_LIMIT rows each one packed matmul, above it one matmul per
+    column slice. Unequal widths, as ChannelMix's key|receptance. fp32: within 1e-5."""
     rng = np.random.default_rng(0)
     widths = [48, 16]
     inputs = [rng.standard_normal((1, rows, 32)).astype(np.float32) for _ in widths]
@@ -27,21 +27,45 @@ def test_packed_matmul_equals_one_matmul_per_block(rows):
         np.testing.assert_allclose(np.asarray(y), x @ w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [3, ROW_LIMIT + 1], ids=["packed", "sliced"])
+def test_float32_blocks_are_not_rounded(rows):
+    """bf16 inputs and kernel: a block asked for in float32 equals the float64 product of
+    the bf16 values within float32 rounding (2e-6 relative), far below bf16's 4e-3; the
+    other block comes back in bf16."""
+    rng = np.random.default_rng(2)
+    widths = [16, 8]
+    inputs = [jax.numpy.asarray(rng.standard_normal((1, rows, 64)), "bfloat16") for _ in widths]
+    kernel = jax.numpy.asarray(rng.standard_normal((64, sum(widths))), "bfloat16")
+    rounded, exact = packed_matmul(inputs, kernel, widths, float32_blocks=(1,))
+    assert rounded.dtype == jax.numpy.bfloat16 and exact.dtype == jax.numpy.float32
+    want = np.asarray(inputs[1], np.float64) @ np.asarray(kernel[:, 16:], np.float64)
+    err = np.abs(np.asarray(exact, np.float64) - want).max() / np.abs(want).max()
+    assert err < 2e-6, err
+
+
 def tiny_model(dtype="float32"):
     config = RWKV6Config(vocab_size=64, num_layers=2, hidden_size=64, head_size=16)
     return RWKV6CausalLM.from_model_config(config, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
-def test_decode_step_with_packed_kernels_equals_the_model(dtype, tol):
+@pytest.mark.parametrize(
+    "dtype,tol,decay_packed",
+    [("float32", 1e-5, True), ("bfloat16", 2e-2, True), ("mixed_bfloat16", 2e-2, False)],
+)
+def test_decode_step_with_packed_kernels_equals_the_model(dtype, tol, decay_packed):
     """One token after a 5-token prefix, batch 3: hidden states and every state piece within
-    `tol` of the largest |value| (bf16: the packed matmul may sum in another order)."""
+    `tol` of the largest |value| (bf16: the packed matmul may sum in another order).
+    decay_w1 joins TimeMix's packed kernel unless it is stored in float32 under a bf16
+    compute dtype (mixed_bfloat16): packing would round it."""
     model = tiny_model(dtype)
     backbone = model.backbone
     tokens = jax.numpy.asarray(np.random.default_rng(1).integers(1, 64, (3, 6)), "int32")
     _, state = backbone(tokens[:, :5])
     expected = backbone(tokens[:, 5:], state=state)
-    got = backbone(tokens[:, 5:], state=state, packed_kernels=pack_kernels(backbone))
+    packed = pack_kernels(backbone)
+    width = 4 * 64 + (model.config.decay_lora_size if decay_packed else 0)
+    assert all(att.shape == (64, width) for att, _ in packed)
+    got = backbone(tokens[:, 5:], state=state, packed_kernels=packed)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.abs(a - b).max() <= tol * np.abs(b).max()

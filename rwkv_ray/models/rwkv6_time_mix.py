@@ -125,14 +125,19 @@ class RWKV6TimeMix(keras.layers.Layer):
         lora = ops.einsum("btsd,sdc->btsc", lora, ops.cast(self.maa_w2, a.dtype))
         mixed = {slot: a + xx * (maa[slot] + lora[:, :, s]) for s, slot in enumerate(MIX_SLOTS)}
         inputs = [mixed[slot] for slot in "rkvg"]
+        decay_hidden = None
         if packed_kernel is None or not packs(inputs):
             dense = (self.receptance, self.key, self.value, self.gate)
             r, k, v, g = (layer(x) for layer, x in zip(dense, inputs, strict=True))
-        else:
+        elif ops.shape(packed_kernel)[1] == 4 * cfg.hidden_size:
             r, k, v, g = packed_matmul(inputs, packed_kernel, [cfg.hidden_size] * 4)
+        else:  # decay_w1 packed too (rwkv6_packed.packs_decay): x_w @ decay_w1 in float32
+            widths = [cfg.hidden_size] * 4 + [cfg.decay_lora_size]
+            packed = packed_matmul([*inputs, mixed["w"]], packed_kernel, widths, (4,))
+            r, k, v, g, decay_hidden = packed
         r, k, v = (ops.reshape(x, heads_shape) for x in (r, k, v))
         g = ops.silu(g)
-        log_w = self._log_decay(mixed["w"])
+        log_w = self._log_decay(mixed["w"], decay_hidden)
         real = ops.cast(mask, "float32")[:, :, None, None]
         # Padding: no write (k = 0) and no decay (log_w = 0) -> the state passes untouched.
         k = k * ops.cast(real, k.dtype)
@@ -151,10 +156,12 @@ class RWKV6TimeMix(keras.layers.Layer):
         out = self.output_projection(ops.cast(y, g.dtype) * g)
         return out, new_shift, new_wkv
 
-    def _log_decay(self, x_w):
-        """log_w = -exp(w) in float32 (the decay must not pass through bf16)."""
-        x_w = ops.cast(x_w, "float32")
-        lora = ops.matmul(ops.tanh(ops.matmul(x_w, self.decay_w1)), self.decay_w2)
+    def _log_decay(self, x_w, hidden=None):
+        """log_w = -exp(w) in float32 (the decay must not pass through bf16). `hidden`: x_w @
+        decay_w1 (float32) when the packed matmul has computed it already."""
+        if hidden is None:
+            hidden = ops.matmul(ops.cast(x_w, "float32"), self.decay_w1)
+        lora = ops.matmul(ops.tanh(hidden), self.decay_w2)
         return -ops.exp(ops.cast(self.time_decay, "float32") + lora)
 
     def get_config(self):
