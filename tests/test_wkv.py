@@ -339,7 +339,10 @@ def test_auto_and_kernel_use_an_available_kernel(clean_env):
     # ... which also norms y when asked (the model's ln_x).
     assert wkv6(*one_token, group_norm=("g", "b", 1e-5)) == ("y1", "state1")
     normed = ("step", {"group_norm": ("g", "b", 1e-5)})
-    assert calls == [{}, {"chunk_size": 32}, ("step", {}), normed]
+    # ... and gates it (the model's silu(g)).
+    assert wkv6(*one_token, group_norm=("g", "b", 1e-5), output_gate="gate") == ("y1", "state1")
+    gated = ("step", {"group_norm": ("g", "b", 1e-5), "output_gate": "gate"})
+    assert calls == [{}, {"chunk_size": 32}, ("step", {}), normed, gated]
 
 
 @pytest.mark.parametrize(

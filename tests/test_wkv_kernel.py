@@ -6,6 +6,7 @@ Bounds (relative RMS error, ||x - ref|| / ||ref||): float32 inputs 1e-4 (state a
 5e-4: strong decay loses a few bits in the float32 log-decay cumsums), bf16 inputs 2e-2.
 """
 
+import functools
 import os
 import re
 
@@ -270,40 +271,49 @@ def test_interpret_decode_step_fuses_the_group_norm(dtype):
 
 
 def check_fused_group_norm(batch, dtype, interpret):
-    """group_norm=(gamma, beta, eps): y leaves the step kernel GroupNorm'd per head. Against
-    the plain single step followed by the dispatcher's group_norm_heads (float32, from the
-    kernel's float32 output, so bf16 differs only by that output's rounding): y, the state
-    and the gradients of every input, gamma and beta included."""
+    """group_norm=(gamma, beta, eps), output_gate=g: y leaves the step kernel GroupNorm'd
+    per head and gated. Against the plain single step followed by the dispatcher's
+    group_norm_heads (float32, from the kernel's float32 output, so bf16 differs only by
+    that output's rounding) and `y.astype(dtype) * g`: y, the state and the gradients of
+    every input, gamma, beta and g included; and the norm alone, without the gate."""
     from rwkv_ray.ops.wkv import group_norm_heads
     from rwkv_ray.ops.wkv_scan import wkv6_single_step
 
     ins, dy, dst = make_inputs(33, batch, 1, 3, 64, dtype, "strong")
     rng = np.random.default_rng(33)
     gamma, beta = (jnp.asarray(rng.normal(1, 0.3, (3, 64)), jnp.float32) for _ in range(2))
+    gate = jnp.asarray(rng.normal(0, 1, (batch, 1, 3, 64)), dtype)
     eps = 64e-5
 
-    def fused(*a):
-        return wk.wkv6_kernel_step(*a[:6], group_norm=(a[6], a[7], eps), interpret=interpret)
+    def fused(*a, gated=True):
+        gating = {"output_gate": a[8]} if gated else {}
+        return wk.wkv6_kernel_step(
+            *a[:6], group_norm=(a[6], a[7], eps), **gating, interpret=interpret
+        )
 
-    def plain(*a):
+    def plain(*a, gated=True):
         y, state = wkv6_single_step(*a[:4], a[4], a[5])
-        y = group_norm_heads(y.astype(jnp.float32), a[6], a[7], eps)
-        return y.astype(a[0].dtype), state
+        y = group_norm_heads(y.astype(jnp.float32), a[6], a[7], eps).astype(a[0].dtype)
+        return (y * a[8] if gated else y), state
 
-    args = (*ins, gamma, beta)
+    args = (*ins, gamma, beta, gate)
     bound = 1e-5 if dtype == jnp.float32 else 2e-2
-    for got, want in zip(jax.jit(fused)(*args), jax.jit(plain)(*args), strict=True):
-        assert rel_rms(got, want) < bound, rel_rms(got, want)
+    for gated in (True, False):
+        got = jax.jit(functools.partial(fused, gated=gated))(*args)
+        want = jax.jit(functools.partial(plain, gated=gated))(*args)
+        for a, b in zip(got, want, strict=True):
+            assert rel_rms(a, b) < bound, (gated, rel_rms(a, b))
 
     def loss(fn):
         def value(*a):
             y, state = fn(*a)
             return jnp.sum(y.astype(jnp.float32) * dy) + jnp.sum(state * dst)
 
-        return jax.jit(jax.grad(value, argnums=range(8)))
+        return jax.jit(jax.grad(value, argnums=range(9)))
 
     grads = zip(loss(fused)(*args), loss(plain)(*args), strict=True)
-    for name, (got, want) in zip("r k v log_w u state gamma beta".split(), grads, strict=True):
+    names = "r k v log_w u state gamma beta gate".split()
+    for name, (got, want) in zip(names, grads, strict=True):
         assert rel_rms(got, want) < 5 * bound, (name, rel_rms(got, want))
 
 

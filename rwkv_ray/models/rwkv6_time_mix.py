@@ -143,17 +143,17 @@ class RWKV6TimeMix(keras.layers.Layer):
         k = k * ops.cast(real, k.dtype)
         log_w = ops.reshape(log_w, heads_shape) * real
         heads = (cfg.num_heads, cfg.head_size)
-        group_norm = (  # ln_x, one group per head: in the WKV op (the decode kernel fuses it)
+        # ln_x (one group per head) and the gate in the WKV op: the decode kernel fuses them.
+        group_norm = (
             ops.reshape(self.ln_x_gamma, heads),
             ops.reshape(self.ln_x_beta, heads),
             cfg.group_norm_epsilon,
         )
         y, new_wkv = wkv6(
             r, k, v, log_w, ops.cast(self.time_faaaa, "float32"), wkv_state,
-            impl=self.wkv_impl, group_norm=group_norm,
+            impl=self.wkv_impl, group_norm=group_norm, output_gate=ops.reshape(g, heads_shape),
         )  # fmt: skip
-        y = ops.reshape(y, (batch, steps, cfg.hidden_size))
-        out = self.output_projection(ops.cast(y, g.dtype) * g)
+        out = self.output_projection(ops.reshape(y, (batch, steps, cfg.hidden_size)))
         return out, new_shift, new_wkv
 
     def _log_decay(self, x_w, hidden=None):

@@ -42,7 +42,7 @@ _fallback_logged = False  # the only global state: 'auto' explains its fallback 
 
 def wkv6(
     r, k, v, log_w, u, initial_state=None, *, impl: str | None = None, chunk_size=None,
-    group_norm=None,
+    group_norm=None, output_gate=None,
 ):  # fmt: skip
     """WKV6 over a sequence. Shapes and the meaning of `impl` in the module docstring.
 
@@ -57,6 +57,8 @@ def wkv6(
         group_norm: None, or (gamma [H,N], beta [H,N], eps): y comes back GroupNorm'd per
             head (RWKV6's ln_x; `group_norm_heads`, float32 statistics). The kernel's
             decoding step does it in the same kernel (from its float32 output).
+        output_gate: None, or g [B,T,H,N]: y comes back as `y.astype(r.dtype) * g` (after
+            the norm; RWKV6's silu(g) gate), in the decoding kernel too.
 
     Returns:
         (y [B,T,H,N] in r's dtype, final_state [B,H,N,N] float32).
@@ -69,8 +71,9 @@ def wkv6(
     if r.shape[1] == 1 and chosen == "kernel":
         # A decoding step: one kernel updating the state in place (and norming y).
         kernel = importlib.import_module(KERNEL_MODULE)
-        norm = {} if group_norm is None else {"group_norm": group_norm}
-        return kernel.wkv6_kernel_step(r, k, v, log_w, u, initial_state, **norm)
+        fused = {"group_norm": group_norm, "output_gate": output_gate}
+        fused = {name: value for name, value in fused.items() if value is not None}
+        return kernel.wkv6_kernel_step(r, k, v, log_w, u, initial_state, **fused)
     if r.shape[1] == 1:
         # Every implementation reduces to one application of the recurrence; the chunked
         # forms would pad the token to a whole chunk.
@@ -87,6 +90,8 @@ def wkv6(
             y, state = wkv6_chunked(r, k, v, log_w, u, initial_state, **options)
     if group_norm is not None:
         y = keras.ops.cast(group_norm_heads(y, *group_norm), r.dtype)
+    if output_gate is not None:
+        y = keras.ops.cast(y, r.dtype) * keras.ops.cast(output_gate, r.dtype)
     return y, state
 
 
