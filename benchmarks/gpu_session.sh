@@ -20,11 +20,14 @@
 #     fills in the 16-token states; B1 T16384 is those passes, 1.85 + 1.93 of 6.5 ms),
 #     merge_dk_dv (new: the backward's dk and dv kernels as one, 1.34 + 1.26 ms at B8 T4096)
 #     and both. The first shape picks the configuration the other two run.
-# decode: the decode-step kernel's GPU tests, then the generation issue's figures (ours
-#     packed and unpacked, the official package, same run), then a profile of decoding at
-#     batch 2 and 32 (2026-11-27 12:5x: tests passed, b1 482.5, b32 10.76k; then 491-506
-#     with per-layer loop state). New since: the step kernel also does the GroupNorm (one
-#     kernel less per layer and token): its GPU tests and batch 1 against 500 tok/s.
+# decode: the decode-step kernel's GPU tests, then (with BASELINE=dir, a copy of an older
+#     tree in the working tree, e.g. `git archive 66b6b2b | tar -x -C baseline`) that tree's
+#     decode figures, then ours and the official package's (same run), then a profile of
+#     decoding at batch 2 and 32 (2026-11-27 12:5x: tests passed, b1 482.5, b32 10.76k; then
+#     491-506 with per-layer loop state). New since: the step kernel also does the GroupNorm
+#     and the output gate, LayerNorm takes one reduction kernel, decay_w1 is packed with
+#     r|k|v|g: 27 -> 20 kernels per layer at batch 1 on benchmarks/gpu_hlo.py's compile-only
+#     H100 target. Batch 1 against 500 tok/s, against the baseline on the same machine.
 # scaling: the host alone, state tuning on 1, 2 and 4 GPUs (0.985 / 0.964 on 2026-11-27).
 # generate / train: the generation figures alone; the training configurations one after the
 #     other on one GPU.
@@ -53,6 +56,12 @@ case ${1:-} in
   decode)
     JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
       -k "decode_step" 2>&1 | tail -15
+    if [ -n "${BASELINE:-}" ]; then
+      (cd "$BASELINE" && PYTHONPATH=$PWD:${PYTHONPATH:-} timeout 150 python3 \
+        benchmarks/bench_generate.py --shape 1b6 --dtype bfloat16 --official off --repeats 5 \
+        --batch-sizes 1,32 --out "$OUT/generate_baseline.json" 2>&1 \
+        | grep -v -i warn | grep -v '^\[\|ptxas\|^ ')
+    fi
     generate
     timeout 130 python3 benchmarks/profile_generate.py --shape 1b6 --dtype bfloat16 \
       --batch-sizes 2,32 --decode-tokens 32 --top 20 --out "$OUT/profile_generate.json" \
