@@ -1,12 +1,13 @@
-"""`RWKV6LayerNorm`: Keras' LayerNormalization (same weights, config and checkpoint names),
-computed as (x - mean) * rsqrt(var + eps) * gamma + beta in float32.
+"""`RWKV6LayerNorm`: Keras' LayerNormalization (same weights, config and checkpoint names)
+with both moments taken in one pass, in float32.
 
-Why not Keras' own call: it computes x * inv + (beta - mean * inv), a form XLA's GPU
-compiler does not recognise as a normalization, so each norm became three kernels (mean,
-variance, then the scaling fused into its consumer). In this form XLA emits one fused
-normalization kernel (H100 target, 1.6B decode step, compiled without a GPU by
-benchmarks/gpu_hlo.py). The numbers are those of torch's F.layer_norm, which the official
-model uses.
+Why not Keras' own call: it takes the mean, then the variance in a second pass over
+x - mean, which on a GPU is two reduction kernels per norm (the scaling fuses into the
+consumer either way). Here the mean and the mean square of d = x - x[0] are sibling
+reductions, one kernel: two kernels less per layer in a decode step (H100 target, 1.6B
+shape, compiled without a GPU by benchmarks/gpu_hlo.py). Subtracting a value of the row
+keeps E[d^2] - E[d]^2 from cancelling when |mean| >> std. The numbers are those of torch's
+F.layer_norm, which the official model uses (tests/test_layer_norm.py).
 """
 
 from __future__ import annotations
