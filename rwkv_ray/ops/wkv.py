@@ -69,7 +69,7 @@ def wkv6(
     check_shapes(r, k, v, log_w, u, initial_state)
     chosen, _ = resolve_wkv_impl(impl)
     if r.shape[1] == 1 and chosen == "kernel":
-        # A decoding step: one kernel updating the state in place (and norming y).
+        # A decoding step: one kernel updating the state in place (and norming, gating y).
         kernel = importlib.import_module(KERNEL_MODULE)
         fused = {"group_norm": group_norm, "output_gate": output_gate}
         fused = {name: value for name, value in fused.items() if value is not None}
@@ -91,7 +91,7 @@ def wkv6(
     if group_norm is not None:
         y = keras.ops.cast(group_norm_heads(y, *group_norm), r.dtype)
     if output_gate is not None:
-        y = keras.ops.cast(y, r.dtype) * keras.ops.cast(output_gate, r.dtype)
+        y = y * keras.ops.cast(output_gate, r.dtype)  # y is in r's dtype already
     return y, state
 
 
