@@ -5,7 +5,6 @@ from rwkv_ray.models.rwkv6_block import RWKV6Block
 from rwkv_ray.models.rwkv6_causal_lm import RWKV6CausalLM
 from rwkv_ray.models.rwkv6_channel_mix import RWKV6ChannelMix
 from rwkv_ray.models.rwkv6_config import ConfigError, RWKV6Config
-from rwkv_ray.models.rwkv6_layer_norm import RWKV6LayerNorm
 from rwkv_ray.models.rwkv6_state import RWKV6State
 from rwkv_ray.models.rwkv6_time_mix import RWKV6TimeMix
 
@@ -16,7 +15,6 @@ __all__ = [
     "RWKV6CausalLM",
     "RWKV6ChannelMix",
     "RWKV6Config",
-    "RWKV6LayerNorm",
     "RWKV6State",
     "RWKV6TimeMix",
 ]

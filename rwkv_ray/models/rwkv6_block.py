@@ -7,12 +7,16 @@ import keras
 
 from rwkv_ray.models.rwkv6_channel_mix import RWKV6ChannelMix
 from rwkv_ray.models.rwkv6_config import RWKV6Config
-from rwkv_ray.models.rwkv6_layer_norm import RWKV6LayerNorm
 from rwkv_ray.models.rwkv6_time_mix import RWKV6TimeMix
 
 
-def layer_norm(config: RWKV6Config, name: str, dtype) -> RWKV6LayerNorm:
-    return RWKV6LayerNorm(epsilon=config.layer_norm_epsilon, dtype=dtype, name=name)
+def layer_norm(config: RWKV6Config, name: str, dtype) -> keras.layers.LayerNormalization:
+    # Keras computes LayerNormalization in float32 for bf16/fp16 inputs. (A one-pass variant,
+    # both moments in one reduction kernel, made decoding at batch 32 23% slower on an H100:
+    # BENCHMARKS.md, "Decode kernels per layer".)
+    return keras.layers.LayerNormalization(
+        epsilon=config.layer_norm_epsilon, dtype=dtype, name=name
+    )
 
 
 class RWKV6Block(keras.layers.Layer):
