@@ -3,10 +3,9 @@
 # under 10 minutes each. Every step has its own time limit and writes its JSON under $OUT as
 # soon as it has a row, so a step that runs long loses only itself.
 #
-# Next session's plan (about 25 min of device time):
-#   OUT=$OUT bash benchmarks/gpu_session.sh train-x4 # nvidia-h100-x4, about 10 min
+# Next session's plan (about 20 min of device time):
 #   OUT=$OUT bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, about 8 min
-#   OUT=$OUT bash benchmarks/gpu_session.sh decode   # same machine, about 7 min
+#   OUT=$OUT bash benchmarks/gpu_session.sh train-x4 # nvidia-h100-x4, about 10 min
 #
 # train-x4: training configurations side by side, one process per GPU (the 1.6B step at B4
 #     T4096). New since the last training run: JAX now gets 95% of the card
@@ -23,11 +22,9 @@
 # decode: the decode-step kernel's GPU tests, then (with BASELINE=dir, a copy of an older
 #     tree in the working tree, e.g. `git archive 66b6b2b | tar -x -C baseline`) that tree's
 #     decode figures, then ours and the official package's (same run), then a profile of
-#     decoding at batch 2 and 32 (2026-11-27 12:5x: tests passed, b1 482.5, b32 10.76k; then
-#     491-506 with per-layer loop state). New since: the step kernel also does the GroupNorm
-#     and the output gate, LayerNorm takes one reduction kernel, decay_w1 is packed with
-#     r|k|v|g: 27 -> 20 kernels per layer at batch 1 on benchmarks/gpu_hlo.py's compile-only
-#     H100 target. Batch 1 against 500 tok/s, against the baseline on the same machine.
+#     decoding at batch 2 and 32. Batch 1 spreads about +-5% between processes (12
+#     processes of 285d47f on 2026-11-27: 477.8-530.4, median 503.5), so compare trees
+#     interleaved, one process each, several times.
 # scaling: the host alone, state tuning on 1, 2 and 4 GPUs (0.985 / 0.964 on 2026-11-27).
 # generate / train: the generation figures alone; the training configurations one after the
 #     other on one GPU.
