@@ -13,7 +13,8 @@ Method (random weights; speed does not depend on them):
   uses (the head only on the last position); median of --repeats after a warm-up call.
 - decode: `generate` greedy with the on-device loop, id 0 banned so no row ends early,
   1-token prompts; rate = batch * (n2 - n1) / (t(n2) - t(n1)) for n1 = --decode-tokens / 4,
-  n2 = --decode-tokens (medians; the per-call costs - prefill, host set-up - cancel).
+  n2 = --decode-tokens (medians; the per-call costs - prefill, host set-up - cancel); also
+  the range of the rates of the repeats paired in order (`..._tokens_per_s_range`).
 - official: `RWKV.forward(tokens, None)` for prefill; `forward([token], state)` per token
   for decode (batch 1 only: the package has no batched decode).
 """
@@ -65,15 +66,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def best_time(fn, repeats: int) -> float:
-    """Median wall time of `repeats` calls after a warm-up (compilation) call."""
+def call_times(fn, repeats: int) -> list[float]:
+    """Wall times of `repeats` calls after a warm-up (compilation) call."""
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return times
+
+
+def best_time(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls after a warm-up (compilation) call."""
+    return float(np.median(call_times(fn, repeats)))
 
 
 def build_model(args):
@@ -105,7 +111,10 @@ def bench_prefill(model, tokens: int, repeats: int) -> float:
     return tokens / best_time(run, repeats)
 
 
-def bench_decode(model, batch: int, steps: int, repeats: int) -> float:
+def bench_decode(model, batch: int, steps: int, repeats: int) -> tuple[float, list[float]]:
+    """(tokens/s from the medians, [lowest, highest] of the rates of the i-th short and long
+    calls paired): the range is this process's own spread, to tell apart from the spread
+    between processes."""
     from rwkv_ray.generation import generate
 
     prompts = [[1 + b % (model.config.vocab_size - 1)] for b in range(batch)]
@@ -115,10 +124,16 @@ def bench_decode(model, batch: int, steps: int, repeats: int) -> float:
             result = generate(model, prompts, n, token_ban=(0,))
             assert all(len(t) == n for t in result.tokens)
 
-        return best_time(run, repeats)
+        return call_times(run, repeats)
 
     short, long = max(1, steps // 4), steps
-    return batch * (long - short) / (timed(long) - timed(short))
+    short_times, long_times = timed(short), timed(long)
+    tokens = batch * (long - short)
+    rate = tokens / (float(np.median(long_times)) - float(np.median(short_times)))
+    paired = [
+        tokens / (t_long - t_short) for t_short, t_long in zip(short_times, long_times, strict=True)
+    ]
+    return rate, [min(paired), max(paired)]
 
 
 def official_figures(model, args) -> dict:
@@ -204,10 +219,11 @@ def main(argv=None) -> dict:
     for pack in packings:
         use_engine(model, pack)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            rate = bench_decode(model, batch, args.decode_tokens, args.repeats)
+            rate, spread = bench_decode(model, batch, args.decode_tokens, args.repeats)
             name = f"decode_batch{batch}{'_unpacked' if args.pack == 'both' and not pack else ''}"
             figures[f"{name}_tokens_per_s"] = rate
-            print(f"{name}_tokens_per_s", round(rate, 1), flush=True)
+            figures[f"{name}_tokens_per_s_range"] = spread
+            print(f"{name}_tokens_per_s", round(rate, 1), [round(r, 1) for r in spread], flush=True)
     figures["packed"] = eng_pack(model) if args.pack != "both" else "both"
     report = {
         "benchmark": "generate",
