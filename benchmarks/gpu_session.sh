@@ -25,6 +25,9 @@
 #     decoding at batch 2 and 32. Batch 1 spreads about +-5% between processes (12
 #     processes of 285d47f on 2026-11-27: 477.8-530.4, median 503.5), so compare trees
 #     interleaved, one process each, several times.
+# decode-spread: five processes of the decode figures one after the other, each with its own
+#     range (the repeats paired), to tell within-process noise from the spread between
+#     processes; about 8 min.
 # scaling: the host alone, state tuning on 1, 2 and 4 GPUs (0.985 / 0.964 on 2026-11-27).
 # generate / train: the generation figures alone; the training configurations one after the
 #     other on one GPU.
@@ -64,6 +67,13 @@ case ${1:-} in
       --batch-sizes 2,32 --decode-tokens 32 --top 20 --out "$OUT/profile_generate.json" \
       2>&1 | grep -v -i warn | grep -A3 '"decode_batch\|"name": "memcpy\|wkv6_step'
     ;;
+  decode-spread)
+    for i in 1 2 3 4 5; do
+      timeout 95 python3 benchmarks/bench_generate.py --shape 1b6 --dtype bfloat16 \
+        --official off --repeats 5 --batch-sizes 1,32 --pack on \
+        --out "$OUT/generate_process$i.json" 2>&1 | grep '^decode_batch'
+    done
+    ;;
   kernel)
     timeout 540 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
       --configs 16:4:1:factored,16:4:1:factored:auto:auto::0:64,16:4:1:factored:auto:auto::0:0:dkv,16:4:1:factored:auto:auto::0:64:dkv \
@@ -91,7 +101,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|kernel|train-x4|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|train-x4|scaling|generate|train" >&2
     exit 2
     ;;
 esac
