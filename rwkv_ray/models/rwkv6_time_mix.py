@@ -129,6 +129,8 @@ class RWKV6TimeMix(keras.layers.Layer):
         if packed_kernel is None or not packs(inputs):
             dense = (self.receptance, self.key, self.value, self.gate)
             r, k, v, g = (layer(x) for layer, x in zip(dense, inputs, strict=True))
+        # The packed kernel's width says whether pack_kernels packed decay_w1: inside this
+        # call a mixed-precision policy autocasts decay_w1, so packs_decay(self) would not.
         elif ops.shape(packed_kernel)[1] == 4 * cfg.hidden_size:
             r, k, v, g = packed_matmul(inputs, packed_kernel, [cfg.hidden_size] * 4)
         else:  # decay_w1 packed too (rwkv6_packed.packs_decay): x_w @ decay_w1 in float32
