@@ -46,6 +46,7 @@ def bench(shape: str, mode: str, args) -> dict:
                 "config": SHAPES[shape],
                 "dtype": args.dtype,
                 "remat": remat_setting(args.remat),
+                "remat_blocks": getattr(args, "remat_blocks", None),
                 "master_weights": getattr(args, "master_weights", "float32"),
             },
             "data": {"train": "unused"},

@@ -40,6 +40,8 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         ("scaling.num_workers=3", "data.num_streams"),  # 2 streams over 3 workers
         ("debug.fail_mode=crash", "debug.fail_mode"),
         ("model.remat=layers", "model.remat"),
+        ("model.remat_blocks=0", "model.remat_blocks"),
+        ("model.remat_blocks=2", "model.remat_blocks"),  # needs model.remat true or block
         ("model.master_weights=float16", "model.master_weights"),
         ("model.master_weights=bfloat16", "model.master_weights"),  # needs dtype bfloat16
     ],

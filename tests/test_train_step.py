@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +94,31 @@ def test_remat_dots_checkpoints_the_model_with_the_matmul_policy():
         loss = summed_loss_fn(model, remat)
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a, f=loss: f(*a)[0]))(*args))
         assert jaxpr.count("DotsSaveable(only_if_no_batch_dims=True)") == policies, remat
+
+
+def test_remat_blocks_recomputes_only_the_first_blocks():
+    """model.remat_blocks=1 of 2 blocks: one more checkpointed call than no remat, one less
+    than every block (the head's pieces have their own checkpoint either way)."""
+    two_layers = {**ONE_LAYER, "num_layers": 2}
+    tokens, mask = np.ones((2, 16), np.int32), np.ones((2, 16), np.float32)
+
+    def checkpoints(**model):
+        config = JobConfig.from_dict(
+            {"model": {"config": two_layers, **model}, "data": {"train": "unused"}}
+        )
+        net = build_model(config)
+        args = (
+            [v.value for v in net.trainable_variables],
+            [v.value for v in net.non_trainable_variables],
+            tokens,
+            mask,
+        )
+        loss = summed_loss_fn(net, config.model.remat)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: loss(*a)[0]))(*args))
+        return len(re.findall(r"\bremat\w*\[", jaxpr))  # jax.checkpoint's primitive: remat2
+
+    none, one, every = checkpoints(), checkpoints(remat=True, remat_blocks=1), checkpoints(remat=True)
+    assert (one - none, every - none) == (1, 2), (none, one, every)
 
 
 def run(steps: int, grad_accum: int, remat: bool = False, **model):

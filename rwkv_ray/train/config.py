@@ -45,6 +45,11 @@ class ModelSettings:
     # true or "block" = keep each block's input only, recompute the block (least memory);
     # "dots" = keep every matmul's output, recompute the elementwise work and the WKV op.
     remat: bool | str = False
+    # With remat true / "block": how many blocks to recompute, the first ones (None = all).
+    # Every block keeps the same activations, so recomputing only as many as the memory
+    # needs spends the least extra compute (on an H100 at 1.6B, 4 x 4096 tokens, keeping
+    # every block ran out of memory by a few GiB; BENCHMARKS.md).
+    remat_blocks: int | None = None
     init_seed: int = 0  # seed of the from-scratch init (the same on every worker)
 
 
@@ -171,6 +176,17 @@ def validate(c: JobConfig) -> None:
             raise JobConfigError(f"model.config: {e}") from e
     _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
     _check(m.remat in REMAT_MODES, "model.remat", f"must be one of {REMAT_MODES}, got {m.remat!r}")
+    if m.remat_blocks is not None:
+        _check(
+            m.remat_blocks >= 1,
+            "model.remat_blocks",
+            f"must be an integer >= 1 or null, got {m.remat_blocks!r}",
+        )
+        _check(
+            m.remat in (True, "block"),
+            "model.remat_blocks",
+            f"counts recomputed blocks: needs model.remat true or 'block', got {m.remat!r}",
+        )
     _check(
         m.master_weights in DTYPES,
         "model.master_weights",

@@ -79,8 +79,9 @@ def _remat_scope(config: JobConfig, num_layers: int | None):
     if config.model.remat not in (True, "block"):  # "dots" is applied by the step
         return contextlib.nullcontext()
     # Block names are block_0..block_{L-1}; a loaded model's L is not known yet, so name
-    # generously (names that match no layer are ignored).
-    count = num_layers or 256
+    # generously (names that match no layer are ignored). With remat_blocks only the first
+    # ones: which blocks does not change the memory, only how many.
+    count = config.model.remat_blocks or num_layers or 256
     return keras.RematScope(mode="list_of_layers", layer_names=[f"block_{i}" for i in range(count)])
 
 
