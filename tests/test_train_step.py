@@ -117,11 +117,7 @@ def test_remat_blocks_recomputes_only_the_first_blocks():
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: loss(*a)[0]))(*args))
         return len(re.findall(r"\bremat\w*\[", jaxpr))  # jax.checkpoint's primitive: remat2
 
-    none, one, every = (
-        checkpoints(),
-        checkpoints(remat=True, remat_blocks=1),
-        checkpoints(remat=True),
-    )
+    none, one, every = checkpoints(), checkpoints(remat=True, remat_blocks=1), checkpoints(remat=True)
     assert (one - none, every - none) == (1, 2), (none, one, every)
 
 

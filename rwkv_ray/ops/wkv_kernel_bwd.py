@@ -21,7 +21,6 @@ from rwkv_ray.ops.wkv_kernel_call import (
     _chunk_specs,
     _load,
     _mm_dtype,
-    _pipelined_loop,
     _specs,
 )
 from rwkv_ray.ops.wkv_kernel_fwd import (
@@ -151,24 +150,19 @@ def _chunk_state_grads_kernel(
     like the fused forward."""
     n = r_ref.shape[1]
 
-    def prepare(c):
+    def body(c, g, advance):
+        gs_ref[pl.ds(c * n, n), :] = g.astype(gs_ref.dtype)
+        if not advance:
+            return g
         sl = pl.ds(c * chunk, chunk)
         r, lw, dy = (_load(x, sl) for x in (r_ref, w_ref, dy_ref))
         inc, exc, last = _chunk_terms(lw)
         f_start, _, f_all = _decay_factors(inc, exc, last)
-        return (r * f_start).astype(mm_dtype), dy.astype(mm_dtype), f_all
-
-    def body(c, g, prepared, advance):
-        gs_ref[pl.ds(c * n, n), :] = g.astype(gs_ref.dtype)
-        if not advance:
-            return g
-        r_start, dy, f_all = prepared
-        return f_all * g + _mm(r_start, dy, mm_dtype, _TN)
+        return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN)
 
     final = ds0_ref is not None
     n_chunks = r_ref.shape[0] // chunk
-    g0 = dst_ref[...].astype(F32)
-    g = _pipelined_loop(n_chunks, prepare, body, g0, reverse=True, final=final)
+    g = _chunk_loop(n_chunks, body, dst_ref[...].astype(F32), reverse=True, final=final)
     if final:
         ds0_ref[...] = g
 

@@ -52,25 +52,6 @@ def _chunk_loop(n_chunks, body, carry, reverse=False, final=True):
     return lax.fori_loop(0, n_chunks, lambda c, x: body(c, x, True), carry)
 
 
-def _pipelined_loop(n_chunks, prepare, body, carry, reverse=False, final=True):
-    """_chunk_loop for the sequential state passes: prepare(c) is chunk c's state-independent
-    work (its loads, decay factors and scaled operands), body(c, carry, prepare(c), advance)
-    the update that needs the carried state. In the fori_loop, chunk c+1's prepare is issued
-    before chunk c's update, so its loads and exps overlap the update instead of
-    lengthening the loop's serial chain (one program per head walks up to 1024 chunks)."""
-    if n_chunks <= _UNROLL:
-        step = lambda c, x, advance: body(c, x, prepare(c), advance)  # noqa: E731
-        return _chunk_loop(n_chunks, step, carry, reverse, final)
-    index = (lambda i: n_chunks - 1 - i) if reverse else (lambda i: i)
-
-    def step(i, state):
-        x, prepared = state
-        ahead = prepare(index(jnp.minimum(i + 1, n_chunks - 1)))  # the last one is unused
-        return body(index(i), x, prepared, True), ahead
-
-    return lax.fori_loop(0, n_chunks, step, (carry, prepare(index(0))))[0]
-
-
 def _load(ref, sl):
     return ref[sl, :].astype(F32)
 

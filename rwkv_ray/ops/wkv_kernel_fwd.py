@@ -20,7 +20,6 @@ from rwkv_ray.ops.wkv_kernel_call import (
     _chunk_specs,
     _load,
     _mm_dtype,
-    _pipelined_loop,
     _value_split_specs,
 )
 from rwkv_ray.ops.wkv_kernel_intra import _TN, F32, _chunk_terms, _decay_factors, _intra_p, _mm
@@ -61,23 +60,18 @@ def _chunk_states_kernel(k_ref, v_ref, w_ref, s0_ref, hs_ref, st_ref=None, *, ch
     intra-chunk work is left to the parallel pass 2."""
     n = k_ref.shape[1]
 
-    def prepare(c):
+    def body(c, s, advance):
+        hs_ref[pl.ds(c * n, n), :] = s.astype(hs_ref.dtype)
+        if not advance:
+            return s
         sl = pl.ds(c * chunk, chunk)
         k, v, lw = (_load(x, sl) for x in (k_ref, v_ref, w_ref))
         inc, exc, last = _chunk_terms(lw)
         _, f_end, f_all = _decay_factors(inc, exc, last)
-        return (k * f_end).astype(mm_dtype), v.astype(mm_dtype), f_all
-
-    def body(c, s, prepared, advance):
-        hs_ref[pl.ds(c * n, n), :] = s.astype(hs_ref.dtype)
-        if not advance:
-            return s
-        k_end, v, f_all = prepared
-        return f_all * s + _mm(k_end, v, mm_dtype, _TN)
+        return f_all * s + _mm(k * f_end, v, mm_dtype, _TN)
 
     final = st_ref is not None
-    n_chunks = k_ref.shape[0] // chunk
-    s = _pipelined_loop(n_chunks, prepare, body, s0_ref[...].astype(F32), final=final)
+    s = _chunk_loop(k_ref.shape[0] // chunk, body, s0_ref[...].astype(F32), final=final)
     if final:
         st_ref[...] = s
 
