@@ -64,6 +64,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--configs", default=",".join([*CONFIGS, "fla"]))
     p.add_argument("--timeout", type=int, default=400, help="seconds per configuration")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="ours only: compile each step and report XLA's planned memory (no step runs): "
+        "which remat settings fit, in about a minute per configuration",
+    )
     p.add_argument("--out")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
     return p.parse_args(argv)
@@ -91,9 +97,12 @@ def run_ours(name: str, args) -> dict:
         batch=args.batch, seq_len=args.seq_len, steps=args.steps, dtype="bfloat16",
         remat=config["remat"], micro_batches=config.get("micro_batches", 1),
         master_weights=config.get("master_weights", "float32"),
-        remat_blocks=config.get("remat_blocks"),
+        remat_blocks=config.get("remat_blocks"), memory=args.memory,
     )  # fmt: skip
     result = bench(args.shape, config["mode"], opts)
+    if args.memory:
+        return {**result, "remat": opts.remat, "remat_blocks": opts.remat_blocks,
+                "master_weights": opts.master_weights}  # fmt: skip
     stats = jax.devices()[0].memory_stats() or {}
     result["peak_gib"] = round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)
     result["wkv_impl"] = os.environ.get("RWKV_WKV_IMPL", "auto")
@@ -156,6 +165,7 @@ def run_one(name: str, gpus: int, args) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--shape", args.shape,
            "--batch", str(args.batch * gpus),
            "--seq-len", str(args.seq_len), "--steps", str(args.steps)]  # fmt: skip
+    cmd += ["--memory"] if args.memory else []
     env = dict(
         os.environ, CUDA_VISIBLE_DEVICES=",".join(str(args.first_gpu + i) for i in range(gpus))
     )
@@ -187,6 +197,8 @@ def main(argv=None):
         "rows": {},
     }
     counts = [int(n) for n in args.gpus.split(",")]
+    if args.memory and "fla" in args.configs.split(","):
+        sys.exit("--memory plans ours only: leave fla out of --configs")
     for name in args.configs.split(","):
         if name != "fla":
             config_of(name)  # an unknown name stops the run before any configuration starts

@@ -3,22 +3,26 @@
 # under 10 minutes each. Every step has its own time limit and writes its JSON under $OUT as
 # soon as it has a row, so a step that runs long loses only itself.
 #
-# Next session's plan (about 20 min of device time):
-#   OUT=$OUT bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, about 8 min
-#   OUT=$OUT bash benchmarks/gpu_session.sh train-x4 # nvidia-h100-x4, about 10 min
+# Next session's plan (about 25 min of device time):
+#   OUT=$OUT bash benchmarks/gpu_session.sh train-plan # nvidia-h100-x1, about 6 min
+#   OUT=$OUT bash benchmarks/gpu_session.sh train-x4   # nvidia-h100-x4, about 9 min
+#   OUT=$OUT bash benchmarks/gpu_session.sh kernel     # nvidia-h100-x1, about 7 min
 #
+# train-plan: XLA's planned memory of the 1.6B full-tuning step (B4 T4096) for each remat
+#     setting, compiled on the GPU without running a step (bench_train_gpu.py --memory):
+#     which settings fit beside the training state, and why bf16 master weights needed a
+#     larger scratch buffer (61.77 GiB) than float32 ones (54.44) on 2026-11-27.
 # train-x4: training configurations side by side, one process per GPU (the 1.6B step at B4
-#     T4096). New since the last training run: JAX now gets 95% of the card
-#     (scaling.gpu_memory_fraction; JAX's default 75% is what the no-remat, "dots" and
-#     2-micro-batch steps ran out of), and model.master_weights=bfloat16 (bf16 weights and
-#     AdamW moments, as fla trains). GPU 0 fla (its cold compile has needed over 240 s);
-#     GPU 1 ours full tuning without remat, then "dots"; GPU 2 the same with bf16 master
-#     weights; GPU 3 per-block remat, then state tuning (its goal is relative to ours full).
-# kernel: bench_wkv on the three shapes against fla (fla first): the default,
-#     pass1_stride 64 (new: the sequential passes step over 64 tokens and a parallel kernel
-#     fills in the 16-token states; B1 T16384 is those passes, 1.85 + 1.93 of 6.5 ms),
-#     merge_dk_dv (new: the backward's dk and dv kernels as one, 1.34 + 1.26 ms at B8 T4096)
-#     and both. The first shape picks the configuration the other two run.
+#     T4096; JAX gets 95% of each card). GPU 0 fla (its cold compile has taken 6 min);
+#     GPU 1 ours remat of 10 blocks (12 fit at 30.2k tok/s, 8 did not), then "dots" (never
+#     measured at 95%); GPU 2 bf16 master weights with "dots", then with remat of every
+#     block; GPU 3 remat of 12 blocks (the shipped 1.6B config), then state tuning.
+# kernel: bench_wkv on the three shapes against fla (fla first): the default and
+#     spans of 64 tokens (state_stride 64: the sequential passes store a state per 64
+#     tokens, a quarter of the state traffic of the per-chunk kernels; each span's 4 chunks
+#     unrolled in one program; never timed with mode "factored"), with chunks of 16 and 32.
+#     The first shape picks the configuration the other two run. pass1_stride 64,
+#     merge_dk_dv and pipelined sequential passes were timed on 2026-11-27 and rejected.
 # decode: the decode-step kernel's GPU tests, then (with BASELINE=dir, a copy of an older
 #     tree in the working tree, e.g. `git archive 66b6b2b | tar -x -C baseline`) that tree's
 #     decode figures, then ours and the official package's (same run), then a profile of
@@ -76,7 +80,7 @@ case ${1:-} in
     ;;
   kernel)
     timeout 540 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
-      --configs 16:4:1:factored,16:4:1:factored:auto:auto::0:64,16:4:1:factored:auto:auto::0:0:dkv,16:4:1:factored:auto:auto::0:64:dkv \
+      --configs 16:4:1:factored,16:4:1:factored:auto:auto::64,32:4:1:factored:auto:auto::64 \
       --out "$OUT/wkv_vs_fla.json" \
       2>&1 | grep -v -i warn
     ;;
@@ -90,18 +94,24 @@ case ${1:-} in
     # fla needs its 540 s (cold compile). Ours two configurations per GPU, one after the
     # other; state tuning beside our remat baseline (its goal is relative to full tuning).
     on_gpu 0 540 fla
-    on_gpu 1 260 ours_full,ours_full_dots
-    on_gpu 2 260 ours_full_bf16,ours_full_bf16_dots
-    on_gpu 3 260 ours_full_remat,ours_state
+    on_gpu 1 260 ours_full_remat10,ours_full_dots
+    on_gpu 2 260 ours_full_bf16_dots,ours_full_bf16_remat
+    on_gpu 3 260 ours_full_remat12,ours_state
     wait
     grep -h -v -i warn "$OUT"/train_gpu*.log | grep GPU
+    ;;
+  train-plan)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 560 python3 benchmarks/bench_train_gpu.py \
+      --memory --timeout 110 --out "$OUT/train_plan.json" --configs \
+      ours_full,ours_full_bf16,ours_full_dots,ours_full_bf16_dots,ours_full_remat8,ours_full_remat10,ours_full_remat12 \
+      2>&1 | grep GPU
     ;;
   scaling)
     timeout 560 python3 benchmarks/bench_train_gpu.py --steps 3 --gpus 1,2,4 --timeout 170 \
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|train-x4|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|train-plan|train-x4|scaling|generate|train" >&2
     exit 2
     ;;
 esac
