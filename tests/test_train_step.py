@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import re
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from train_support import pattern_tokens
 
 from rwkv_ray.train.config import JobConfig
 from rwkv_ray.train.loss import mean_loss, summed_head_loss, summed_loss
 from rwkv_ray.train.step import (
+    StepMemoryError,
     TrainStep,
     build_model,
     build_optimizer,
+    check_fits,
     summed_loss_fn,
     to_numpy,
 )
@@ -117,8 +121,50 @@ def test_remat_blocks_recomputes_only_the_first_blocks():
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: loss(*a)[0]))(*args))
         return len(re.findall(r"\bremat\w*\[", jaxpr))  # jax.checkpoint's primitive: remat2
 
-    none, one, every = checkpoints(), checkpoints(remat=True, remat_blocks=1), checkpoints(remat=True)
+    none, one, every = (
+        checkpoints(),
+        checkpoints(remat=True, remat_blocks=1),
+        checkpoints(remat=True),
+    )
     assert (one - none, every - none) == (1, 2), (none, one, every)
+
+
+def test_check_fits_counts_state_and_scratch_but_not_the_donated_outputs():
+    gib = 2**30
+    plan = types.SimpleNamespace(
+        argument_size_in_bytes=10 * gib,
+        temp_size_in_bytes=5 * gib,
+        output_size_in_bytes=10 * gib,
+        alias_size_in_bytes=10 * gib,  # the new state is written over the donated one
+    )
+    check_fits(plan, 15 * gib)
+    check_fits(plan, None)  # the backend reports no limit (CPU)
+    with pytest.raises(
+        StepMemoryError,
+        match=r"needs 15\.0 GiB per device \(10\.0 GiB of weights.* 5\.0 GiB of scratch.* 14\.0",
+    ) as error:
+        check_fits(plan, 14 * gib)
+    assert "model.remat_blocks" in str(error.value)
+
+
+def test_a_step_that_cannot_fit_fails_before_it_runs():
+    """The step compiles ahead of its first batch and checks XLA's plan against the memory
+    limit: too little memory names the settings, and the state is left as it was."""
+    config = JobConfig.from_dict({"model": {"config": ONE_LAYER}, "data": {"train": "unused"}})
+    model = build_model(config)
+    optimizer = build_optimizer(config, model, 10)
+    tokens = pattern_tokens(2, 16, ONE_LAYER["vocab_size"], seed=3).astype(np.int32)[None]
+    mask = np.ones(tokens.shape, np.float32)
+    small = TrainStep(model, optimizer, clip_norm=1.0, memory_limit=2**20)
+    state = small.initial_state()
+    before = [to_numpy(v) for v in state.trainable]
+    with pytest.raises(StepMemoryError, match="model.remat"):
+        small(state, tokens, mask)
+    for a, b in zip(before, state.trainable, strict=True):
+        np.testing.assert_array_equal(a, to_numpy(b))  # not donated: still readable, unchanged
+    roomy = TrainStep(model, optimizer, clip_norm=1.0, memory_limit=2**34)
+    _, metrics = roomy(roomy.initial_state(), tokens, mask)
+    assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
 
 
 def run(steps: int, grad_accum: int, remat: bool = False, **model):

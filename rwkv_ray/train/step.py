@@ -227,10 +227,46 @@ def _variable_index(model: RWKV6CausalLM, variable) -> tuple[int, int]:
     raise ValueError(f"{variable.path} is not a variable of the model")
 
 
+class StepMemoryError(MemoryError):
+    """XLA's plan for the compiled step needs more device memory than JAX may use."""
+
+
+def check_fits(memory, limit_bytes: int | None) -> None:
+    """Raise StepMemoryError, naming the settings that lower it, when a compiled step's
+    memory plan (`Compiled.memory_analysis()`) exceeds limit_bytes per device. The state is
+    donated, so the outputs written over it (alias) need no room of their own. No limit
+    (a backend that reports none, such as the CPU) or no plan: nothing to check."""
+    if memory is None or limit_bytes is None:
+        return
+    gib = lambda n: n / 2**30  # noqa: E731
+    state = memory.argument_size_in_bytes
+    scratch = memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+    if state + scratch <= limit_bytes:
+        return
+    raise StepMemoryError(
+        f"the compiled training step needs {gib(state + scratch):.1f} GiB per device "
+        f"({gib(state):.1f} GiB of weights, optimizer state and batch, {gib(scratch):.1f} GiB "
+        f"of scratch in XLA's plan), more than the {gib(limit_bytes):.1f} GiB JAX may use. "
+        "Lower it with model.remat: true (model.remat_blocks: N recomputes only the first N "
+        "blocks), a smaller data.batch_size_per_stream with optimizer.grad_accum for the same "
+        "batch, or model.master_weights: bfloat16; or raise scaling.gpu_memory_fraction."
+    )
+
+
+def device_memory_limit() -> int | None:
+    """Bytes JAX may allocate on this process's first device, or None where the backend
+    does not say (CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return (stats or {}).get("bytes_limit")
+
+
 class TrainStep:
     """The compiled step on a global data-parallel mesh (1 process or many). `remat` is the
     job's model.remat: the step applies "dots" itself (per-block remat is built into the
-    model by `build_model`, as Keras offers it only per layer).
+    model by `build_model`, as Keras offers it only per layer). Each batch shape is compiled
+    ahead of its first step and its memory plan checked against `memory_limit` bytes per
+    device (None: the device's own limit; unchecked on CPU), so a step that cannot fit fails
+    at once with the settings to change (StepMemoryError) instead of an allocator error.
 
     Example:
         train = TrainStep(model, optimizer, clip_norm=1.0)
@@ -240,9 +276,16 @@ class TrainStep:
     """
 
     def __init__(
-        self, model: RWKV6CausalLM, optimizer, clip_norm: float | None, remat: bool | str = False
+        self,
+        model: RWKV6CausalLM,
+        optimizer,
+        clip_norm: float | None,
+        remat: bool | str = False,
+        memory_limit: int | None = None,
     ):
         self.model, self.optimizer = model, optimizer
+        self.memory_limit = memory_limit
+        self._executables: dict[tuple, Callable] = {}  # batch shapes -> compiled step
         if optimizer.variables[0].path.split("/")[-1] != "iteration":
             raise RuntimeError(f"unexpected first optimizer variable {optimizer.variables[0]}")
         self.mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -281,13 +324,22 @@ class TrainStep:
         started = time.perf_counter()
         # The context mesh lets the WKV kernel split the batch per device (a Pallas call is
         # not partitioned by XLA; see rwkv_ray/ops/wkv_kernel.py `_per_device_rows`).
+        tokens, loss_mask = self.shard_batch(tokens), self.shard_batch(loss_mask)
         with jax.set_mesh(self.mesh):
-            state, metrics = self._step(
-                state, self.shard_batch(tokens), self.shard_batch(loss_mask)
-            )
+            state, metrics = self.compiled(state, tokens, loss_mask)(state, tokens, loss_mask)
         metrics = {k: float(to_numpy(v)) for k, v in metrics.items()}
         metrics["step_time"] = time.perf_counter() - started
         return state, metrics
+
+    def compiled(self, state: TrainState, tokens: jax.Array, loss_mask: jax.Array) -> Callable:
+        """The step compiled for these (global, sharded) batch shapes, its memory plan
+        checked the first time (call under the step's mesh)."""
+        key = (tokens.shape, loss_mask.shape)
+        if key not in self._executables:
+            compiled = self._step.lower(state, tokens, loss_mask).compile()
+            check_fits(compiled.memory_analysis(), self.memory_limit or device_memory_limit())
+            self._executables[key] = compiled
+        return self._executables[key]
 
     def write_back(self, state: TrainState) -> None:
         """Copy a state's values into the keras model and optimizer variables."""
