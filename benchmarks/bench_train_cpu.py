@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rwkv_ray.train.config import JobConfig  # noqa: E402
-from rwkv_ray.train.step import TrainStep, build_model, build_optimizer  # noqa: E402
+from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, host_variables  # noqa: E402
 
 SHAPES = {
     "tiny": {"vocab_size": 97, "num_layers": 2, "hidden_size": 64, "mix_lora_size": 8,
@@ -52,12 +52,13 @@ def bench(shape: str, mode: str, args) -> dict:
             "data": {"train": "unused"},
         }
     )
-    model = build_model(config)
-    if mode != "full":  # give the states a gradient: the official init zeroes the outputs
-        for v in model.weights:
-            if not v.trainable and v.path.endswith("kernel"):
-                v.assign(np.random.default_rng(0).normal(0, 0.02, v.shape).astype(v.dtype))
-    optimizer = build_optimizer(config, model, 1000)
+    with host_variables():  # as the training workers build them: the state is the GPU copy
+        model = build_model(config)
+        if mode != "full":  # give the states a gradient: the official init zeroes the outputs
+            for v in model.weights:
+                if not v.trainable and v.path.endswith("kernel"):
+                    v.assign(np.random.default_rng(0).normal(0, 0.02, v.shape).astype(v.dtype))
+        optimizer = build_optimizer(config, model, 1000)
     trainer = TrainStep(model, optimizer, clip_norm=1.0, remat=config.model.remat)
     state = trainer.initial_state()
     rng = np.random.default_rng(0)

@@ -62,7 +62,7 @@ def main(argv=None):
 
     from benchmarks.bench_train_cpu import SHAPES, remat_setting
     from rwkv_ray.train.config import JobConfig
-    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer
+    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, host_variables
 
     config = JobConfig.from_dict(
         {
@@ -75,8 +75,9 @@ def main(argv=None):
             "data": {"train": "unused"},
         }
     )
-    model = build_model(config)
-    optimizer = build_optimizer(config, model, 1000)
+    with host_variables():  # as the training workers build them: the state is the GPU copy
+        model = build_model(config)
+        optimizer = build_optimizer(config, model, 1000)
     trainer = TrainStep(model, optimizer, clip_norm=1.0, remat=config.model.remat)
     state = trainer.initial_state()
     vocab = SHAPES[args.shape]["vocab_size"]

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from rwkv_ray.train.config import JobConfig
     from rwkv_ray.train.loss import mean_loss
-    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer
+    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, host_variables
 
     layer = {"vocab_size": 53, "num_layers": 1, "hidden_size": 64, "mix_lora_size": 8,
              "decay_lora_size": 8}
@@ -41,8 +41,17 @@ SCRIPT = textwrap.dedent(
     batch = [trainer.shard_batch(x[None]) for x in (tokens, mask)]
     with jax.set_mesh(trainer.mesh):
         hlo = trainer._step.lower(state, *batch).compile().as_text()
-    _, metrics = trainer(state, tokens[None], mask[None])
+    state, metrics = trainer(state, tokens[None], mask[None])
+    # host_variables: with another device the default (as a GPU is on a worker), the model
+    # built in it and the values written back keep the variables on the host's device 0.
+    with jax.default_device(jax.devices()[1]):
+        with host_variables():
+            hosted = build_model(config)
+        trainer.write_back(state)
+    placed = lambda m: sorted({d.id for v in m.weights for d in v.value.devices()})
     print("RESULT " + json.dumps({
+        "hosted_on": placed(hosted),
+        "written_back_on": placed(model),
         "devices": int(trainer.mesh.devices.size),
         "all_gathers": hlo.count("all-gather"),
         "all_reduces": hlo.count("all-reduce"),
@@ -53,7 +62,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_step_keeps_each_device_on_its_rows():
+def test_step_keeps_each_device_on_its_rows_and_variables_on_the_host():
     env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu", KERAS_BACKEND="jax")
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env
@@ -65,3 +74,6 @@ def test_step_keeps_each_device_on_its_rows():
     assert result["all_gathers"] == 0, result
     assert result["all_reduces"] > 0, result  # the state gradients are summed over devices
     assert abs(result["loss"] - result["expected"]) < 1e-5 * result["expected"], result
+    # The Keras variables stay in host memory (device 0 here): the step's state is the only
+    # copy on the accelerators.
+    assert result["hosted_on"] == [0] and result["written_back_on"] == [0], result

@@ -20,7 +20,14 @@ import ray.train
 
 from rwkv_ray.train import checkpoint as ckpt_io
 from rwkv_ray.train.config import JobConfig
-from rwkv_ray.train.step import TrainState, TrainStep, build_model, build_optimizer, to_numpy
+from rwkv_ray.train.step import (
+    TrainState,
+    TrainStep,
+    build_model,
+    build_optimizer,
+    host_variables,
+    to_numpy,
+)
 
 
 class InjectedFailure(RuntimeError):
@@ -178,8 +185,9 @@ def train_loop_per_worker(payload: dict) -> None:
     rank = context.get_world_rank()
     reader = open_reader(config, rank)
     per_epoch, steps = total_steps(config, reader.steps_per_epoch)
-    model = build_model(config)
-    optimizer = build_optimizer(config, model, steps)
+    with host_variables():  # the step's state is the only copy on the GPUs
+        model = build_model(config)
+        optimizer = build_optimizer(config, model, steps)
     train = TrainStep(model, optimizer, config.optimizer.clip_norm, config.model.remat)
     state, position = restore(train, config)
     tracker = None
