@@ -10,13 +10,16 @@
 #
 # train-plan: XLA's planned memory of the 1.6B full-tuning step (B4 T4096) for each remat
 #     setting, compiled on the GPU without running a step (bench_train_gpu.py --memory):
-#     which settings fit beside the training state, and why bf16 master weights needed a
-#     larger scratch buffer (61.77 GiB) than float32 ones (54.44) on 2026-11-27.
+#     which settings fit beside the training state (benchmarks/gpu_train_plan.py gives
+#     the same without a GPU), and why bf16 master weights needed a larger scratch buffer
+#     (61.77 GiB) than float32 ones (54.44) on 2026-11-27.
 # train-x4: training configurations side by side, one process per GPU (the 1.6B step at B4
-#     T4096; JAX gets 95% of each card). GPU 0 fla (its cold compile has taken 6 min);
-#     GPU 1 ours remat of 10 blocks (12 fit at 30.2k tok/s, 8 did not), then "dots" (never
-#     measured at 95%); GPU 2 bf16 master weights with "dots", then with remat of every
-#     block; GPU 3 remat of 12 blocks (the shipped 1.6B config), then state tuning.
+#     T4096; JAX gets 95% of each card). Since 1c3fb11 the Keras variables stay in host
+#     memory (each GPU held the training state twice before: 18 GiB with float32 masters),
+#     so settings that ran out of memory on 2026-11-27 should now fit (compile-only plans in
+#     BENCHMARKS.md). GPU 0 fla (its cold compile has taken 6 min); GPU 1 no remat, then
+#     "dots"; GPU 2 bf16 master weights without remat, then with "dots"; GPU 3 remat of 4
+#     blocks (12 ran 30.2k tok/s with the second copy), then state tuning.
 # kernel: bench_wkv on the three shapes against fla (fla first): the default and
 #     spans of 64 tokens (state_stride 64: the sequential passes store a state per 64
 #     tokens, a quarter of the state traffic of the per-chunk kernels; each span's 4 chunks
@@ -94,9 +97,9 @@ case ${1:-} in
     # fla needs its 540 s (cold compile). Ours two configurations per GPU, one after the
     # other; state tuning beside our remat baseline (its goal is relative to full tuning).
     on_gpu 0 540 fla
-    on_gpu 1 260 ours_full_remat10,ours_full_dots
-    on_gpu 2 260 ours_full_bf16_dots,ours_full_bf16_remat
-    on_gpu 3 260 ours_full_remat12,ours_state
+    on_gpu 1 260 ours_full,ours_full_dots
+    on_gpu 2 260 ours_full_bf16,ours_full_bf16_dots
+    on_gpu 3 260 ours_full_remat4,ours_state
     wait
     grep -h -v -i warn "$OUT"/train_gpu*.log | grep GPU
     ;;
