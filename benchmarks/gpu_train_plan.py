@@ -48,10 +48,11 @@ def plan(device, layers: int, args) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from benchmarks.bench_train_cpu import remat_setting
     from rwkv_ray.train.config import JobConfig
     from rwkv_ray.train.step import TrainState, build_model, build_optimizer, make_step_fn
 
-    remat = {"off": False, "block": "block", "dots": "dots"}[args.remat]
+    remat = remat_setting(args.remat)
     shape = {"vocab_size": args.vocab, "num_layers": layers, "hidden_size": args.hidden}
     model_settings = {"config": shape, "dtype": "bfloat16", "remat": remat,
                       "master_weights": args.master_weights, "wkv_impl": "kernel"}  # fmt: skip

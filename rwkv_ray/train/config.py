@@ -47,8 +47,7 @@ class ModelSettings:
     remat: bool | str = False
     # With remat true / "block": how many blocks to recompute, the first ones (None = all).
     # Every block keeps the same activations, so recomputing only as many as the memory
-    # needs spends the least extra compute (on an H100 at 1.6B, 4 x 4096 tokens, keeping
-    # every block ran out of memory by a few GiB; BENCHMARKS.md).
+    # needs spends the least extra compute (BENCHMARKS.md, full tuning at 1.6B).
     remat_blocks: int | None = None
     init_seed: int = 0  # seed of the from-scratch init (the same on every worker)
 
