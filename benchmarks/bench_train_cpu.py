@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rwkv_ray.train.config import JobConfig  # noqa: E402
-from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, host_variables  # noqa: E402
+from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, move_to_host  # noqa: E402
 
 SHAPES = {
     "tiny": {"vocab_size": 97, "num_layers": 2, "hidden_size": 64, "mix_lora_size": 8,
@@ -52,15 +52,18 @@ def bench(shape: str, mode: str, args) -> dict:
             "data": {"train": "unused"},
         }
     )
-    with host_variables():  # as the training workers build them: the state is the GPU copy
-        model = build_model(config)
-        if mode != "full":  # give the states a gradient: the official init zeroes the outputs
-            for v in model.weights:
-                if not v.trainable and v.path.endswith("kernel"):
-                    v.assign(np.random.default_rng(0).normal(0, 0.02, v.shape).astype(v.dtype))
-        optimizer = build_optimizer(config, model, 1000)
+    clock = time.perf_counter()
+    model = build_model(config)
+    if mode != "full":  # give the states a gradient: the official init zeroes the outputs
+        for v in model.weights:
+            if not v.trainable and v.path.endswith("kernel"):
+                v.assign(np.random.default_rng(0).normal(0, 0.02, v.shape).astype(v.dtype))
+    optimizer = build_optimizer(config, model, 1000)
+    move_to_host(model, optimizer)  # as the training workers do: the state is the GPU copy
     trainer = TrainStep(model, optimizer, clip_norm=1.0, remat=config.model.remat)
     state = trainer.initial_state()
+    # On stderr, so that a run stopped by a time limit shows where it was.
+    print(f"built and placed in {time.perf_counter() - clock:.1f} s", file=sys.stderr, flush=True)
     rng = np.random.default_rng(0)
     vocab = SHAPES[shape]["vocab_size"]
     micro = getattr(args, "micro_batches", 1)  # gradient accumulation: A x (batch / A) rows
@@ -73,6 +76,7 @@ def bench(shape: str, mode: str, args) -> dict:
     started = time.perf_counter()
     state, _ = trainer(state, tokens, mask)
     compile_s = time.perf_counter() - started
+    print(f"first step (compiles) in {compile_s:.1f} s", file=sys.stderr, flush=True)
     times = []
     for _ in range(args.steps):
         state, metrics = trainer(state, tokens, mask)

@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,9 +131,13 @@ def run_fla(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    started = time.perf_counter()
     for _ in range(2):
         step()
     torch.cuda.synchronize()
+    # On stderr, so that a run stopped by a time limit shows where it was.
+    print(f"two warm-up steps (Triton compiles) in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr, flush=True)  # fmt: skip
     times = []
     for _ in range(args.steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -172,8 +177,10 @@ def run_one(name: str, gpus: int, args) -> dict:
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(gpu_memory_fraction()))
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout} s", "gpus": gpus}
+    except subprocess.TimeoutExpired as stopped:
+        said = stopped.stderr or b""  # what the process had written: where it was stopped
+        said = said.decode(errors="replace") if isinstance(said, bytes) else said
+        return {"error": f"timed out after {args.timeout} s", "stderr": said[-1500:], "gpus": gpus}
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if not lines:
         return {"error": (done.stderr or done.stdout)[-1500:], "gpus": gpus}

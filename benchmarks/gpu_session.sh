@@ -3,11 +3,11 @@
 # under 10 minutes each. Every step has its own time limit and writes its JSON under $OUT as
 # soon as it has a row, so a step that runs long loses only itself.
 #
-# Next session's plan (about 25 min of device time):
-#   OUT=$OUT bash benchmarks/gpu_session.sh train-plan # nvidia-h100-x1, about 6 min
-#   OUT=$OUT bash benchmarks/gpu_session.sh train-x4   # nvidia-h100-x4, about 9 min
-#   OUT=$OUT bash benchmarks/gpu_session.sh kernel     # nvidia-h100-x1, about 7 min
+# Next session's plan (about 10 min of device time):
+#   OUT=$OUT bash benchmarks/gpu_session.sh x4        # nvidia-h100-x4, about 9.5 min
 #
+# x4: fla's and our 1.6B training on GPUs 0-2 (as train-x4: no remat, "dots", bf16 masters,
+#     state tuning) and the kernel step on GPU 3, all at once.
 # train-plan: XLA's planned memory of the 1.6B full-tuning step (B4 T4096) for each remat
 #     setting, compiled on the GPU without running a step (bench_train_gpu.py --memory):
 #     which settings fit beside the training state (benchmarks/gpu_train_plan.py gives
@@ -59,6 +59,13 @@ on_gpu() {
     --configs "$configs" --out "$OUT/train_gpu$gpu.json" >"$OUT/train_gpu$gpu.log" 2>&1 &
 }
 
+kernel() {
+  timeout 540 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
+    --configs 16:4:1:factored,16:4:1:factored:auto:auto::64,32:4:1:factored:auto:auto::64 \
+    --out "$OUT/wkv_vs_fla.json" \
+    2>&1 | grep -v -i warn
+}
+
 case ${1:-} in
   decode)
     JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
@@ -81,11 +88,16 @@ case ${1:-} in
         --out "$OUT/generate_process$i.json" 2>&1 | grep '^decode_batch'
     done
     ;;
-  kernel)
-    timeout 540 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
-      --configs 16:4:1:factored,16:4:1:factored:auto:auto::64,32:4:1:factored:auto:auto::64 \
-      --out "$OUT/wkv_vs_fla.json" \
-      2>&1 | grep -v -i warn
+  kernel) kernel ;;
+  x4)
+    # train-x4's main rows and the kernel in one call: one process per GPU.
+    on_gpu 0 540 fla
+    on_gpu 1 260 ours_full,ours_full_dots
+    on_gpu 2 260 ours_full_bf16,ours_state
+    CUDA_VISIBLE_DEVICES=3 kernel >"$OUT/kernel.log" 2>&1 &
+    wait
+    grep -h -v -i warn "$OUT"/train_gpu*.log | grep GPU
+    tail -12 "$OUT/kernel.log"
     ;;
   generate) generate ;;
   train)
@@ -114,7 +126,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|train-plan|train-x4|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|x4|train-plan|train-x4|scaling|generate|train" >&2
     exit 2
     ;;
 esac

@@ -62,7 +62,7 @@ def main(argv=None):
 
     from benchmarks.bench_train_cpu import SHAPES, remat_setting
     from rwkv_ray.train.config import JobConfig
-    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, host_variables
+    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, move_to_host
 
     config = JobConfig.from_dict(
         {
@@ -75,9 +75,9 @@ def main(argv=None):
             "data": {"train": "unused"},
         }
     )
-    with host_variables():  # as the training workers build them: the state is the GPU copy
-        model = build_model(config)
-        optimizer = build_optimizer(config, model, 1000)
+    model = build_model(config)
+    optimizer = build_optimizer(config, model, 1000)
+    move_to_host(model, optimizer)  # as the training workers do: the state is the GPU copy
     trainer = TrainStep(model, optimizer, clip_norm=1.0, remat=config.model.remat)
     state = trainer.initial_state()
     vocab = SHAPES[args.shape]["vocab_size"]

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from rwkv_ray.train.config import JobConfig
     from rwkv_ray.train.loss import mean_loss
-    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, host_variables
+    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, move_to_host
 
     layer = {"vocab_size": 53, "num_layers": 1, "hidden_size": 64, "mix_lora_size": 8,
              "decay_lora_size": 8}
@@ -42,14 +42,17 @@ SCRIPT = textwrap.dedent(
     with jax.set_mesh(trainer.mesh):
         hlo = trainer._step.lower(state, *batch).compile().as_text()
     state, metrics = trainer(state, tokens[None], mask[None])
-    # host_variables: with another device the default (as a GPU is on a worker), the model
-    # built in it and the values written back keep the variables on the host's device 0.
+    # move_to_host: with another device the default (as a GPU is on a worker), a model built
+    # there and moved, and the values written back, have their variables on the host's
+    # device 0.
     with jax.default_device(jax.devices()[1]):
-        with host_variables():
-            hosted = build_model(config)
+        hosted = build_model(config)
+        built_on = sorted({d.id for v in hosted.weights for d in v.value.devices()})
+        move_to_host(hosted)
         trainer.write_back(state)
     placed = lambda m: sorted({d.id for v in m.weights for d in v.value.devices()})
     print("RESULT " + json.dumps({
+        "built_on": built_on,
         "hosted_on": placed(hosted),
         "written_back_on": placed(model),
         "devices": int(trainer.mesh.devices.size),
@@ -76,4 +79,5 @@ def test_step_keeps_each_device_on_its_rows_and_variables_on_the_host():
     assert abs(result["loss"] - result["expected"]) < 1e-5 * result["expected"], result
     # The Keras variables stay in host memory (device 0 here): the step's state is the only
     # copy on the accelerators.
+    assert result["built_on"] == [1], result  # the move below is not a no-op
     assert result["hosted_on"] == [0] and result["written_back_on"] == [0], result

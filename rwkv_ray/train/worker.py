@@ -25,7 +25,7 @@ from rwkv_ray.train.step import (
     TrainStep,
     build_model,
     build_optimizer,
-    host_variables,
+    move_to_host,
     to_numpy,
 )
 
@@ -185,9 +185,9 @@ def train_loop_per_worker(payload: dict) -> None:
     rank = context.get_world_rank()
     reader = open_reader(config, rank)
     per_epoch, steps = total_steps(config, reader.steps_per_epoch)
-    with host_variables():  # the step's state is the only copy on the GPUs
-        model = build_model(config)
-        optimizer = build_optimizer(config, model, steps)
+    model = build_model(config)
+    optimizer = build_optimizer(config, model, steps)
+    move_to_host(model, optimizer)  # the step's state is the only copy on the GPUs
     train = TrainStep(model, optimizer, config.optimizer.clip_norm, config.model.remat)
     state, position = restore(train, config)
     tracker = None
