@@ -70,6 +70,33 @@ def test_head_loss_in_pieces_equals_the_loss_of_full_logits():
     assert [float(x) for x in one_step] == [0.0, 0.0]  # T = 1: nothing to predict
 
 
+def test_head_loss_multiplies_in_the_hidden_dtype_both_ways():
+    """bfloat16 hidden states, float32 head matrix (the mixed-precision step): every head
+    matmul, the backward pass's too, takes bfloat16 operands (JAX's own rule multiplies the
+    float32 logit gradient in float32: TF32 GEMMs on a GPU), and the gradients stay within
+    bfloat16 rounding of the float32 ones."""
+    rng = np.random.default_rng(2)
+    hidden = jnp.asarray(rng.standard_normal((2, 9, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((16, 11)) * 0.3, jnp.float32)
+    tokens = jnp.asarray(rng.integers(1, 11, (2, 9)))
+
+    def loss(h, w):
+        return summed_head_loss(h, w, tokens, rows_per_piece=6)[0]
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    text = grad.lower(hidden.astype(jnp.bfloat16), kernel).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    operands = [re.search(r":\s*\((tensor<[^>]*>), (tensor<[^>]*>)\)", d).groups() for d in dots]
+    assert len(operands) >= 3, dots  # forward (and its recompute), hidden and kernel grads
+    assert all(a.endswith("bf16>") and b.endswith("bf16>") for a, b in operands), operands
+    d_hidden, d_kernel = grad(hidden.astype(jnp.bfloat16), kernel)
+    ref_hidden, ref_kernel = grad(hidden, kernel)
+    assert d_hidden.dtype == jnp.bfloat16 and d_kernel.dtype == jnp.float32
+    scale = lambda x: float(jnp.abs(x).max())  # noqa: E731
+    assert scale(d_hidden.astype(jnp.float32) - ref_hidden) < 0.03 * scale(ref_hidden)
+    assert scale(d_kernel - ref_kernel) < 0.03 * scale(ref_kernel)
+
+
 def test_step_loss_equals_the_loss_of_the_model_logits():
     """The step applies the head itself (summed_head_loss): its loss must be the model's."""
     config = JobConfig.from_dict({"model": {"config": ONE_LAYER}, "data": {"train": "unused"}})
