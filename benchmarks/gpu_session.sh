@@ -6,8 +6,14 @@
 # Next session's plan (about 10 min of device time):
 #   OUT=$OUT bash benchmarks/gpu_session.sh x4        # nvidia-h100-x4, about 9.5 min
 #
-# x4: fla's and our 1.6B training on GPUs 0-2 (as train-x4: no remat, "dots", bf16 masters,
-#     state tuning) and the kernel step on GPU 3, all at once.
+# x4: the 1.6B training figures of record, one process per GPU, all at once: GPU 0 fla;
+#     GPU 1 ours without remat (float32 masters, the 1.6B config's setting), then "dots";
+#     GPU 2 bf16 masters, then remat of every block (the trade-off table with one copy of
+#     the state); GPU 3 state tuning, then a profile of the full step. Since efdf47f (fused
+#     head loss) the profile gave 444 ms a step; no same-run fla figure yet. Our configs
+#     need about 150 s each (a 47 s build, a 95 s first step): keep their limit >= 200 s.
+#     (On 2026-11-27 23:00 GPU 3 ran `kernel` instead; its forward times were inflated by
+#     the busy host: time the kernel alone.)
 # train-plan: XLA's planned memory of the 1.6B full-tuning step (B4 T4096) for each remat
 #     setting, compiled on the GPU without running a step (bench_train_gpu.py --memory):
 #     which settings fit beside the training state (benchmarks/gpu_train_plan.py gives
@@ -93,11 +99,16 @@ case ${1:-} in
     # train-x4's main rows and the kernel in one call: one process per GPU.
     on_gpu 0 540 fla
     on_gpu 1 260 ours_full,ours_full_dots
-    on_gpu 2 260 ours_full_bf16,ours_state
-    CUDA_VISIBLE_DEVICES=3 kernel >"$OUT/kernel.log" 2>&1 &
+    on_gpu 2 260 ours_full_bf16,ours_full_remat
+    (
+      CUDA_VISIBLE_DEVICES=3 timeout 250 python3 benchmarks/bench_train_gpu.py --steps 3 \
+        --first-gpu 3 --timeout 230 --configs ours_state --out "$OUT/train_gpu3.json"
+      CUDA_VISIBLE_DEVICES=3 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 280 python3 \
+        benchmarks/profile_train.py --mode full --remat off --top 60 \
+        --out "$OUT/profile_full.json" | grep -A10 '"wall_ms'
+    ) >"$OUT/train_gpu3.log" 2>&1 &
     wait
-    grep -h -v -i warn "$OUT"/train_gpu*.log | grep GPU
-    tail -12 "$OUT/kernel.log"
+    grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'GPU\|wall_ms\|tokens_per_s\|by_kind' -A1
     ;;
   generate) generate ;;
   train)
