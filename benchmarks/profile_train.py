@@ -6,7 +6,9 @@ Builds the step bench_train_cpu.py / bench_train_gpu.py time (`rwkv_ray.train.st
 random weights and tokens), compiles and warms it, then records one step in a JAX profiler
 trace. Reports the wall time, the device-busy time, the top kernels by device time, and totals
 per kind (our WKV kernels by name, GEMMs, loop/input fusions, copies, collectives), plus the
-peak device memory. A diagnostic, not a benchmark of record (that is bench_train_gpu.py).
+peak device memory. Each top kernel names its origin: the shape and JAX source path of the
+compiled HLO instruction it runs (`kernel_origins`). A diagnostic, not a benchmark of
+record (that is bench_train_gpu.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,20 @@ def kind_of(name: str) -> str:
         if re.search(pattern, low):
             return kind
     return "other"
+
+
+def kernel_origins(hlo_text: str) -> dict[str, str]:
+    """Kernel name, as the profiler shows it, -> "shape op_name" of the compiled HLO
+    instruction it comes from (the first one: XLA runs identical fusions of several layers
+    as one kernel, so `block_N` is any of them). The profiler writes instruction names with
+    "_" for "." (fusion.13 -> fusion_13); op_name is the JAX source path, shortened."""
+    origins = {}
+    for name, shape, op in re.findall(
+        r'^\s*(?:ROOT )?%([\w.\-]+) = (\S+) [^\n]*?op_name="([^"]+)"', hlo_text, re.M
+    ):
+        op = re.sub(r"^jit\(\w+\)/(while/body/closed_call/)?", "", op)
+        origins.setdefault(re.sub(r"[.\-]", "_", name), f"{shape.rstrip(',')} {op}")
+    return origins
 
 
 def parse_args(argv=None):
@@ -95,6 +111,9 @@ def main(argv=None):
     for name, ms in totals.items():
         by_kind[kind_of(name)] += ms
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[: args.top]
+    with jax.set_mesh(trainer.mesh):  # the step as compiled (cached: no new compile)
+        hlo = trainer.compiled(state, trainer.shard_batch(tokens), trainer.shard_batch(mask))
+    origins = kernel_origins(hlo.as_text())
     stats = jax.devices()[0].memory_stats() or {}
     report = {
         "args": vars(args),
@@ -105,7 +124,10 @@ def main(argv=None):
         "device_busy_ms": round(sum(totals.values()), 2),
         "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
         "by_kind_ms": {k: round(v, 2) for k, v in by_kind.most_common()},
-        "top": [{"name": n[:140], "kind": kind_of(n), "ms": round(ms, 3)} for n, ms in ranked],
+        "top": [
+            {"name": n[:140], "kind": kind_of(n), "ms": round(ms, 3), "origin": origins.get(n)}
+            for n, ms in ranked
+        ],
     }
     print(json.dumps(report, indent=1), flush=True)
     if args.out:
