@@ -114,6 +114,10 @@ def main(argv=None):
     with jax.set_mesh(trainer.mesh):  # the step as compiled (cached: no new compile)
         hlo = trainer.compiled(state, trainer.shard_batch(tokens), trainer.shard_batch(mask))
     origins = kernel_origins(hlo.as_text())
+    # Device time per source op over all kernels, the layers together (block_3 -> block_*).
+    by_origin: collections.Counter[str] = collections.Counter()
+    for name, ms in totals.items():
+        by_origin[re.sub(r"block_\d+", "block_*", origins.get(name, name))] += ms
     stats = jax.devices()[0].memory_stats() or {}
     report = {
         "args": vars(args),
@@ -124,6 +128,7 @@ def main(argv=None):
         "device_busy_ms": round(sum(totals.values()), 2),
         "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
         "by_kind_ms": {k: round(v, 2) for k, v in by_kind.most_common()},
+        "by_origin_ms": {k: round(v, 2) for k, v in by_origin.most_common(args.top)},
         "top": [
             {"name": n[:140], "kind": kind_of(n), "ms": round(ms, 3), "origin": origins.get(n)}
             for n, ms in ranked
