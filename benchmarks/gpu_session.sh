@@ -3,8 +3,9 @@
 # under 10 minutes each. Every step has its own time limit and writes its JSON under $OUT as
 # soon as it has a row, so a step that runs long loses only itself.
 #
-# Next session's plan (about 10 min of device time):
+# Next session's plan (about 20 min of device time):
 #   OUT=$OUT bash benchmarks/gpu_session.sh x4        # nvidia-h100-x4, about 9.5 min
+#   OUT=$OUT bash benchmarks/gpu_session.sh kernel    # nvidia-h100-x1, alone, about 7 min
 #
 # x4: the 1.6B training figures of record, one process per GPU, all at once: GPU 0 fla;
 #     GPU 1 ours without remat (float32 masters, the 1.6B config's setting), then "dots";
@@ -19,19 +20,16 @@
 #     which settings fit beside the training state (benchmarks/gpu_train_plan.py gives
 #     the same without a GPU), and why bf16 master weights needed a larger scratch buffer
 #     (61.77 GiB) than float32 ones (54.44) on 2026-11-27.
-# train-x4: training configurations side by side, one process per GPU (the 1.6B step at B4
-#     T4096; JAX gets 95% of each card). Since 1c3fb11 the Keras variables stay in host
-#     memory (each GPU held the training state twice before: 18 GiB with float32 masters),
-#     so settings that ran out of memory on 2026-11-27 should now fit (compile-only plans in
-#     BENCHMARKS.md). GPU 0 fla (its cold compile has taken 6 min); GPU 1 no remat, then
-#     "dots"; GPU 2 bf16 master weights without remat, then with "dots"; GPU 3 remat of 4
-#     blocks (12 ran 30.2k tok/s with the second copy), then state tuning.
-# kernel: bench_wkv on the issue's three shapes against fla (fla first): the default and
-#     spans of 64 tokens (state_stride 64: the sequential passes store a state per 64
-#     tokens, a quarter of the state traffic of the per-chunk kernels; each span's 4 chunks
-#     unrolled in one program; never timed with mode "factored"), with chunks of 16 and 32.
-#     The first shape picks the configuration the other two run. pass1_stride 64,
-#     merge_dk_dv and pipelined sequential passes were timed on 2026-11-27 and rejected.
+# train-x4: the configurations of 2026-11-27 23:00's first attempt (GPU 0 fla; GPU 1 no remat,
+#     then "dots"; GPU 2 bf16 masters without remat, then with "dots"; GPU 3 remat of 4
+#     blocks, then state tuning); x4 has the figures of record since.
+# kernel: bench_wkv on the issue's three shapes against fla (fla first): the default (chunk 16,
+#     4 warps), 2 warps (never timed: the 16-row tiles may not need 4, and half the warps
+#     lets twice the programs share an SM; 8 warps made _dk slower in v5), chunk 32 (3%
+#     faster than 16 on 2026-11-27 10:02, 6.275 vs 6.491 ms, kept at 16 for strong decays:
+#     fewer chunks fall back to the exact path), and chunk 32 with 2 warps. The first shape
+#     picks the configuration the other two run. Rejected on 2026-11-27: pass1_stride 64,
+#     merge_dk_dv, pipelined sequential passes, spans of 64 tokens (state_stride 64).
 # decode: the decode-step kernel's GPU tests, then (with BASELINE=dir, a copy of an older
 #     tree in the working tree, e.g. `git archive 66b6b2b | tar -x -C baseline`) that tree's
 #     decode figures, then ours and the official package's (same run), then a profile of
@@ -67,7 +65,7 @@ on_gpu() {
 
 kernel() {
   timeout 540 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
-    --configs 16:4:1:factored,16:4:1:factored:auto:auto::64,32:4:1:factored:auto:auto::64 \
+    --configs 16:4:1:factored,16:2:1:factored,32:4:1:factored,32:2:1:factored \
     --out "$OUT/wkv_vs_fla.json" \
     2>&1 | grep -v -i warn
 }
