@@ -87,7 +87,6 @@ def _piece_logits(h_piece, kernel_low):
 def _pieces_loss(h, kernel, targets, weights):
     """Sum over pieces [P, B, S, ...] of the weighted cross-entropy of h @ kernel (targets and
     weights get no gradient)."""
-
     kernel_low = kernel.astype(h.dtype)  # once, not per piece
 
     def body(total, piece):
@@ -136,7 +135,8 @@ def _pieces_loss_fwd(h, kernel, targets, weights):
 
 def _pieces_loss_bwd(saved, d_total):
     d_h, d_kernel = saved
-    scale = lambda x: (x * d_total.astype(x.dtype)).astype(x.dtype)  # noqa: E731
+    # In float32: d_total is 1 / count under a mean, which bf16 would round.
+    scale = lambda x: (x.astype(jnp.float32) * d_total).astype(x.dtype)  # noqa: E731
     return scale(d_h), scale(d_kernel), None, None
 
 
