@@ -44,6 +44,8 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         ("model.remat_blocks=2", "model.remat_blocks"),  # needs model.remat true or block
         ("model.master_weights=float16", "model.master_weights"),
         ("model.master_weights=bfloat16", "model.master_weights"),  # needs dtype bfloat16
+        ("scaling.compilation_cache_dir=5", "scaling.compilation_cache_dir"),
+        ("scaling.compilation_cache_dir=' '", "scaling.compilation_cache_dir"),
     ],
 )
 def test_bad_settings_name_the_key(override, named):
@@ -72,3 +74,24 @@ def test_gpu_workers_get_the_memory_fraction_cpu_workers_the_cpu_platform():
     for bad in ("0", "1.5"):
         with pytest.raises(JobConfigError, match=r"scaling\.gpu_memory_fraction"):
             load_job_config(path, [f"scaling.gpu_memory_fraction={bad}"])
+
+
+def test_compilation_cache_is_on_by_default_and_can_be_turned_off(tmp_path):
+    import jax
+
+    from rwkv_ray.train.step import use_compilation_cache
+
+    path = Path(__file__).parents[1] / "jobs/configs/full/tiny.yaml"
+    assert load_job_config(path, []).scaling.compilation_cache_dir == "~/.cache/rwkv_ray/jax"
+    assert (
+        load_job_config(path, ["scaling.compilation_cache_dir=null"]).scaling.compilation_cache_dir
+        is None
+    )
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        use_compilation_cache(None)  # off: JAX's own setting stays
+        assert jax.config.jax_compilation_cache_dir == before
+        use_compilation_cache("~/xla-cache")  # "~" is this machine's home
+        assert jax.config.jax_compilation_cache_dir == str(Path.home() / "xla-cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -86,12 +86,13 @@ def test_two_workers_with_one_killed_equal_one_process(ray_session, s3_server, t
 
     data = write_dataset(tmp_path / "data", pattern_tokens(16, 32, 97), num_shards=2)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cache = tmp_path / "xla"
     job = job_dict(
         data,
         f"s3://{BUCKET}/runs",
         name="two",
         s3_endpoint_url=s3_server,
-        scaling={"num_workers": 2, "cpus_per_worker": 0.5},
+        scaling={"num_workers": 2, "cpus_per_worker": 0.5, "compilation_cache_dir": str(cache)},
         checkpointing={"storage_path": f"s3://{BUCKET}/runs", "max_failures": 1},
         debug={"progress": False, "fail_at_step": 3, "fail_rank": 1, "fail_mode": "exit"},
         mlflow={"enabled": True, "tracking_uri": uri, "experiment": "test"},
@@ -102,6 +103,8 @@ def test_two_workers_with_one_killed_equal_one_process(ray_session, s3_server, t
 
     got = result_checkpoint(result)
     assert (got.global_step, got.epoch, got.batch) == (6, 1, 2)
+    # The workers kept the compiled step for a restart (JAX's persistent cache).
+    assert sorted(cache.glob("jit_step*")), f"no compiled step in {cache}"
     diffs = [np.abs(x - y).max() for x, y in zip(expected, got.trainable, strict=True)]
     print(f"max |params(2 workers, 1 killed) - params(1 process)| = {max(diffs):.2e}")
     assert max(diffs) < 2e-5, max(diffs)

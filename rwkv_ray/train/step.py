@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -69,6 +70,15 @@ def move_to_host(*owners) -> None:
     for owner in owners:
         for variable in owner.variables:
             variable.assign(jax.device_put(variable.value, host))
+
+
+def use_compilation_cache(path: str | None) -> None:
+    """Keep this process's compiled executables in `path` (JAX's persistent compilation cache,
+    keyed by the program, the compiler and the device; "~" is this machine's home), so that a
+    restarted worker or a resubmitted job loads the compiled step instead of compiling it
+    again. JAX caches compilations of 1 s or more. None: leave JAX's own setting."""
+    if path is not None:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
 
 
 def dtype_policy(config: JobConfig) -> str:

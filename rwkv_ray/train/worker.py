@@ -27,6 +27,7 @@ from rwkv_ray.train.step import (
     build_optimizer,
     move_to_host,
     to_numpy,
+    use_compilation_cache,
 )
 
 
@@ -181,6 +182,7 @@ def maybe_fail(config: JobConfig, position, rank: int) -> None:
 def train_loop_per_worker(payload: dict) -> None:
     """Ray Train entry point. `payload` = {"config": JobConfig.to_dict()}."""
     config = JobConfig.from_dict(payload["config"])
+    use_compilation_cache(config.scaling.compilation_cache_dir)  # before the step compiles
     context = ray.train.get_context()
     rank = context.get_world_rank()
     reader = open_reader(config, rank)
