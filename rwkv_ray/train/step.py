@@ -387,10 +387,9 @@ class TrainStep:
             (self.optimizer.variables, state.optimizer),
         )
         host = host_device()  # where move_to_host put them: no second device copy
-        with jax.default_device(host) if host else contextlib.nullcontext():
-            for variables, values in pairs:
-                for variable, value in zip(variables, values, strict=True):
-                    variable.assign(to_numpy(value))
+        for variables, values in pairs:
+            for variable, value in zip(variables, values, strict=True):
+                variable.assign(jax.device_put(to_numpy(value), host))
 
 
 def to_numpy(value) -> np.ndarray:
