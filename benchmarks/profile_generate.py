@@ -40,11 +40,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def device_kernel_times(trace_dir: str, lines_seen: set) -> dict[str, float]:
-    """Sum of device-event durations (ms) per name from the xplane files under trace_dir."""
+def device_kernel_times(
+    trace_dir: str, lines_seen: set, extent: dict | None = None
+) -> dict[str, float]:
+    """Sum of device-event durations (ms) per name from the xplane files under trace_dir.
+    `extent`, when given, gets "span_ms": first kernel start to last kernel end."""
     from jax.profiler import ProfileData
 
     totals: collections.Counter[str] = collections.Counter()
+    starts, ends = [], []
     for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
         data = ProfileData.from_file(path)
         for plane in data.planes:
@@ -58,18 +62,25 @@ def device_kernel_times(trace_dir: str, lines_seen: set) -> dict[str, float]:
                     continue
                 for event in line.events:
                     totals[event.name] += event.duration_ns / 1e6
+                    starts.append(event.start_ns)
+                    ends.append(event.end_ns)
+    if extent is not None and starts:
+        extent["span_ms"] = (max(ends) - min(starts)) / 1e6
     return dict(totals)
 
 
-def traced_kernel_times(fn, lines_seen: set | None = None) -> dict[str, float]:
-    """Run fn() once under a JAX profiler trace: device time (ms) per kernel name."""
+def traced_kernel_times(
+    fn, lines_seen: set | None = None, extent: dict | None = None
+) -> dict[str, float]:
+    """Run fn() once under a JAX profiler trace: device time (ms) per kernel name (and the
+    kernels' span in `extent`, see device_kernel_times)."""
     import jax
 
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
         jax.block_until_ready(fn())
         jax.profiler.stop_trace()
-        return device_kernel_times(tmp, set() if lines_seen is None else lines_seen)
+        return device_kernel_times(tmp, set() if lines_seen is None else lines_seen, extent)
 
 
 def profile(fn, top: int) -> dict:

@@ -197,7 +197,7 @@ def test_a_step_that_cannot_fit_fails_before_it_runs():
     assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
 
 
-def run(steps: int, grad_accum: int, remat: bool = False, **model):
+def run(steps: int, grad_accum: int, remat: bool = False, pipelined: bool = False, **model):
     config = JobConfig.from_dict(
         {
             "model": {"config": ONE_LAYER, "remat": remat, **model},
@@ -212,11 +212,31 @@ def run(steps: int, grad_accum: int, remat: bool = False, **model):
     )
     tokens = pattern_tokens(4 * steps, 16, ONE_LAYER["vocab_size"], seed=2).astype(np.int32)
     tokens = tokens.reshape(steps, grad_accum, 4 // grad_accum, 16)
-    state, history = trainer.initial_state(), []
+    state, history, in_flight = trainer.initial_state(), [], None
     for batch in tokens:
-        state, metrics = trainer(state, batch, (batch != 0).astype(np.float32))
-        history.append(metrics)
+        if not pipelined:
+            state, metrics = trainer(state, batch, (batch != 0).astype(np.float32))
+            history.append(metrics)
+            continue
+        # As the workers run: the next step is queued before the one before it is read.
+        state, pending = trainer.dispatch(state, batch, (batch != 0).astype(np.float32))
+        if in_flight is not None:
+            history.append(trainer.finish(in_flight))
+        in_flight = pending
+    if in_flight is not None:
+        history.append(trainer.finish(in_flight))
     return [to_numpy(v) for v in state.trainable], history, model
+
+
+def test_steps_queued_ahead_compute_what_steps_waited_for_compute():
+    waited, h1, _ = run(steps=3, grad_accum=1)
+    queued, h2, _ = run(steps=3, grad_accum=1, pipelined=True)
+    for a, b in zip(waited, queued, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(h2) == 3
+    for m1, m2 in zip(h1, h2, strict=True):
+        assert (m1["loss"], m1["grad_norm"], m1["lr"]) == (m2["loss"], m2["grad_norm"], m2["lr"])
+        assert m2["step_time"] > 0
 
 
 def test_accumulated_micro_batches_equal_one_batch_and_remat_changes_nothing():

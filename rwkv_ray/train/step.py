@@ -47,6 +47,14 @@ class TrainState(NamedTuple):
     optimizer: list
 
 
+class PendingStep(NamedTuple):
+    """A step `TrainStep.dispatch` queued: its metrics (device scalars, not yet computed)
+    and when it was dispatched (time.perf_counter())."""
+
+    metrics: dict
+    dispatched: float
+
+
 # ---- model ---------------------------------------------------------------------------------
 def host_device() -> jax.Device | None:
     """This process's CPU device (jax.devices would give rank 0's), or None without a CPU
@@ -310,6 +318,8 @@ class TrainStep:
         train = TrainStep(model, optimizer, clip_norm=1.0)
         state = train.initial_state()
         state, metrics = train(state, tokens, loss_mask)    # local shard of [A,B,T] each
+        state, step = train.dispatch(state, tokens, loss_mask)  # or: queue it, and then
+        metrics = train.finish(step)                          # wait for it (in order)
         train.write_back(state)                              # values -> keras variables
     """
 
@@ -324,6 +334,7 @@ class TrainStep:
         self.model, self.optimizer = model, optimizer
         self.memory_limit = memory_limit
         self._executables: dict[tuple, Callable] = {}  # batch shapes -> compiled step
+        self._last_finished = 0.0  # perf_counter() when `finish` last saw a step end
         if optimizer.variables[0].path.split("/")[-1] != "iteration":
             raise RuntimeError(f"unexpected first optimizer variable {optimizer.variables[0]}")
         self.mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -359,15 +370,31 @@ class TrainStep:
         return jax.make_array_from_process_local_data(self.data, local)
 
     def __call__(self, state: TrainState, tokens, loss_mask):
+        """One step, waited for: (new state, its metrics as floats)."""
+        state, step = self.dispatch(state, tokens, loss_mask)
+        return state, self.finish(step)
+
+    def dispatch(self, state: TrainState, tokens, loss_mask) -> tuple[TrainState, PendingStep]:
+        """Queue one step on the devices and return at once: (new state, the step in
+        flight). Dispatch the next step before `finish`ing this one, and the host's work
+        between steps (this call, the next batch, logging) runs while the devices compute."""
         started = time.perf_counter()
         # The context mesh lets the WKV kernel split the batch per device (a Pallas call is
         # not partitioned by XLA; see rwkv_ray/ops/wkv_kernel.py `_per_device_rows`).
         tokens, loss_mask = self.shard_batch(tokens), self.shard_batch(loss_mask)
         with jax.set_mesh(self.mesh):
             state, metrics = self.compiled(state, tokens, loss_mask)(state, tokens, loss_mask)
-        metrics = {k: float(to_numpy(v)) for k, v in metrics.items()}
-        metrics["step_time"] = time.perf_counter() - started
-        return state, metrics
+        return state, PendingStep(metrics, started)
+
+    def finish(self, step: PendingStep) -> dict[str, float]:
+        """Wait for a dispatched step: its metrics as floats, with `step_time`, the seconds
+        from its dispatch, or from the end of the step before it when that was later (the
+        devices run one step at a time), to its end. Finish steps in dispatch order."""
+        metrics = {k: float(to_numpy(v)) for k, v in step.metrics.items()}
+        done = time.perf_counter()
+        metrics["step_time"] = done - max(step.dispatched, self._last_finished)
+        self._last_finished = done
+        return metrics
 
     def compiled(self, state: TrainState, tokens: jax.Array, loss_mask: jax.Array) -> Callable:
         """The step compiled for these (global, sharded) batch shapes, its memory plan

@@ -210,27 +210,49 @@ def train_loop_per_worker(payload: dict) -> None:
 
 def run_epoch(train, state, metrics, reader, config, position, rank, steps, tracker, progress):
     """Steps through the rest of `position["epoch"]` (or until `steps`), updating
-    `position` in place; returns (state, the last step's metrics)."""
+    `position` in place; returns (state, the last step's metrics).
+
+    One step stays in flight: step n is dispatched before step n-1's metrics are read and
+    logged, so reading the next batch, MLflow and the progress bar overlap the devices'
+    work. A step is waited for before anything that needs it done: a checkpoint, the end
+    of the epoch or the job, and `debug.fail_at_step`."""
     accum = config.optimizer.grad_accum
     groups = micro_batches(reader, position["epoch"], position["batch"], accum)
+    in_flight = None  # (the PendingStep, its global step number, its tokens' size)
+
+    def record(pending, global_step, size) -> dict[str, float]:
+        done = train.finish(pending)
+        done["tokens_per_s"] = size * config.scaling.num_workers / done["step_time"]
+        if tracker is not None:
+            tracker.log_step(global_step, done)
+        if progress is not None:
+            progress.set_description(f"{config.name} loss {done['loss']:.4f}")
+            progress.update(1)
+        return done
+
     for next_batch, tokens, mask in groups:
-        state, metrics = train(state, tokens, mask)
-        metrics["tokens_per_s"] = tokens.size * config.scaling.num_workers / metrics["step_time"]
+        state, pending = train.dispatch(state, tokens, mask)
+        if in_flight is not None:
+            metrics = record(*in_flight)  # the step before, while this one runs
         position.update(global_step=position["global_step"] + 1, batch=next_batch)
         if next_batch + accum > reader.steps_per_epoch:  # no full group left: next epoch
             position.update(epoch=position["epoch"] + 1, batch=0)
-        if tracker is not None:
-            tracker.log_step(position["global_step"], metrics)
-        if progress is not None:
-            progress.set_description(f"{config.name} loss {metrics['loss']:.4f}")
-            progress.update(1)
-        if position["global_step"] >= steps:
+        in_flight = (pending, position["global_step"], tokens.size)
+        step = position["global_step"]
+        checkpoint_due = step % config.checkpointing.every_steps == 0
+        if step >= steps or checkpoint_due or position["batch"] == 0 or (
+            step == config.debug.fail_at_step
+        ):
+            metrics, in_flight = record(*in_flight), None
+        if step >= steps:
             return state, metrics
-        if position["global_step"] % config.checkpointing.every_steps == 0:
+        if checkpoint_due:
             report(train, state, config, position, metrics, rank)
         maybe_fail(config, position, rank)
         if position["batch"] == 0:
             return state, metrics
+    if in_flight is not None:
+        metrics = record(*in_flight)
     position.update(epoch=position["epoch"] + 1, batch=0)  # a reader that ended early
     return state, metrics
 
