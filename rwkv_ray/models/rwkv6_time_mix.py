@@ -31,8 +31,11 @@ def token_shift(a, mask, shift_state):
     a[t-1] when t-1 is real and the carried state otherwise.
     """
     carried = ops.cast(shift_state, a.dtype)[:, None, :]
-    previous = ops.concatenate([carried, a[:, :-1]], axis=1)
-    previous_is_real = ops.concatenate([ops.zeros_like(mask[:, :1]), mask[:, :-1]], axis=1)
+    # a shifted one step later (a zero row first), then the carried state wherever the
+    # previous step is not real, step 0 included. A pad, not a concatenate with `carried`:
+    # XLA's GPU concatenate kernel ran at under a third of the memory bandwidth here.
+    previous = ops.pad(a[:, :-1], ((0, 0), (1, 0), (0, 0)))
+    previous_is_real = ops.pad(mask[:, :-1], ((0, 0), (1, 0)))
     previous = ops.where(previous_is_real[..., None], previous, carried)
     new_state = ops.where(mask[:, -1:], ops.cast(a[:, -1], "float32"), shift_state)
     return previous, new_state
