@@ -240,8 +240,11 @@ def run_epoch(train, state, metrics, reader, config, position, rank, steps, trac
         in_flight = (pending, position["global_step"], tokens.size)
         step = position["global_step"]
         checkpoint_due = step % config.checkpointing.every_steps == 0
-        if step >= steps or checkpoint_due or position["batch"] == 0 or (
-            step == config.debug.fail_at_step
+        if (
+            step >= steps
+            or checkpoint_due
+            or position["batch"] == 0
+            or (step == config.debug.fail_at_step)
         ):
             metrics, in_flight = record(*in_flight), None
         if step >= steps:
