@@ -47,16 +47,27 @@ def kind_of(name: str) -> str:
 
 def kernel_origins(hlo_text: str) -> dict[str, str]:
     """Kernel name, as the profiler shows it, -> "shape op_name" of the compiled HLO
-    instruction it comes from (the first one: XLA runs identical fusions of several layers
-    as one kernel, so `block_N` is any of them). The profiler writes instruction names with
-    "_" for "." (fusion.13 -> fusion_13); op_name is the JAX source path, shortened."""
-    origins = {}
-    for name, shape, op in re.findall(
-        r'^\s*(?:ROOT )?%([\w.\-]+) = (\S+) [^\n]*?op_name="([^"]+)"', hlo_text, re.M
-    ):
+    instructions it runs. The profiler writes instruction names with "_" for "."
+    (fusion.13 -> fusion_13); op_name is the JAX source path, shortened, with `block_N` as
+    `block_*`. XLA emits one kernel for identical fusions (the instructions that name it as
+    their `deduplicated_name`): the same-shape weight gradients of several projections run
+    as one kernel name, so every distinct source path of the group is listed, " | " apart."""
+    paths: dict[str, list[str]] = {}
+    shapes: dict[str, str] = {}
+    for line in hlo_text.splitlines():
+        found = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\S+) .*?op_name="([^"]+)"', line)
+        if not found:
+            continue
+        name, shape, op = found.groups()
+        shared = re.search(r'deduplicated_name="([^"]+)"', line)
+        kernel = re.sub(r"[.\-]", "_", shared.group(1) if shared else name)
         op = re.sub(r"^jit\(\w+\)/(while/body/closed_call/)?", "", op)
-        origins.setdefault(re.sub(r"[.\-]", "_", name), f"{shape.rstrip(',')} {op}")
-    return origins
+        op = re.sub(r"block_\d+", "block_*", op)
+        shapes.setdefault(kernel, shape.rstrip(","))
+        group = paths.setdefault(kernel, [])
+        if op not in group:
+            group.append(op)
+    return {kernel: f"{shapes[kernel]} {' | '.join(ops)}" for kernel, ops in paths.items()}
 
 
 def parse_args(argv=None):
@@ -119,10 +130,10 @@ def main(argv=None):
     with jax.set_mesh(trainer.mesh):  # the step as compiled (cached: no new compile)
         hlo = trainer.compiled(state, trainer.shard_batch(tokens), trainer.shard_batch(mask))
     origins = kernel_origins(hlo.as_text())
-    # Device time per source op over all kernels, the layers together (block_3 -> block_*).
+    # Device time per source op over all kernels, the layers together (block_*).
     by_origin: collections.Counter[str] = collections.Counter()
     for name, ms in totals.items():
-        by_origin[re.sub(r"block_\d+", "block_*", origins.get(name, name))] += ms
+        by_origin[origins.get(name, name)] += ms
     stats = jax.devices()[0].memory_stats() or {}
     report = {
         "args": vars(args),

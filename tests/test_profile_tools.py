@@ -22,3 +22,29 @@ def test_kernel_origins_name_each_instruction_by_shape_and_source():
     assert any("tanh" in o for o in origins.values()), origins
     # The jit(...) prefix is cut: the path starts at the op.
     assert not any(o.split(" ", 1)[1].startswith("jit(") for o in origins.values()), origins
+
+
+def test_kernel_origins_list_every_source_of_a_deduplicated_kernel():
+    # Two layers' weight gradients of two projections share one kernel (XLA's
+    # deduplicated_name); a third instruction has its own.
+    text = "\n".join(
+        f"  %gemm_fusion_dot.{n} = bf16[64,64]{{1,0}} fusion(%a, %b), kind=kCustom, "
+        f'metadata={{op_name="jit(step)/while/body/closed_call/transpose(jvp(m))/block_{layer}'
+        f'/{proj}/transpose" {dedup}scheduling_name="x"}}'
+        for n, layer, proj, dedup in [
+            (7, 0, "ffn/receptance", ""),
+            (8, 1, "ffn/receptance", 'deduplicated_name="gemm_fusion_dot.7" '),
+            (9, 0, "att/gate", 'deduplicated_name="gemm_fusion_dot.7" '),
+            (10, 0, "att/key", ""),
+        ]
+    )
+    origins = kernel_origins(text)
+    assert origins["gemm_fusion_dot_7"] == (
+        "bf16[64,64]{1,0} transpose(jvp(m))/block_*/ffn/receptance/transpose"
+        " | transpose(jvp(m))/block_*/att/gate/transpose"
+    )
+    assert (
+        origins["gemm_fusion_dot_10"]
+        == "bf16[64,64]{1,0} transpose(jvp(m))/block_*/att/key/transpose"
+    )
+    assert "gemm_fusion_dot_8" not in origins  # no kernel of its own
