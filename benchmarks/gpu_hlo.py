@@ -62,6 +62,20 @@ dnn_version_info { major: 9 minor: 8 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
+# An A100 80GB SXM (sm80): H100_TARGET with the A100's compute capability, SM count,
+# shared memory, cache, clock and bandwidth (NVIDIA's A100 data sheet).
+A100_TARGET = (
+    H100_TARGET.replace("shared_memory_per_core: 233472", "shared_memory_per_core: 167936")
+    .replace("core_count: 132", "core_count: 108")
+    .replace("fpus_per_core: 128", "fpus_per_core: 64")
+    .replace("memory_bandwidth: 3352320000000", "memory_bandwidth: 2039000000000")
+    .replace("l2_cache_size: 52428800", "l2_cache_size: 41943040")
+    .replace("clock_rate_ghz: 1.98", "clock_rate_ghz: 1.41")
+    .replace("shared_memory_per_block_optin: 232448", "shared_memory_per_block_optin: 166912")
+    .replace("cuda_compute_capability { major: 9 }", "cuda_compute_capability { major: 8 }")
+    .replace("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB")
+)
+
 # HLO instructions that launch nothing.
 NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
 
@@ -80,13 +94,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def compile_only_device():
+def compile_only_device(target: str = H100_TARGET):
+    """A device of a compile-only CUDA topology described by `target` (no GPU needed)."""
     import jax
     from jax.experimental import topologies
 
     try:
         topology = topologies.get_topology_desc(
-            "h100", "cuda", target_config=H100_TARGET, topology="1x1x1"
+            "gpu", "cuda", target_config=target, topology="1x1x1"
         )
     except (NotImplementedError, RuntimeError) as err:
         sys.exit(
