@@ -96,19 +96,24 @@ def parse_args(argv=None):
 
 def compile_only_device(target: str = H100_TARGET):
     """A device of a compile-only CUDA topology described by `target` (no GPU needed)."""
+    return compile_only_devices(1, target)[0]
+
+
+def compile_only_devices(count: int, target: str = H100_TARGET) -> list:
+    """`count` GPUs of one host, compile-only, each described by `target`."""
     import jax
     from jax.experimental import topologies
 
     try:
         topology = topologies.get_topology_desc(
-            "gpu", "cuda", target_config=target, topology="1x1x1"
+            "gpu", "cuda", target_config=target, topology=f"1x1x{count}"
         )
     except (NotImplementedError, RuntimeError) as err:
         sys.exit(
             f"cannot compile for CUDA here ({err}); this needs jax-cuda12-plugin matching jax "
             f"{jax.__version__} (see the docstring)"
         )
-    return topology.devices[0]
+    return list(topology.devices)
 
 
 def pretend_gpu() -> None:

@@ -4,14 +4,17 @@
 # soon as it has a row, so a step that runs long loses only itself.
 #
 # Next session's plan (about 20 min of device time):
-#   OUT=$OUT bash benchmarks/gpu_session.sh x4        # nvidia-h100-x4, about 9.5 min
-#   OUT=$OUT bash benchmarks/gpu_session.sh kernel    # nvidia-h100-x1, alone, about 7 min
+#   OUT=$OUT bash benchmarks/gpu_session.sh x4        # nvidia-h100-x4, about 6 min
+#   then the fused mix kernel's GPU tests and its A/B (BENCHMARKS.md, training "Next").
+# On 2026-11-28 01:31 x4 gave 38.4k (fla 32.5k, 1.18x) with pipelined steps; the pad token
+# shift (683a5b6) measured 419.3 ms against 426.8 in a later A/B without fla: x4 again gives
+# the same-run ratio with it.
 #
 # x4: the 1.6B training figures of record, one process per GPU, all at once: GPU 0 fla;
 #     GPU 1 ours without remat (float32 masters, the 1.6B config's setting), then "dots";
 #     GPU 2 bf16 masters, then remat of every block (the trade-off table with one copy of
-#     the state); GPU 3 state tuning, then a profile of the full step. Since efdf47f (fused
-#     head loss) the profile gave 444 ms a step; no same-run fla figure yet. Our configs
+#     the state); GPU 3 state tuning, then a profile of the full step (2026-11-28 01:31:
+#     fla 32.5k, ours 38.4k / bf16 masters 40.0k / state 52.2k, profile 428 ms). Our configs
 #     need about 150 s each (a 47 s build, a 95 s first step): keep their limit >= 200 s.
 #     (On 2026-11-27 23:00 GPU 3 ran `kernel` instead; its forward times were inflated by
 #     the busy host: time the kernel alone.)

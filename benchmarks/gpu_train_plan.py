@@ -11,6 +11,11 @@ diagnostic between GPU sessions (which remat settings fit beside the training st
 measurement: the real compile can differ (on 2026-11-27 this predicted 61.7 GiB of scratch
 for the 1.6B step with bf16 master weights and no remat; an H100 allocated 61.77). Needs
 the environment of gpu_hlo.py (JAX's CUDA plugin, no GPU).
+
+`--devices N` plans the data-parallel step over N GPUs of one host (state replicated, batch
+split, XLA's gradient all-reduce), as TrainStep runs it. Where the plan exceeds XLA's own
+limit for the compile-only target (61.02 GiB), XLA rematerializes and logs "Can't reduce
+memory use below ... down from X GiB originally": X is the plan before that.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_hlo import compile_only_device, pretend_gpu  # noqa: E402
+from benchmarks.gpu_hlo import compile_only_devices, pretend_gpu  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -40,11 +45,15 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--master-weights", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--remat", choices=("off", "block", "dots"), default="off")
+    p.add_argument(
+        "--devices", type=int, default=1,
+        help="data parallel over this many GPUs of one host (--batch rows each)",
+    )  # fmt: skip
     p.add_argument("--out", help="write the plans as JSON here")
     return p.parse_args(argv)
 
 
-def plan(device, layers: int, args) -> dict:
+def plan(devices, layers: int, args) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -61,22 +70,31 @@ def plan(device, layers: int, args) -> dict:
     )
     model = build_model(config)
     optimizer = build_optimizer(config, model, 1000)
-    sharding = jax.sharding.SingleDeviceSharding(device)
+    # As TrainStep: the state replicated, the batch split over "data".
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
 
     def abstract(x):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
 
     state = TrainState(
         [abstract(v.value) for v in model.trainable_variables],
         [abstract(v.value) for v in model.non_trainable_variables],
         [abstract(v.value) for v in optimizer.variables],
     )
-    batch = (1, args.batch, args.seq_len)
-    tokens = jax.ShapeDtypeStruct(batch, jnp.int32, sharding=sharding)
-    mask = jax.ShapeDtypeStruct(batch, jnp.float32, sharding=sharding)
+    batch = (1, args.batch * len(devices), args.seq_len)
+    tokens = jax.ShapeDtypeStruct(batch, jnp.int32, sharding=rows)
+    mask = jax.ShapeDtypeStruct(batch, jnp.float32, sharding=rows)
     started = time.perf_counter()
-    step = jax.jit(make_step_fn(model, optimizer, 1.0, remat), donate_argnums=(0,))
-    memory = step.lower(state, tokens, mask).compile().memory_analysis()
+    step = jax.jit(
+        make_step_fn(model, optimizer, 1.0, remat),
+        in_shardings=(replicated, rows, rows),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    with jax.set_mesh(mesh):  # the WKV kernel splits the batch per device under the mesh
+        memory = step.lower(state, tokens, mask).compile().memory_analysis()
     gib = lambda n: round(n / 2**30, 3)  # noqa: E731
     return {
         "layers": layers,
@@ -88,14 +106,14 @@ def plan(device, layers: int, args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = compile_only_device()
+    devices = compile_only_devices(args.devices)
     pretend_gpu()
     depths = sorted(int(n) for n in args.layers.split(","))
     if len(depths) < 2:
         sys.exit("--layers needs two depths or more (the per-layer figure is their slope)")
     plans = []
     for layers in depths:
-        plans.append(plan(device, layers, args))
+        plans.append(plan(devices, layers, args))
         print(json.dumps(plans[-1]), flush=True)
     first, last = plans[0], plans[-1]
     span = last["layers"] - first["layers"]
