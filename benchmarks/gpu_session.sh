@@ -4,8 +4,10 @@
 # soon as it has a row, so a step that runs long loses only itself.
 #
 # Next session's plan (about 20 min of device time):
+#   OUT=$OUT bash benchmarks/gpu_session.sh mix       # nvidia-h100-x1, about 1 min
 #   OUT=$OUT bash benchmarks/gpu_session.sh x4        # nvidia-h100-x4, about 6 min
-#   then the fused mix kernel's GPU tests and its A/B (BENCHMARKS.md, training "Next").
+# mix: the fused token-shift mix prototype (forward) against XLA's form, one layer's shapes;
+#     if it runs near the memory bandwidth, build its backward and wire it into TimeMix.
 # On 2026-11-28 01:31 x4 gave 38.4k (fla 32.5k, 1.18x) with pipelined steps; the pad token
 # shift (683a5b6) measured 419.3 ms against 426.8 in a later A/B without fla: x4 again gives
 # the same-run ratio with it.
@@ -96,6 +98,10 @@ case ${1:-} in
     done
     ;;
   kernel) kernel ;;
+  mix)
+    timeout 150 python3 benchmarks/proto_mix_kernel.py --out "$OUT/mix.json" 2>&1 \
+      | grep -v -i warn
+    ;;
   x4)
     # train-x4's main rows and the kernel in one call: one process per GPU.
     on_gpu 0 540 fla
@@ -138,7 +144,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|x4|train-plan|train-x4|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|mix|x4|train-plan|train-x4|scaling|generate|train" >&2
     exit 2
     ;;
 esac
