@@ -35,5 +35,30 @@ def test_fused_mix_equals_the_model_form_slot_by_slot(block_rows, block_cols):
 
 
 def test_the_prototype_script_checks_itself_in_the_interpreter(capsys):
-    main(["--interpret", "--rows", "64", "--width", "256", "--configs", "32:128:4"])
-    assert '"max_rel_error"' in capsys.readouterr().out
+    main(["--interpret", "--rows", "512", "--width", "256", "--configs", "32:128:4"])
+    out = capsys.readouterr().out
+    assert '"max_rel_error"' in out and '"backward_max_rel_error"' in out
+
+
+def test_fused_mix_gradients_equal_those_of_the_model_form():
+    import jax
+
+    from benchmarks.proto_mix_kernel import pallas_mix_grads
+
+    rng = np.random.default_rng(4)
+    n, c = 128, 256
+    f32 = jnp.float32
+    a, xx = (jnp.asarray(rng.normal(size=(n, c)), f32) for _ in range(2))
+    hidden = jnp.asarray(np.tanh(rng.normal(size=(n, SLOTS * LORA))), f32)
+    w2 = jnp.asarray(rng.uniform(-0.5, 0.5, size=(SLOTS, LORA, c)), f32)
+    maa = jnp.asarray(rng.uniform(0, 1, size=(SLOTS, c)), f32)
+    grads = tuple(jnp.asarray(rng.normal(size=(n, c)), f32) for _ in range(SLOTS))
+    _, vjp = jax.vjp(xla_mix, a, xx, hidden, w2, maa)
+    want = vjp(grads)
+    got = pallas_mix_grads(
+        xx, hidden, w2, maa, grads, block_rows=16, block_cols=64, row_groups=2, interpret=True
+    )
+    names = ("d_a", "d_xx", "d_hidden", "d_maa_w2", "d_maa")
+    for name, g, w in zip(names, got, want, strict=True):
+        scale = np.abs(np.asarray(w)).max()
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * scale, err_msg=name)
