@@ -90,10 +90,11 @@ def time_torch(fn, warm=3, reps=15):
 
 
 def ours_fns(cfg):
-    chunk, warps, stages, mode, forward, backward, keep, stride, pass1, dkv = cfg
-    kw = dict(chunk_size=chunk, num_warps=warps, num_stages=stages, mode=mode, forward=forward)
-    kw.update(backward=backward, keep_states=keep, state_stride=stride or None)
-    kw.update(pass1_stride=pass1 or None, merge_dk_dv=dkv)
+    chunk, warps, stages, mode, forward, backward, keep, stride, pass1, dkv, splits, overlap = cfg
+    kw = dict(chunk_size=chunk, num_warps=warps or None, num_stages=stages, mode=mode)
+    kw.update(forward=forward, backward=backward, keep_states=keep, state_stride=stride or None)
+    kw.update(pass1_stride=pass1 or None, merge_dk_dv=dkv, state_splits=splits or None)
+    kw.update(overlap_dr=overlap)
     fwd = jax.jit(lambda *a: wkv6_kernel(*a, **kw))
 
     def loss(args, dy):
@@ -175,12 +176,16 @@ def main():
     ap.add_argument(
         "--configs",
         default="16:4:1:loop",
-        help="chunk:num_warps:num_stages:mode[:forward[:backward[:keep[:stride[:pass1[:dkv]]]]]]"
+        help="chunk:num_warps:num_stages:mode[:forward[:backward[:keep[:stride[:pass1[:dkv[:splits[:sep]]]]]]]]"
         " list to try on the first shape; later shapes use the best of them (forward, "
         "backward: auto, fused or two_pass; keep: 'keep' keeps the forward's chunk-entry "
         "states for the backward, or empty; stride: the two-pass forward's state_stride, "
         "default (0) chunk; pass1: pass1_stride, the sequential passes' tokens per step, "
-        "default (0) stride; dkv: 'dkv' merges the backward's dk and dv kernels, or empty)",
+        "default (0) stride; dkv: 'dkv' merges the backward's dk and dv kernels, or empty; "
+        "splits: the sequential passes' value splits, default (0) value_splits; sep: 'sep' "
+        "launches the backward's dr kernel apart from its state-gradient pass (overlap_dr="
+        "False), or empty; num_warps 0: "
+        "each kernel's default, KERNEL_WARPS)",
     )
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-fla", action="store_true")
@@ -197,14 +202,17 @@ def main():
     configs = []
     for c in a.configs.split(","):
         chunk, warps, stages, mode, *rest = c.split(":")
-        defaults = ["auto", "auto", "", "0", "0", ""]
-        forward, backward, keep, stride, pass1, dkv = (rest + defaults[len(rest) :])[:6]
+        defaults = ["auto", "auto", "", "0", "0", "", "0", ""]
+        fields = (rest + defaults[len(rest) :])[:8]
+        forward, backward, keep, stride, pass1, dkv, splits, sep = fields
+        if sep not in ("", "sep"):
+            sys.exit(f"--configs: the 12th field must be 'sep' or empty, got {sep!r} in {c!r}")
         if keep not in ("", "keep"):
             sys.exit(f"--configs: the 7th field must be 'keep' or empty, got {keep!r} in {c!r}")
         if dkv not in ("", "dkv"):
             sys.exit(f"--configs: the 10th field must be 'dkv' or empty, got {dkv!r} in {c!r}")
         cfg = (int(chunk), int(warps), int(stages), mode, forward, backward, keep == "keep")
-        configs.append(cfg + (int(stride), int(pass1), dkv == "dkv"))
+        configs.append(cfg + (int(stride), int(pass1), dkv == "dkv", int(splits), sep != "sep"))
     shapes = (
         SHAPES
         if a.shapes == "all"
@@ -228,6 +236,8 @@ def main():
             tag = "c{}w{}s{}{}-{}-bwd_{}".format(*cfg) + ("+keep" if cfg[6] else "")
             tag += f"-stride{cfg[7]}" + (f"-pass1_{cfg[8]}" if cfg[8] else "")
             tag += "+dkv" if cfg[9] else ""
+            tag += f"-splits{cfg[10]}" if cfg[10] else ""
+            tag += "" if cfg[11] else "-sep"
             try:
                 fwd, fwd_bwd = ours_fns(cfg)
                 errs = check(shape, args, dy, fwd, fwd_bwd, fla)

@@ -227,12 +227,59 @@ def test_interpret_merged_dk_dv_kernel_matches_reference(mode):
     run(2, 70, 2, 32, jnp.float32, "strong", interpret=True, seed=29)
 
 
+def test_interpret_state_splits_match_reference():
+    """state_splits=4: both sequential passes split each N=64 head into four value blocks of
+    16 columns (the automatic choice here is 4 as well at B*H = 2, so also 1: one block);
+    strong decay; outputs, final state and every gradient against the reference."""
+    for splits in (1, 4):
+        run = with_kernel_options(forward="two_pass", backward="two_pass", state_splits=splits)
+        run(1, 40, 2, 64, jnp.float32, "strong", interpret=True, seed=31 + splits)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_interpret_overlapped_dr_matches_reference(overlap):
+    """overlap_dr (the default): the backward's dr kernel and its state-gradient pass in one
+    launch (grid: 2 value splits, N=32 and B*H=2, then 3 spans of 16: T=40 pads to 48);
+    False: two launches. Both against the reference, strong decay."""
+    ins, _, _ = make_inputs(0, 1, 40, 2, 32, jnp.float32, "weak")
+    options = dict(backward="two_pass", overlap_dr=overlap, interpret=True)
+    loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, **options)[0])  # noqa: E731
+    program = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
+    kernels = set(re.findall(r"name=(wkv6_bwd_state_grads\w*|wkv6_bwd_chunks_dr)", program))
+    want = (
+        {"wkv6_bwd_state_grads_dr"} if overlap else {"wkv6_bwd_state_grads", "wkv6_bwd_chunks_dr"}
+    )
+    assert kernels == want, kernels
+    run = with_kernel_options(backward="two_pass", overlap_dr=overlap)
+    run(1, 40, 2, 32, jnp.float32, "strong", interpret=True, seed=51)
+    run(2, 40, 1, 32, jnp.bfloat16, "weak", interpret=True, seed=52)
+
+
+def test_kernel_warps_default_per_kernel_and_explicit_for_all():
+    """num_warps None gives each kernel its KERNEL_WARPS entry (4 elsewhere); an int gives
+    every kernel that many. Read from the Triton compiler parameters of the lowered grad."""
+    ins, _, _ = make_inputs(0, 1, 64, 1, 16, jnp.bfloat16, "weak")
+
+    def warps(**options):
+        loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, **options)[0].astype(jnp.float32))  # noqa: E731
+        program = str(jax.make_jaxpr(jax.grad(loss, argnums=range(4)))(*ins))
+        found = re.findall(r"num_warps=(\d+).*?name=(wkv6_\w+)", program, flags=re.S)
+        return {name: int(w) for w, name in found}
+
+    default = warps()
+    assert default["wkv6_bwd_chunks_dk"] == 2 and default["wkv6_bwd_state_grads"] == 2, default
+    assert default["wkv6_states"] == 4 and default["wkv6_fwd_output"] == 4, default
+    assert set(warps(num_warps=8).values()) == {8}
+
+
 def test_state_stride_must_be_a_multiple_of_the_chunk():
     x = jnp.zeros((1, 32, 1, 16))
     with pytest.raises(ValueError, match="state_stride must be a multiple of chunk_size 16"):
         wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), state_stride=24, interpret=True)
     with pytest.raises(ValueError, match="pass1_stride must be a multiple of state_stride 16"):
         wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), pass1_stride=40, interpret=True)
+    with pytest.raises(ValueError, match="state_splits must be a power of 2 leaving >= 16"):
+        wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), state_splits=2, interpret=True)
 
 
 def test_interpret_two_pass_backward_matches_reference():

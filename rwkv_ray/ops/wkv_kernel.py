@@ -146,6 +146,8 @@ def is_available() -> tuple[bool, str]:
         "state_stride",
         "pass1_stride",
         "merge_dk_dv",
+        "state_splits",
+        "overlap_dr",
     ),
 )
 def wkv6_kernel(
@@ -159,7 +161,7 @@ def wkv6_kernel(
     chunk_size=16,
     interpret=False,
     poison_outputs=False,
-    num_warps=4,
+    num_warps=None,
     num_stages=1,
     mode="factored",
     forward="auto",
@@ -168,6 +170,8 @@ def wkv6_kernel(
     state_stride=None,
     pass1_stride=None,
     merge_dk_dv=False,
+    state_splits=None,
+    overlap_dr=True,
 ):
     """Fused WKV6 (RWKV x060). r, k, v, log_w: [B, T, H, N]; u: [H, N]; state [B, H, N, N]
     ([key, value], float32). log_w is the log-decay (<= 0). Returns (y [B, T, H, N] in r's
@@ -175,7 +179,8 @@ def wkv6_kernel(
 
     `interpret=True` runs the kernels in Pallas' interpreter (CPU); `poison_outputs=True`
     NaN-fills every kernel output buffer first (a testing aid for unwritten elements);
-    `num_warps` / `num_stages` are Triton's; `mode` picks the intra-chunk code ("loop", "3d"
+    `num_warps` / `num_stages` are Triton's (num_warps None: each kernel's measured best,
+    `KERNEL_WARPS` in wkv_kernel_call.py); `mode` picks the intra-chunk code ("loop", "3d"
     or "factored": matmuls of scaled operands where exact, else "loop"; see _intra_p);
     `forward` the forward algorithm: "fused" (one sequential kernel), "two_pass" (span-entry
     states, then all spans' outputs in parallel) or "auto"
@@ -194,6 +199,11 @@ def wkv6_kernel(
     span's from it (`pass1_length`; fewer sequential steps where a long sequence has few
     programs). `merge_dk_dv=True` runs the two-pass backward's dk and dv kernels as one
     (one read of the state gradients and the shared loads, more live registers).
+    `state_splits` (None: `value_splits`) how many value-column blocks the two-pass
+    directions' sequential passes split each head into (more, shorter programs).
+    `overlap_dr=True` launches the two-pass backward's dr kernel together with its
+    sequential state-gradient pass, whose few programs leave most SMs idle
+    (`_state_grads_and_dr`; not with a longer pass1_stride).
 
     Example: y, s = wkv6_kernel(r, k, v, -jnp.exp(w_raw), u, s0)
     """
@@ -223,6 +233,11 @@ def wkv6_kernel(
         )
     if n < 16 or n & (n - 1):
         raise ValueError(f"head size N must be a power of 2 >= 16, got {n}")
+    if state_splits is not None and (state_splits < 1 or state_splits & (state_splits - 1)
+                                     or n // state_splits < 16):  # fmt: skip
+        raise ValueError(
+            f"state_splits must be a power of 2 leaving >= 16 value columns, got {state_splits}"
+        )
     if initial_state is None:
         initial_state = jnp.zeros((b, h, n, n), F32)
     elif initial_state.shape != (b, h, n, n):
@@ -247,6 +262,8 @@ def wkv6_kernel(
         state_stride,
         pass1_stride,
         merge_dk_dv,
+        state_splits,
+        overlap_dr,
     )
     kernel = _per_device_rows(lambda *args: _wkv6(*args, chunk_size, opts), b)
     y, st = kernel(r, k, v, log_w, u, initial_state.astype(F32))

@@ -28,8 +28,22 @@ _Opts = collections.namedtuple(
         "stride",
         "pass1_stride",
         "merge_dk_dv",
+        "state_splits",
+        "overlap_dr",
     ],
 )
+
+# Triton warps per kernel where `num_warps` is None (the default), else 4. Measured on an
+# H100 (bf16, B4 T4096 H32 N64, chunk 16, the 1.6B training step's shape; BENCHMARKS.md,
+# 2026-11-28): with 2 warps dk 0.578 / dr 0.417 / the state gradients 0.544 ms against
+# 0.650 / 0.444 / 0.593 with 4; every other kernel was faster with 4 (the states 0.587
+# against 0.730), and 8 was slower everywhere.
+KERNEL_WARPS = {
+    "wkv6_bwd_chunks_dk": 2,
+    "wkv6_bwd_chunks_dr": 2,
+    "wkv6_bwd_state_grads": 2,
+    "wkv6_bwd_state_grads_dr": 2,  # the two above in one launch (overlap_dr)
+}
 
 
 _UNROLL = 8  # loops over at most this many chunks run as straight-line code
@@ -41,7 +55,9 @@ def _chunk_loop(n_chunks, body, carry, reverse=False, final=True):
     even one iteration goes through dynamic slices, which cost the two-pass forward a third
     more (3.26 vs 2.42 ms, B8 T4096 on an H100). `advance` tells body whether the carried
     state must be moved past chunk c: not after the last chunk when the caller does not want
-    the final state (final=False; unrolled loops only), so that no dead matmul is emitted."""
+    the final state (final=False; unrolled loops only), so that no dead matmul is emitted.
+    Longer loops run one chunk per iteration: 2, 4 or 8 chunks per iteration of the
+    sequential passes measured slower on an H100 (BENCHMARKS.md, 2026-11-28)."""
     order = list(range(n_chunks - 1, -1, -1) if reverse else range(n_chunks))
     if n_chunks <= _UNROLL:
         for c in order:
@@ -70,7 +86,8 @@ def _call(kernel, in_specs, out_specs, out_shape, grid, opts, name):
     if not opts.interpret:
         from jax.experimental.pallas import triton as plt
 
-        params = plt.CompilerParams(num_warps=opts.num_warps, num_stages=opts.num_stages)
+        warps = opts.num_warps or KERNEL_WARPS.get(name, 4)
+        params = plt.CompilerParams(num_warps=warps, num_stages=opts.num_stages)
     outs = out_shape if isinstance(out_shape, tuple) else (out_shape,)
     ospecs = out_specs if isinstance(out_specs, list) else [out_specs]
     n_in, n_out = len(in_specs), len(outs)

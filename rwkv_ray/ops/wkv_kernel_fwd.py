@@ -216,7 +216,7 @@ def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
     span = span_length(t, opts.stride)
     # Value-split like the backward's pass 1a: with equal arguments XLA merges the two calls
     # (at B1 T16384 on an H100 they were two passes of 1.97 and 1.73 ms).
-    splits, hs_dtype = value_splits(b, h, n), stack_dtype(span, chunk, r.dtype)
+    splits, hs_dtype = opts.state_splits or value_splits(b, h, n), stack_dtype(span, chunk, r.dtype)
     hs, st = _entry_states(k, v, log_w, s0, span, opts, splits, hs_dtype)
     # Pass 2: grid (b, h, span); span c of the time axis and of the entry states.
     piece, head_c, entry_c, _ = _chunk_specs(span, n)
