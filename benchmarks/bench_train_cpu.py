@@ -60,7 +60,13 @@ def bench(shape: str, mode: str, args) -> dict:
                 v.assign(np.random.default_rng(0).normal(0, 0.02, v.shape).astype(v.dtype))
     optimizer = build_optimizer(config, model, 1000)
     move_to_host(model, optimizer)  # as the training workers do: the state is the GPU copy
-    trainer = TrainStep(model, optimizer, clip_norm=1.0, remat=config.model.remat)
+    trainer = TrainStep(
+        model,
+        optimizer,
+        clip_norm=1.0,
+        remat=config.model.remat,
+        shard_optimizer=getattr(args, "shard_optimizer", False),
+    )
     state = trainer.initial_state()
     # On stderr, so that a run stopped by a time limit shows where it was.
     print(f"built and placed in {time.perf_counter() - clock:.1f} s", file=sys.stderr, flush=True)

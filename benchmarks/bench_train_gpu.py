@@ -39,6 +39,9 @@ CONFIGS = {
     "ours_full_bf16_remat": dict(mode="full", remat="block", master_weights="bfloat16"),
     # Also any "ours_full_rematN", e.g. ours_full_remat6: recompute only the first N blocks
     # (model.remat_blocks; config_of).
+    # Data parallel (--gpus 2,4): AdamW's moments split over the GPUs (scaling.shard_optimizer).
+    "ours_full_zero1": dict(mode="full", remat=False, shard_optimizer=True),
+    "ours_full_dots_zero1": dict(mode="full", remat="dots", shard_optimizer=True),
     "ours_state": dict(mode="state", remat=False),
     "ours_state+shift": dict(mode="state+shift", remat=False),
 }
@@ -99,11 +102,13 @@ def run_ours(name: str, args) -> dict:
         remat=config["remat"], micro_batches=config.get("micro_batches", 1),
         master_weights=config.get("master_weights", "float32"),
         remat_blocks=config.get("remat_blocks"), memory=args.memory,
+        shard_optimizer=config.get("shard_optimizer", False),
     )  # fmt: skip
     result = bench(args.shape, config["mode"], opts)
     result.update(
-        remat=opts.remat, remat_blocks=opts.remat_blocks, master_weights=opts.master_weights
-    )
+        remat=opts.remat, remat_blocks=opts.remat_blocks, master_weights=opts.master_weights,
+        shard_optimizer=opts.shard_optimizer,
+    )  # fmt: skip
     if args.memory:
         return result
     stats = jax.devices()[0].memory_stats() or {}

@@ -49,6 +49,10 @@ def parse_args(argv=None):
         "--devices", type=int, default=1,
         help="data parallel over this many GPUs of one host (--batch rows each)",
     )  # fmt: skip
+    p.add_argument(
+        "--shard-optimizer", action="store_true",
+        help="AdamW's moments split over the devices (TrainStep(shard_optimizer=True))",
+    )  # fmt: skip
     p.add_argument("--out", help="write the plans as JSON here")
     return p.parse_args(argv)
 
@@ -59,7 +63,13 @@ def plan(devices, layers: int, args) -> dict:
 
     from benchmarks.bench_train_cpu import remat_setting
     from rwkv_ray.train.config import JobConfig
-    from rwkv_ray.train.step import TrainState, build_model, build_optimizer, make_step_fn
+    from rwkv_ray.train.step import (
+        TrainState,
+        build_model,
+        build_optimizer,
+        make_step_fn,
+        optimizer_shardings,
+    )
 
     remat = remat_setting(args.remat)
     shape = {"vocab_size": args.vocab, "num_layers": layers, "hidden_size": args.hidden}
@@ -78,19 +88,24 @@ def plan(devices, layers: int, args) -> dict:
     def abstract(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
 
+    split = optimizer_shardings(optimizer, mesh, args.shard_optimizer)
     state = TrainState(
         [abstract(v.value) for v in model.trainable_variables],
         [abstract(v.value) for v in model.non_trainable_variables],
-        [abstract(v.value) for v in optimizer.variables],
+        [
+            jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)
+            for v, s in zip(optimizer.variables, split, strict=True)
+        ],
     )
+    state_shardings = TrainState(replicated, replicated, split)
     batch = (1, args.batch * len(devices), args.seq_len)
     tokens = jax.ShapeDtypeStruct(batch, jnp.int32, sharding=rows)
     mask = jax.ShapeDtypeStruct(batch, jnp.float32, sharding=rows)
     started = time.perf_counter()
     step = jax.jit(
         make_step_fn(model, optimizer, 1.0, remat),
-        in_shardings=(replicated, rows, rows),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state_shardings, rows, rows),
+        out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
     with jax.set_mesh(mesh):  # the WKV kernel splits the batch per device under the mesh

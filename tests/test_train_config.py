@@ -95,3 +95,13 @@ def test_compilation_cache_is_on_by_default_and_can_be_turned_off(tmp_path):
         assert jax.config.jax_compilation_cache_dir == str(Path.home() / "xla-cache")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_split_optimizer_needs_one_worker():
+    path = Path(__file__).parents[1] / "jobs/configs/full/tiny.yaml"
+    one = load_job_config(path, ["scaling.shard_optimizer=true"])
+    assert one.scaling.shard_optimizer and one.scaling.num_workers == 1
+    with pytest.raises(JobConfigError, match=r"scaling\.shard_optimizer.*num_workers is 2"):
+        load_job_config(
+            path, ["scaling.shard_optimizer=true", "scaling.num_workers=2", "data.num_streams=2"]
+        )

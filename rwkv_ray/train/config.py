@@ -95,6 +95,9 @@ class ScalingSettings:
     # a restarted worker or a resubmitted job reuses the compiled step instead of compiling
     # again (the 1.6B step takes about 95 s to compile on an H100 host). None = off.
     compilation_cache_dir: str | None = "~/.cache/rwkv_ray/jax"
+    # Full tuning over several GPUs of one worker: AdamW's moments split over them (ZeRO
+    # stage 1), each GPU keeping and updating 1/N; the same numbers, less memory per GPU.
+    shard_optimizer: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +214,12 @@ def validate(c: JobConfig) -> None:
     _check(0 < fraction <= 1, "scaling.gpu_memory_fraction", f"must be in (0, 1], got {fraction}")
     workers = c.scaling.num_workers
     _check(workers >= 1, "scaling.num_workers", "must be >= 1")
+    _check(
+        not (c.scaling.shard_optimizer and workers > 1),
+        "scaling.shard_optimizer",
+        f"splits the optimizer over the GPUs of one worker; num_workers is {workers}: put the "
+        "GPUs in one worker (scaling.gpus_per_worker) or turn it off",
+    )
     _check(
         c.num_streams % workers == 0,
         "data.num_streams",

@@ -14,7 +14,8 @@
   the peak, as RWKV-LM) then cosine decay, global-norm clipping, gradient accumulation over
   micro-batches (loss = token-weighted mean over the whole global batch).
 - Data parallel: one global mesh over every process's devices, batch sharded over "data",
-  everything else replicated; XLA adds the gradient all-reduce. One process or many, the
+  everything else replicated (or AdamW's moments split over one worker's devices,
+  `shard_optimizer`); XLA adds the gradient all-reduce. One process or many, the
   same step computes the same numbers.
 """
 
@@ -268,6 +269,24 @@ def _variable_index(model: RWKV6CausalLM, variable) -> tuple[int, int]:
     raise ValueError(f"{variable.path} is not a variable of the model")
 
 
+def optimizer_shardings(optimizer, mesh: Mesh, split: bool) -> list[NamedSharding]:
+    """Each optimizer variable's sharding on the data-parallel mesh: replicated, or with
+    `split` (ZeRO stage 1) AdamW's moments cut over the devices along their first axis where
+    it divides evenly, so each device keeps and updates 1/N of them; XLA then reduces the
+    gradients to each device's part only and gathers the updated weights. Small variables
+    (the step counter, the lr, vectors shorter than 2**14) stay replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    devices = mesh.devices.size
+
+    def sharding(variable):
+        shape = tuple(variable.shape)
+        big = bool(shape) and np.prod(shape) >= 2**14 and shape[0] % devices == 0
+        return rows if split and devices > 1 and big else replicated
+
+    return [sharding(v) for v in optimizer.variables]
+
+
 class StepMemoryError(MemoryError):
     """XLA's plan for the compiled step needs more device memory than JAX may use."""
 
@@ -308,6 +327,8 @@ class TrainStep:
     ahead of its first step and its memory plan checked against `memory_limit` bytes per
     device (None: the device's own limit; unchecked on CPU), so a step that cannot fit fails
     at once with the settings to change (StepMemoryError) instead of an allocator error.
+    `shard_optimizer=True` splits AdamW's moments over the devices (ZeRO stage 1,
+    `optimizer_shardings`; one process only): the same numbers, 1/N of their memory each.
 
     Move the model and optimizer to host memory once built: the state is the device copy.
 
@@ -330,6 +351,7 @@ class TrainStep:
         clip_norm: float | None,
         remat: bool | str = False,
         memory_limit: int | None = None,
+        shard_optimizer: bool = False,
     ):
         self.model, self.optimizer = model, optimizer
         self.memory_limit = memory_limit
@@ -340,10 +362,20 @@ class TrainStep:
         self.mesh = Mesh(np.array(jax.devices()), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.data = NamedSharding(self.mesh, PartitionSpec(None, "data"))
+        if shard_optimizer and jax.process_count() > 1:
+            # Every process would hold only its devices' parts, and checkpoints are written
+            # by rank 0 alone: split over the GPUs of one worker only.
+            raise ValueError(
+                "shard_optimizer splits AdamW's moments over the GPUs of one worker; this job "
+                f"has {jax.process_count()} workers: use scaling.num_workers: 1 with all GPUs "
+                "in it (scaling.gpus_per_worker), or shard_optimizer: false"
+            )
+        self.optimizer_shardings = optimizer_shardings(optimizer, self.mesh, shard_optimizer)
+        state = TrainState(self.replicated, self.replicated, self.optimizer_shardings)
         self._step = jax.jit(
             make_step_fn(model, optimizer, clip_norm, remat),
-            in_shardings=(self.replicated, self.data, self.data),
-            out_shardings=(self.replicated, self.replicated),
+            in_shardings=(state, self.data, self.data),
+            out_shardings=(state, self.replicated),
             donate_argnums=(0,),
         )
 
@@ -351,12 +383,19 @@ class TrainStep:
         return TrainState(
             [self.replicate(v.value) for v in self.model.trainable_variables],
             [self.replicate(v.value) for v in self.model.non_trainable_variables],
-            [self.replicate(v.value) for v in self.optimizer.variables],
+            [
+                self.replicate(v.value, sharding)
+                for v, sharding in zip(
+                    self.optimizer.variables, self.optimizer_shardings, strict=True
+                )
+            ],
         )
 
-    def replicate(self, value) -> jax.Array:
+    def replicate(self, value, sharding: NamedSharding | None = None) -> jax.Array:
+        """A host value on every device (or cut as `sharding` says: each device its part)."""
         value = np.asarray(value)
-        return jax.make_array_from_callback(value.shape, self.replicated, lambda idx: value[idx])
+        sharding = sharding or self.replicated
+        return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
     def shard_batch(self, local) -> jax.Array:
         """This process's rows [A,b,T] -> the global [A,B,T] array."""
@@ -420,7 +459,8 @@ class TrainStep:
 
 
 def to_numpy(value) -> np.ndarray:
-    """A replicated (maybe multi-process) jax array -> numpy, from this process's copy."""
+    """A jax array -> numpy: a replicated (maybe multi-process) one from this process's copy;
+    one split over this process's devices (shard_optimizer) assembled from its parts."""
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
         value = value.addressable_data(0)
     return np.asarray(value)

@@ -190,7 +190,13 @@ def train_loop_per_worker(payload: dict) -> None:
     model = build_model(config)
     optimizer = build_optimizer(config, model, steps)
     move_to_host(model, optimizer)  # the step's state is the only copy on the GPUs
-    train = TrainStep(model, optimizer, config.optimizer.clip_norm, config.model.remat)
+    train = TrainStep(
+        model,
+        optimizer,
+        config.optimizer.clip_norm,
+        config.model.remat,
+        shard_optimizer=config.scaling.shard_optimizer,
+    )
     state, position = restore(train, config)
     tracker = None
     if rank == 0 and config.mlflow.enabled:
