@@ -139,12 +139,26 @@ case ${1:-} in
       ours_full,ours_full_bf16,ours_full_dots,ours_full_bf16_dots,ours_full_remat8,ours_full_remat10,ours_full_remat12 \
       2>&1 | grep GPU
     ;;
+  dp)
+    # nvidia-h100-x2: full tuning data-parallel with AdamW's moments split over the GPUs
+    # (scaling.shard_optimizer); without remat XLA's plan for 2 GPUs is 66.7 GiB with it
+    # (78.3 before XLA's own remat) against 83.2 without (train_plan_dp.json): does it fit,
+    # and what is its scaling against 1 GPU? About 2 x 150 s.
+    timeout 560 python3 benchmarks/bench_train_gpu.py --steps 3 --gpus 1,2 --timeout 250 \
+      --configs ours_full_zero1 --out "$OUT/train_dp.json" 2>&1 | grep GPU
+    ;;
+  dp-dots)
+    # nvidia-h100-x2: the 1.6B config's current multi-GPU setting ("dots") on 2 GPUs, with and
+    # without the split optimizer state.
+    timeout 560 python3 benchmarks/bench_train_gpu.py --steps 3 --gpus 2 --timeout 250 \
+      --configs ours_full_dots,ours_full_dots_zero1 --out "$OUT/train_dp_dots.json" 2>&1 | grep GPU
+    ;;
   scaling)
     timeout 560 python3 benchmarks/bench_train_gpu.py --steps 3 --gpus 1,2,4 --timeout 170 \
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|mix|x4|train-plan|train-x4|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|mix|x4|train-plan|train-x4|dp|dp-dots|scaling|generate|train" >&2
     exit 2
     ;;
 esac
