@@ -5,6 +5,7 @@ head's loss is applied in pieces (`summed_head_loss`); pieces cut across the fla
 made XLA gather the whole batch's hidden states onto every device, so each device computed
 the head for the global batch (on 4 H100s the state-tuning step took 0.52 s instead of 0.37).
 Checked: the compiled step has no all-gather, and its loss equals the model's own loss.
+Also: AdamW's moments split over the devices (shard_optimizer) give the replicated numbers.
 """
 
 from __future__ import annotations
@@ -17,19 +18,41 @@ import textwrap
 
 import numpy as np
 
-SCRIPT = textwrap.dedent(
+# Both scripts run after this, on 2 virtual CPU devices; each prints one "RESULT {json}".
+PRELUDE = textwrap.dedent(
     """
     import json, os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax, jax.numpy as jnp, numpy as np
     from rwkv_ray.train.config import JobConfig
     from rwkv_ray.train.loss import mean_loss
-    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, move_to_host
+    from rwkv_ray.train.step import (
+        TrainStep, build_model, build_optimizer, move_to_host, to_numpy,
+    )
 
-    layer = {"vocab_size": 53, "num_layers": 1, "hidden_size": 64, "mix_lora_size": 8,
-             "decay_lora_size": 8}
-    config = JobConfig.from_dict({"mode": "state", "model": {"config": layer},
-                                  "data": {"train": "unused"}})
+    def tiny_job(mode, **shape):
+        layer = {"vocab_size": 53, "num_layers": 1, "hidden_size": 64, "mix_lora_size": 8,
+                 "decay_lora_size": 8, **shape}
+        config = {"mode": mode, "model": {"config": layer}, "data": {"train": "unused"}}
+        return layer, JobConfig.from_dict(config)
+    """
+)
+
+
+def run_on_two_devices(script: str) -> dict:
+    """PRELUDE + script in a fresh Python (the device count is fixed at JAX start)."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu", KERAS_BACKEND="jax")
+    done = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(script)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+ROWS_SCRIPT = """
+    layer, config = tiny_job("state")
     model = build_model(config)
     # 4 rows x 1100 steps: 1099 predictions a row, pieces of 512 steps -> 3 pieces.
     rng = np.random.default_rng(0)
@@ -63,18 +86,11 @@ SCRIPT = textwrap.dedent(
         "loss": metrics["loss"],
         "expected": expected,
     }))
-    """
-)
+"""
 
 
 def test_step_keeps_each_device_on_its_rows_and_variables_on_the_host():
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu", KERAS_BACKEND="jax")
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env
-    )
-    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, done.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result = run_on_two_devices(ROWS_SCRIPT)
     assert result["devices"] == 2
     assert result["all_gathers"] == 0, result
     assert result["all_reduces"] > 0, result  # the state gradients are summed over devices
@@ -85,19 +101,9 @@ def test_step_keeps_each_device_on_its_rows_and_variables_on_the_host():
     assert result["hosted_on"] == [0] and result["written_back_on"] == [0], result
 
 
-ZERO1_SCRIPT = textwrap.dedent(
-    """
-    import json, os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    import jax, numpy as np
-    from rwkv_ray.train.config import JobConfig
-    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, to_numpy
-
+ZERO1_SCRIPT = """
     # hidden 128: the FFN's matrices (128 x 448) are above the 2**14 elements that are split
-    layer = {"vocab_size": 53, "num_layers": 2, "hidden_size": 128, "mix_lora_size": 8,
-             "decay_lora_size": 8}
-    config = JobConfig.from_dict({"mode": "full", "model": {"config": layer},
-                                  "data": {"train": "unused"}})
+    layer, config = tiny_job("full", num_layers=2, hidden_size=128)
     rng = np.random.default_rng(1)
     tokens = rng.integers(1, layer["vocab_size"], (3, 1, 4, 40)).astype(np.int32)
     tokens[:, 0, 2, :9] = 0  # a left-padded row
@@ -125,8 +131,7 @@ ZERO1_SCRIPT = textwrap.dedent(
             ][:8],
         }
     print("RESULT " + json.dumps(runs))
-    """
-)
+"""
 
 
 def test_split_optimizer_state_gives_the_replicated_numbers():
@@ -134,13 +139,7 @@ def test_split_optimizer_state_gives_the_replicated_numbers():
     (each device holds half of every large one), and three full-tuning steps give the
     losses, weights and moments of the replicated step within float32 reduction-order noise
     (1e-5 relative); write_back assembles the split moments."""
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu", KERAS_BACKEND="jax")
-    done = subprocess.run(
-        [sys.executable, "-c", ZERO1_SCRIPT], capture_output=True, text=True, timeout=600, env=env
-    )
-    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, done.stderr[-3000:]
-    runs = json.loads(lines[-1][len("RESULT ") :])
+    runs = run_on_two_devices(ZERO1_SCRIPT)
     replicated, split = runs["false"], runs["true"]
     assert replicated["specs"] == ["P()"] and replicated["parts"] == 1, replicated["specs"]
     assert "P('data',)" in split["specs"] and split["parts"] == 2, split["specs"]
