@@ -4,13 +4,18 @@
 # soon as it has a row, so a step that runs long loses only itself.
 #
 # Next session's plan (about 20 min of device time):
-#   OUT=$OUT bash benchmarks/gpu_session.sh mix       # nvidia-h100-x1, about 1 min
-#   OUT=$OUT bash benchmarks/gpu_session.sh x4        # nvidia-h100-x4, about 6 min
-# mix: the fused token-shift mix prototype (forward) against XLA's form, one layer's shapes;
-#     if it runs near the memory bandwidth, build its backward and wire it into TimeMix.
-# On 2026-11-28 01:31 x4 gave 38.4k (fla 32.5k, 1.18x) with pipelined steps; the pad token
-# shift (683a5b6) measured 419.3 ms against 426.8 in a later A/B without fla: x4 again gives
-# the same-run ratio with it.
+#   OUT=$OUT bash benchmarks/gpu_session.sh kernel-tf32                # nvidia-h100-x1, ~3 min
+#   git archive 723eca3 rwkv_ray benchmarks | (mkdir -p baseline && tar -x -C baseline)
+#   OUT=$OUT BASELINE=baseline bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4, ~8 min
+#   OUT=$OUT bash benchmarks/gpu_session.sh dp                         # nvidia-h100-x2, ~6 min
+# kernel-tf32: the GPU tests of mode "factored_tf32" and of dr apart from the state
+#     gradients, then bench_wkv at B4 and B8 T4096: "factored" against "factored_tf32" (the
+#     factored contractions on the tensor cores in TF32 instead of IEEE float32 FMAs).
+# x4 with BASELINE: GPU 2 runs ours_full of 723eca3 (the mix slots by indexing) beside GPU 1's
+#     ours_full (by ops.split, bfa81c6): the first timing of the split's gradient. (BASELINE
+#     imports its own rwkv_ray: PYTHONPATH is set to it; /tmp/site holds the carried wheels.)
+# On 2026-11-28 04:06 (x1, no fla) v7 of the kernel (per-kernel warps, dr beside the state
+# gradients) took the 1.6B step from 39.02k to 39.96k tokens/s; state tuning 54.79k (1.37x).
 #
 # x4: the 1.6B training figures of record, one process per GPU, all at once: GPU 0 fla;
 #     GPU 1 ours without remat (float32 masters, the 1.6B config's setting), then "dots";
@@ -98,6 +103,15 @@ case ${1:-} in
     done
     ;;
   kernel) kernel ;;
+  kernel-tf32)
+    JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
+      -k "tf32 or dr_apart" 2>&1 | tail -3
+    for shape in 4x4096 8x4096; do
+      timeout 180 python3 benchmarks/bench_wkv.py --no-fla --shapes $shape --reps 10 --profile \
+        --configs 16:0:1:factored,16:0:1:factored_tf32 --out "$OUT/wkv_tf32_$shape.json" \
+        2>&1 | grep "ours\|kernels" | cut -c1-300
+    done
+    ;;
   mix)
     timeout 150 python3 benchmarks/proto_mix_kernel.py --out "$OUT/mix.json" 2>&1 \
       | grep -v -i warn
@@ -106,7 +120,13 @@ case ${1:-} in
     # train-x4's main rows and the kernel in one call: one process per GPU.
     on_gpu 0 540 fla
     on_gpu 1 260 ours_full,ours_full_dots
-    on_gpu 2 260 ours_full_bf16,ours_full_remat
+    if [ -n "${BASELINE:-}" ]; then  # the same configuration from an older tree, on GPU 2
+      (cd "$BASELINE" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=2 timeout 280 python3 \
+        benchmarks/bench_train_gpu.py --steps 3 --first-gpu 2 --timeout 260 --configs ours_full \
+        --out "$OUT/train_gpu2.json") >"$OUT/train_gpu2.log" 2>&1 &
+    else
+      on_gpu 2 260 ours_full_bf16,ours_full_remat
+    fi
     (
       CUDA_VISIBLE_DEVICES=3 timeout 250 python3 benchmarks/bench_train_gpu.py --steps 3 \
         --first-gpu 3 --timeout 230 --configs ours_state --out "$OUT/train_gpu3.json"
@@ -158,7 +178,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|mix|x4|train-plan|train-x4|dp|dp-dots|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|kernel-tf32|mix|x4|train-plan|train-x4|dp|dp-dots|scaling|generate|train" >&2
     exit 2
     ;;
 esac

@@ -222,7 +222,8 @@ def test_interpret_merged_dk_dv_kernel_matches_reference(mode):
     loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, **options)[0])  # noqa: E731
     program = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
     kernels = set(re.findall(r"wkv6_bwd_chunks_\w+", program))
-    assert kernels == {"wkv6_bwd_chunks_dr", "wkv6_bwd_chunks_dkv"}, kernels
+    assert kernels == {"wkv6_bwd_chunks_dkv"}, kernels  # dr runs with the state grads
+    assert "wkv6_bwd_state_grads_dr" in program
     run = with_kernel_options(backward="two_pass", merge_dk_dv=True, state_stride=32, mode=mode)
     run(2, 70, 2, 32, jnp.float32, "strong", interpret=True, seed=29)
 
@@ -255,6 +256,14 @@ def test_interpret_overlapped_dr_matches_reference(overlap):
     run(2, 40, 1, 32, jnp.bfloat16, "weak", interpret=True, seed=52)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_interpret_factored_tf32_matches_reference(dtype):
+    """mode "factored_tf32" runs (on CPU its contractions are exact float32; on a GPU TF32,
+    test_gpu_factored_tf32_matches_reference); float32 inputs fall back to "factored"."""
+    run = with_kernel_options(mode="factored_tf32", forward="two_pass", backward="two_pass")
+    run(1, 37, 2, 32, dtype, "weak", interpret=True, seed=61)
+
+
 def test_kernel_warps_default_per_kernel_and_explicit_for_all():
     """num_warps None gives each kernel its KERNEL_WARPS entry (4 elsewhere); an int gives
     every kernel that many. Read from the Triton compiler parameters of the lowered grad."""
@@ -267,7 +276,8 @@ def test_kernel_warps_default_per_kernel_and_explicit_for_all():
         return {name: int(w) for w, name in found}
 
     default = warps()
-    assert default["wkv6_bwd_chunks_dk"] == 2 and default["wkv6_bwd_state_grads"] == 2, default
+    assert default["wkv6_bwd_chunks_dk"] == 2 and default["wkv6_bwd_state_grads_dr"] == 2, default
+    assert warps(overlap_dr=False)["wkv6_bwd_state_grads"] == 2
     assert default["wkv6_states"] == 4 and default["wkv6_fwd_output"] == 4, default
     assert set(warps(num_warps=8).values()) == {8}
 
@@ -451,6 +461,8 @@ def test_gpu_matches_reference(t, decay, dtype):
         dict(mode="factored", forward="fused", backward="fused"),
         dict(pass1_stride=64),
         dict(merge_dk_dv=True),
+        dict(overlap_dr=False),
+        dict(mode="factored_tf32"),
     ],
     ids=[
         "fused",
@@ -462,6 +474,8 @@ def test_gpu_matches_reference(t, decay, dtype):
         "factored_fused",
         "pass1_64",
         "merge_dk_dv",
+        "dr_apart",
+        "factored_tf32",
     ],  # fmt: skip
 )
 def test_gpu_algorithms_match_reference(options, t, dtype):
@@ -469,6 +483,16 @@ def test_gpu_algorithms_match_reference(options, t, dtype):
     sequential passes split each head's value columns in four)."""
     _needs_gpu()
     with_kernel_options(**options)(1, t, 2, 64, dtype, "strong", seed=t + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", ["strong", "weak"])
+@pytest.mark.parametrize("t", [65, 4096])
+def test_gpu_factored_tf32_matches_reference(t, decay):
+    """mode "factored_tf32", bf16 inputs: the factored contractions in TF32 on the tensor
+    cores (weak decay takes them in every chunk) within the bf16 bounds."""
+    _needs_gpu()
+    with_kernel_options(mode="factored_tf32")(2, t, 2, 64, jnp.bfloat16, decay, seed=t + 3)
 
 
 @pytest.mark.gpu

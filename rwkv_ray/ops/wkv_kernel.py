@@ -181,7 +181,8 @@ def wkv6_kernel(
     NaN-fills every kernel output buffer first (a testing aid for unwritten elements);
     `num_warps` / `num_stages` are Triton's (num_warps None: each kernel's measured best,
     `KERNEL_WARPS` in wkv_kernel_call.py); `mode` picks the intra-chunk code ("loop", "3d"
-    or "factored": matmuls of scaled operands where exact, else "loop"; see _intra_p);
+    or "factored": matmuls of scaled operands where exact, else "loop"; see _intra_p;
+    "factored_tf32": those matmuls in TF32 for bf16 inputs, "factored" for float32 ones);
     `forward` the forward algorithm: "fused" (one sequential kernel), "two_pass" (span-entry
     states, then all spans' outputs in parallel) or "auto"
     (`use_two_pass`); `backward` likewise ("fused": two sequential kernels; "two_pass":
@@ -215,8 +216,9 @@ def wkv6_kernel(
         raise ValueError(f"u has shape {u.shape}, expected {(h, n)}")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of 2 >= 16, got {chunk_size}")
-    if mode not in ("loop", "3d", "factored"):
-        raise ValueError(f"mode must be 'loop', '3d' or 'factored', got {mode!r}")
+    modes = ("loop", "3d", "factored", "factored_tf32")
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, modes))}, got {mode!r}")
     if forward not in ("auto", "fused", "two_pass"):
         raise ValueError(f"forward must be 'auto', 'fused' or 'two_pass', got {forward!r}")
     if backward not in ("auto", "fused", "two_pass"):
@@ -244,6 +246,8 @@ def wkv6_kernel(
         raise ValueError(f"initial_state has shape {initial_state.shape}, expected {(b, h, n, n)}")
     dt = r.dtype
     k, v = k.astype(dt), v.astype(dt)
+    if mode == "factored_tf32" and dt == jnp.float32:
+        mode = "factored"  # float32 inputs keep IEEE float32 contractions (1e-4 bounds)
     # Whole chunks; beyond one span of the two-pass algorithms, whole spans. Padded steps have
     # k = 0 and log_w = 0, so they change no state, and their outputs are cut off.
     pad = (-t) % (chunk_size if t <= state_stride else state_stride)

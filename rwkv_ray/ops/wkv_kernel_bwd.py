@@ -100,7 +100,7 @@ def _bwd_dkv_kernel(
         inc, exc, last = _chunk_terms(lw)
         p = _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode)  # p[t, s]
         d = _mm(dy, v, mm_dtype, _NT)  # d[t, s]
-        d_t = _mm(v, dy, mm_dtype, _NT) if mode in ("loop", "factored") else None
+        d_t = _mm(v, dy, mm_dtype, _NT) if mode != "3d" else None
         bonus = jnp.sum(r * u * k, axis=1, keepdims=True)
         vdy = jnp.sum(v * dy, axis=1, keepdims=True)
         f_start, f_end, f_all = _decay_factors(inc, exc, last)
@@ -284,7 +284,7 @@ def _chunk_dkv_kernel(
         if dk_ref is not None:
             v, drn = _load(v_ref, sl), _load(drn_ref, sl)
             d = _mm(dy, v, mm_dtype, _NT)
-            d_t = _mm(v, dy, mm_dtype, _NT) if mode in ("loop", "factored") else None
+            d_t = _mm(v, dy, mm_dtype, _NT) if mode != "3d" else None
             dkn = f_end * _mm(v, g, mm_dtype, _NT)
             dkn = dkn + _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, base, chunk, mode)
             vdy = jnp.sum(v * dy, axis=1, keepdims=True)

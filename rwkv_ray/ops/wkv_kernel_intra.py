@@ -98,17 +98,23 @@ def _causal(x, chunk):
     return jnp.where(_iota(chunk, 0) > _iota(chunk, 1), x, 0.0)
 
 
-def _exact_mm(a, b, dims=None):
-    return _mm(a, b, F32, dims)  # IEEE float32: the factored path keeps "loop"'s accuracy
+def _exact_mm(a, b, dims=None, mode="factored"):
+    """The factored contractions: IEEE float32, so the factored path keeps "loop"'s accuracy
+    ("factored"), or TF32 on the tensor cores ("factored_tf32": 10-bit mantissas, for bf16
+    inputs, whose P and intra terms are rounded to bf16 or added to bf16-rounded terms)."""
+    if mode == "factored_tf32":
+        dims = dims or (((1,), (0,)), ((), ()))
+        return lax.dot_general(a, b, dims, preferred_element_type=F32)  # DEFAULT: TF32
+    return _mm(a, b, F32, dims)
 
 
 def _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode):
     """P[t, s] = sum_i r_t[i] k_s[i] M[t, s, i]."""
-    if mode == "factored":
+    if mode.startswith("factored"):
         q, kk, ok = _factors(inc, exc, chunk)
         return lax.cond(
             ok,
-            lambda: _causal(_exact_mm(r * q, k * kk, _NT), chunk),
+            lambda: _causal(_exact_mm(r * q, k * kk, _NT, mode), chunk),
             lambda: _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, "loop"),
         )
     if mode == "3d":
@@ -125,11 +131,11 @@ def _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode):
 
 def _intra_dr(d, k, inc, exc, k_ref, w_ref, base, chunk, mode):
     """out[t, i] = sum_s D[t, s] k_s[i] M[t, s, i]."""
-    if mode == "factored":
+    if mode.startswith("factored"):
         q, kk, ok = _factors(inc, exc, chunk)
         return lax.cond(
             ok,
-            lambda: q * _exact_mm(_causal(d, chunk), k * kk),
+            lambda: q * _exact_mm(_causal(d, chunk), k * kk, None, mode),
             lambda: _intra_dr(d, k, inc, exc, k_ref, w_ref, base, chunk, "loop"),
         )
     if mode == "3d":
@@ -145,12 +151,12 @@ def _intra_dr(d, k, inc, exc, k_ref, w_ref, base, chunk, mode):
 
 
 def _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, base, chunk, mode):
-    """out[s, i] = sum_t D[t, s] r_t[i] M[t, s, i]; d_t = D^T (modes "loop", "factored")."""
-    if mode == "factored":
+    """out[s, i] = sum_t D[t, s] r_t[i] M[t, s, i]; d_t = D^T (modes "loop", "factored*")."""
+    if mode.startswith("factored"):
         q, kk, ok = _factors(inc, exc, chunk)
         return lax.cond(
             ok,
-            lambda: kk * _exact_mm(_causal(d, chunk), r * q, _TN),
+            lambda: kk * _exact_mm(_causal(d, chunk), r * q, _TN, mode),
             lambda: _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, base, chunk, "loop"),
         )
     if mode == "3d":
