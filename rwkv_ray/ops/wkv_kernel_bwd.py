@@ -29,7 +29,7 @@ from rwkv_ray.ops.wkv_kernel_fwd import (
     pass1_length,
     span_length,
     stack_dtype,
-    value_splits,
+    state_pass_splits,
 )
 from rwkv_ray.ops.wkv_kernel_intra import (
     _NT,
@@ -364,7 +364,7 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
     hs and gs, each [B, H, T/span, N, N] in `stack_dtype` (0.5 GiB each at B8 T4096 H32 N64,
     bf16, spans of 16), plus d log_w's in-span part and drn, [B, T, H, N] float32 each."""
     b, t, h, n = r.shape
-    span, splits = span_length(t, opts.stride), opts.state_splits or value_splits(b, h, n)
+    span, splits = span_length(t, opts.stride), state_pass_splits(opts, b, h, n)
     n_spans, stored = t // span, stack_dtype(span, chunk, r.dtype)
     if hs is None:
         hs = _entry_states(k, v, log_w, s0, span, opts, splits, stored)[0]

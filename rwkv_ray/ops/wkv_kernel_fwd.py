@@ -92,6 +92,13 @@ def value_splits(b: int, h: int, n: int) -> int:
     return splits
 
 
+def state_pass_splits(opts, b: int, h: int, n: int) -> int:
+    """Value splits of both two-pass directions' sequential passes: opts.state_splits, else
+    `value_splits`. One decision for both directions: with equal arguments XLA merges the
+    forward's state pass with the backward's identical one."""
+    return opts.state_splits or value_splits(b, h, n)
+
+
 def use_two_pass(b: int, h: int, t: int, chunk: int, forward: str) -> bool:
     """'auto': the two-pass forward whenever there is more than one chunk. Measured on an
     H100 (bf16, H32 N64, chunk 16; BENCHMARKS.md) it beats the fused kernel at every shape:
@@ -216,7 +223,7 @@ def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
     span = span_length(t, opts.stride)
     # Value-split like the backward's pass 1a: with equal arguments XLA merges the two calls
     # (at B1 T16384 on an H100 they were two passes of 1.97 and 1.73 ms).
-    splits, hs_dtype = opts.state_splits or value_splits(b, h, n), stack_dtype(span, chunk, r.dtype)
+    splits, hs_dtype = state_pass_splits(opts, b, h, n), stack_dtype(span, chunk, r.dtype)
     hs, st = _entry_states(k, v, log_w, s0, span, opts, splits, hs_dtype)
     # Pass 2: grid (b, h, span); span c of the time axis and of the entry states.
     piece, head_c, entry_c, _ = _chunk_specs(span, n)
