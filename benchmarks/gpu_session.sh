@@ -3,17 +3,19 @@
 # under 10 minutes each. Every step has its own time limit and writes its JSON under $OUT as
 # soon as it has a row, so a step that runs long loses only itself.
 #
-# Next session's plan (about 20 min of device time):
-#   OUT=$OUT bash benchmarks/gpu_session.sh kernel-tf32                # nvidia-h100-x1, ~3 min
-#   git archive 723eca3 rwkv_ray benchmarks | (mkdir -p baseline && tar -x -C baseline)
-#   OUT=$OUT BASELINE=baseline bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4, ~8 min
+# Plan of 2026-11-28's second session (about 20 min of device time):
+#   kernel-tf32 (nvidia-h100-x1, 05:5x): done; "factored_tf32" is the default since.
+#   for rev in 723eca3 d388662; do mkdir -p baseline/$rev
+#     git archive $rev rwkv_ray benchmarks | tar -x -C baseline/$rev; done
+#   OUT=$OUT BASELINE="baseline/723eca3 baseline/d388662" bash benchmarks/gpu_session.sh x4
 #   OUT=$OUT bash benchmarks/gpu_session.sh dp                         # nvidia-h100-x2, ~6 min
 # kernel-tf32: the GPU tests of mode "factored_tf32" and of dr apart from the state
 #     gradients, then bench_wkv at B4 and B8 T4096: "factored" against "factored_tf32" (the
 #     factored contractions on the tensor cores in TF32 instead of IEEE float32 FMAs).
-# x4 with BASELINE: GPU 2 runs ours_full of 723eca3 (the mix slots by indexing) beside GPU 1's
-#     ours_full (by ops.split, bfa81c6): the first timing of the split's gradient. (BASELINE
-#     imports its own rwkv_ray: PYTHONPATH is set to it; /tmp/site holds the carried wheels.)
+# x4 with BASELINE (folders holding older trees): GPU 2 runs their ours_full one after the
+#     other beside GPU 1's: 723eca3 (mix slots by indexing, IEEE "factored"), d388662
+#     (ops.split, IEEE "factored"), against the TF32 default on GPU 1. (Each tree imports its
+#     own rwkv_ray: PYTHONPATH is set to it; /tmp/site holds the carried wheels.)
 # On 2026-11-28 04:06 (x1, no fla) v7 of the kernel (per-kernel warps, dr beside the state
 # gradients) took the 1.6B step from 39.02k to 39.96k tokens/s; state tuning 54.79k (1.37x).
 #
@@ -120,10 +122,14 @@ case ${1:-} in
     # train-x4's main rows and the kernel in one call: one process per GPU.
     on_gpu 0 540 fla
     on_gpu 1 260 ours_full,ours_full_dots
-    if [ -n "${BASELINE:-}" ]; then  # the same configuration from an older tree, on GPU 2
-      (cd "$BASELINE" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=2 timeout 280 python3 \
-        benchmarks/bench_train_gpu.py --steps 3 --first-gpu 2 --timeout 260 --configs ours_full \
-        --out "$OUT/train_gpu2.json") >"$OUT/train_gpu2.log" 2>&1 &
+    if [ -n "${BASELINE:-}" ]; then  # the same configuration from older trees, on GPU 2
+      (
+        for tree in $BASELINE; do  # one or two folders, one after the other
+          (cd "$tree" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=2 timeout 260 python3 \
+            benchmarks/bench_train_gpu.py --steps 3 --first-gpu 2 --timeout 240 \
+            --configs ours_full --out "$OUT/train_gpu2_$(basename "$tree").json")
+        done
+      ) >"$OUT/train_gpu2.log" 2>&1 &
     else
       on_gpu 2 260 ours_full_bf16,ours_full_remat
     fi

@@ -259,7 +259,7 @@ def test_interpret_overlapped_dr_matches_reference(overlap):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 def test_interpret_factored_tf32_matches_reference(dtype):
     """mode "factored_tf32" runs (on CPU its contractions are exact float32; on a GPU TF32,
-    test_gpu_factored_tf32_matches_reference); float32 inputs fall back to "factored"."""
+    the GPU tests of the defaults); float32 inputs fall back to "factored"."""
     run = with_kernel_options(mode="factored_tf32", forward="two_pass", backward="two_pass")
     run(1, 37, 2, 32, dtype, "weak", interpret=True, seed=61)
 
@@ -440,8 +440,8 @@ def _needs_gpu():
 @pytest.mark.parametrize("t", [1, 63, 64, 65, 4096])
 def test_gpu_matches_reference(t, decay, dtype):
     """The defaults: the 'auto' algorithms (beyond one chunk, the two-pass forward with spans
-    of one chunk and the two-pass backward) and mode 'factored' (weak decay takes its matmul
-    form, strong decay its per-chunk fallback)."""
+    of one chunk and the two-pass backward) and mode 'factored_tf32' (weak decay takes its
+    matmul form, in TF32 for bf16 inputs; strong decay its per-chunk fallback)."""
     _needs_gpu()
     check_against_reference(2, t, 2, 64, dtype, decay, seed=t)
 
@@ -462,7 +462,7 @@ def test_gpu_matches_reference(t, decay, dtype):
         dict(pass1_stride=64),
         dict(merge_dk_dv=True),
         dict(overlap_dr=False),
-        dict(mode="factored_tf32"),
+        dict(mode="factored"),
     ],
     ids=[
         "fused",
@@ -475,7 +475,7 @@ def test_gpu_matches_reference(t, decay, dtype):
         "pass1_64",
         "merge_dk_dv",
         "dr_apart",
-        "factored_tf32",
+        "factored_ieee",
     ],  # fmt: skip
 )
 def test_gpu_algorithms_match_reference(options, t, dtype):
@@ -488,11 +488,11 @@ def test_gpu_algorithms_match_reference(options, t, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("decay", ["strong", "weak"])
 @pytest.mark.parametrize("t", [65, 4096])
-def test_gpu_factored_tf32_matches_reference(t, decay):
-    """mode "factored_tf32", bf16 inputs: the factored contractions in TF32 on the tensor
-    cores (weak decay takes them in every chunk) within the bf16 bounds."""
+def test_gpu_factored_ieee_matches_reference(t, decay):
+    """mode "factored", bf16 inputs: the factored contractions as IEEE float32 FMAs instead of
+    the default's TF32 (weak decay takes them in every chunk) within the bf16 bounds."""
     _needs_gpu()
-    with_kernel_options(mode="factored_tf32")(2, t, 2, 64, jnp.bfloat16, decay, seed=t + 3)
+    with_kernel_options(mode="factored")(2, t, 2, 64, jnp.bfloat16, decay, seed=t + 3)
 
 
 @pytest.mark.gpu
