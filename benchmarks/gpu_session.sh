@@ -173,6 +173,24 @@ case ${1:-} in
     timeout 560 python3 benchmarks/bench_train_gpu.py --steps 3 --gpus 1,2 --timeout 250 \
       --configs ours_full_zero1 --out "$OUT/train_dp.json" 2>&1 | grep GPU
     ;;
+  dp4)
+    # nvidia-h100-x4: the same over 1 (GPU 2) and 2 (GPUs 0-1) GPUs side by side, then over 4.
+    CUDA_VISIBLE_DEVICES=2 timeout 260 python3 benchmarks/bench_train_gpu.py --steps 3 \
+      --gpus 1 --first-gpu 2 --timeout 240 --configs ours_full_zero1 \
+      --out "$OUT/train_dp1.json" 2>&1 | grep GPU &
+    timeout 260 python3 benchmarks/bench_train_gpu.py --steps 3 --gpus 2 --timeout 240 \
+      --configs ours_full_zero1 --out "$OUT/train_dp2.json" 2>&1 | grep GPU
+    wait
+    timeout 280 python3 benchmarks/bench_train_gpu.py --steps 3 --gpus 4 --timeout 260 \
+      --configs ours_full_zero1 --out "$OUT/train_dp4.json" 2>&1 | grep GPU
+    ;;
+  dp-profile)
+    # nvidia-h100-x4: where the 4-GPU step's time goes (GPU 0's kernels, collectives apart;
+    # device_span_ms less device_compute_ms is the time GPU 0 computes nothing).
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 300 python3 benchmarks/profile_train.py \
+      --mode full --remat off --gpus 4 --shard-optimizer --top 40 \
+      --out "$OUT/profile_full_dp4.json" 2>&1 | grep -A12 '"wall_ms'
+    ;;
   dp-dots)
     # nvidia-h100-x2: the 1.6B config's current multi-GPU setting ("dots") on 2 GPUs, with and
     # without the split optimizer state.
@@ -184,7 +202,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|kernel-tf32|mix|x4|train-plan|train-x4|dp|dp-dots|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|kernel-tf32|mix|x4|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
     exit 2
     ;;
 esac

@@ -15,6 +15,7 @@ import argparse
 import collections
 import glob
 import json
+import re
 import sys
 import tempfile
 import time
@@ -40,21 +41,39 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# Collective kernels (NCCL's): they run on their own streams beside the compute kernels.
+COLLECTIVE = re.compile(r"nccl|all.?reduce|all.?gather|reduce.?scatter", re.IGNORECASE)
+
+
+def _union_ms(intervals: list[tuple[int, int]]) -> float:
+    """Total length (ms) of the union of [start, end) intervals in ns."""
+    total, reach = 0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total, reach = total + (end - start), end
+        elif end > reach:
+            total, reach = total + (end - reach), end
+    return total / 1e6
+
+
 def device_kernel_times(
-    trace_dir: str, lines_seen: set, extent: dict | None = None
+    trace_dir: str, lines_seen: set, extent: dict | None = None, plane: str = "/device:GPU"
 ) -> dict[str, float]:
-    """Sum of device-event durations (ms) per name from the xplane files under trace_dir.
-    `extent`, when given, gets "span_ms": first kernel start to last kernel end."""
+    """Sum of device-event durations (ms) per name from the xplane files under trace_dir,
+    on the device planes whose name starts with `plane` ("/device:GPU:0" for one GPU of
+    several). `extent`, when given, gets "span_ms" (first kernel start to last kernel end)
+    and "compute_ms" (the time covered by at least one kernel other than a collective: span
+    less compute is the time the GPU waits, for a collective among other things)."""
     from jax.profiler import ProfileData
 
     totals: collections.Counter[str] = collections.Counter()
-    starts, ends = [], []
+    starts, ends, compute = [], [], []
     for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
         data = ProfileData.from_file(path)
-        for plane in data.planes:
-            if not plane.name.startswith("/device:GPU"):
+        for device in data.planes:
+            if not device.name.startswith(plane):
                 continue
-            for line in plane.lines:
+            for line in device.lines:
                 lines_seen.add(line.name)
                 # Stream lines hold the kernels; skip the aggregated 'XLA Ops'/'Modules' lines
                 # so nothing is counted twice.
@@ -64,23 +83,27 @@ def device_kernel_times(
                     totals[event.name] += event.duration_ns / 1e6
                     starts.append(event.start_ns)
                     ends.append(event.end_ns)
+                    if not COLLECTIVE.search(event.name):
+                        compute.append((event.start_ns, event.end_ns))
     if extent is not None and starts:
         extent["span_ms"] = (max(ends) - min(starts)) / 1e6
+        extent["compute_ms"] = _union_ms(compute)
     return dict(totals)
 
 
 def traced_kernel_times(
-    fn, lines_seen: set | None = None, extent: dict | None = None
+    fn, lines_seen: set | None = None, extent: dict | None = None, plane: str = "/device:GPU"
 ) -> dict[str, float]:
     """Run fn() once under a JAX profiler trace: device time (ms) per kernel name (and the
-    kernels' span in `extent`, see device_kernel_times)."""
+    kernels' span in `extent`; `plane` picks the devices; see device_kernel_times)."""
     import jax
 
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
         jax.block_until_ready(fn())
         jax.profiler.stop_trace()
-        return device_kernel_times(tmp, set() if lines_seen is None else lines_seen, extent)
+        seen = set() if lines_seen is None else lines_seen
+        return device_kernel_times(tmp, seen, extent, plane)
 
 
 def profile(fn, top: int) -> dict:

@@ -24,15 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.profile_generate import traced_kernel_times  # noqa: E402
+from benchmarks.profile_generate import COLLECTIVE, traced_kernel_times  # noqa: E402
 
 # First match wins: (kind, pattern on the kernel name).
 KINDS = [
+    ("collective", COLLECTIVE.pattern),
     ("wkv_kernel", r"wkv6"),
     ("gemm", r"gemm|cutlass|xmma|cublas|sm90_|sm80_|_mma|triton_dot|dot"),
     ("reduce", r"reduce|logsumexp"),
     ("copy/transpose", r"copy|transpose|memcpy|memset|dynamic.update|concatenate|slice"),
-    ("collective", r"nccl|all.reduce|all.gather"),
     ("fusion", r"fusion|loop_|input_|triton"),
 ]
 
@@ -78,6 +78,14 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--remat", choices=("off", "block", "dots"), default="off")
+    p.add_argument(
+        "--gpus", type=int, default=1,
+        help="data parallel over this many GPUs (--batch rows each); kernels of GPU 0",
+    )  # fmt: skip
+    p.add_argument(
+        "--shard-optimizer", action="store_true",
+        help="AdamW's moments split over the GPUs (scaling.shard_optimizer)",
+    )  # fmt: skip
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--out")
     return p.parse_args(argv)
@@ -103,14 +111,20 @@ def main(argv=None):
             "data": {"train": "unused"},
         }
     )
+    if jax.device_count() < args.gpus:
+        raise SystemExit(f"--gpus {args.gpus}: JAX sees {jax.device_count()} device(s)")
     model = build_model(config)
     optimizer = build_optimizer(config, model, 1000)
     move_to_host(model, optimizer)  # as the training workers do: the state is the GPU copy
-    trainer = TrainStep(model, optimizer, clip_norm=1.0, remat=config.model.remat)
+    trainer = TrainStep(
+        model, optimizer, clip_norm=1.0, remat=config.model.remat,
+        shard_optimizer=args.shard_optimizer,
+    )  # fmt: skip
     state = trainer.initial_state()
     vocab = SHAPES[args.shape]["vocab_size"]
     rng = np.random.default_rng(0)
-    tokens = rng.integers(1, vocab, (1, args.batch, args.seq_len)).astype(np.int32)
+    rows = args.batch * args.gpus
+    tokens = rng.integers(1, vocab, (1, rows, args.seq_len)).astype(np.int32)
     mask = np.ones(tokens.shape, np.float32)
     started = time.perf_counter()
     state, _ = trainer(state, tokens, mask)
@@ -122,7 +136,9 @@ def main(argv=None):
     # so the span (first kernel start to last kernel end) less the busy time is the time
     # the GPU idles inside one step.
     extent: dict[str, float] = {}
-    totals = traced_kernel_times(lambda: trainer(state, tokens, mask)[1], extent=extent)
+    plane = "/device:GPU" if args.gpus == 1 else "/device:GPU:0"
+    step = lambda: trainer(state, tokens, mask)[1]  # noqa: E731
+    totals = traced_kernel_times(step, extent=extent, plane=plane)
     by_kind: collections.Counter[str] = collections.Counter()
     for name, ms in totals.items():
         by_kind[kind_of(name)] += ms
@@ -143,6 +159,7 @@ def main(argv=None):
         "tokens_per_s": round(tokens.size / (wall_ms / 1e3), 1),
         "device_busy_ms": round(sum(totals.values()), 2),
         "device_span_ms": round(extent.get("span_ms", 0.0), 2),
+        "device_compute_ms": round(extent.get("compute_ms", 0.0), 2),
         "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
         "by_kind_ms": {k: round(v, 2) for k, v in by_kind.most_common()},
         "by_origin_ms": {k: round(v, 2) for k, v in by_origin.most_common(args.top)},

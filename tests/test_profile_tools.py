@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from benchmarks.profile_train import kernel_origins
+from benchmarks.profile_generate import _union_ms
+from benchmarks.profile_train import kernel_origins, kind_of
 
 
 def test_kernel_origins_name_each_instruction_by_shape_and_source():
@@ -48,3 +49,17 @@ def test_kernel_origins_list_every_source_of_a_deduplicated_kernel():
         == "bf16[64,64]{1,0} transpose(jvp(m))/block_*/att/key/transpose"
     )
     assert "gemm_fusion_dot_8" not in origins  # no kernel of its own
+
+
+def test_union_of_kernel_intervals_counts_overlaps_once():
+    # ns intervals: [0, 10) and [5, 20) overlap (20 ns), [30, 35) apart, [31, 33) inside it.
+    intervals = [(30, 35), (5, 20), (0, 10), (31, 33)]
+    assert _union_ms(intervals) == 25 / 1e6
+    assert _union_ms([]) == 0.0
+
+
+def test_kinds_put_nccl_kernels_under_collective():
+    assert kind_of("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL") == "collective"
+    assert kind_of("ncclDevKernel_AllGather_RING_LL") == "collective"
+    assert kind_of("input_reduce_fusion_12") == "reduce"
+    assert kind_of("wkv6_states") == "wkv_kernel"
