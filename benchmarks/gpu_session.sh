@@ -3,12 +3,14 @@
 # under 10 minutes each. Every step has its own time limit and writes its JSON under $OUT as
 # soon as it has a row, so a step that runs long loses only itself.
 #
-# Plan of 2026-11-28's second session (about 20 min of device time):
-#   kernel-tf32 (nvidia-h100-x1, 05:5x): done; "factored_tf32" is the default since.
-#   for rev in 723eca3 d388662; do mkdir -p baseline/$rev
-#     git archive $rev rwkv_ray benchmarks | tar -x -C baseline/$rev; done
-#   OUT=$OUT BASELINE="baseline/723eca3 baseline/d388662" bash benchmarks/gpu_session.sh x4
-#   OUT=$OUT bash benchmarks/gpu_session.sh dp                         # nvidia-h100-x2, ~6 min
+# Next session's plan (about 10 min of device time):
+#   OUT=$OUT bash benchmarks/gpu_session.sh dp4          # nvidia-h100-x4, ~4 min: full tuning
+#     on 1, 2 and 4 GPUs with the head's gradient reduced once per step (row groups), against
+#     2026-11-28 06:22's 0.921 / 0.873 (its profile: 45 ms of float32 reduce-scatters, most
+#     of them the head's gradient after every piece of the loss).
+#   OUT=$OUT bash benchmarks/gpu_session.sh dp-profile   # nvidia-h100-x4, ~3 min
+# Done on 2026-11-28 (05:52-06:35): kernel-tf32 ("factored_tf32" the default since), x4 with
+# BASELINE (41.45k tokens/s, 1.27x fla), dp4, dp-profile (came as H200), the kernel vs fla.
 # kernel-tf32: the GPU tests of mode "factored_tf32" and of dr apart from the state
 #     gradients, then bench_wkv at B4 and B8 T4096: "factored" against "factored_tf32" (the
 #     factored contractions on the tensor cores in TF32 instead of IEEE float32 FMAs).

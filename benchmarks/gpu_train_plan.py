@@ -53,6 +53,11 @@ def parse_args(argv=None):
         "--shard-optimizer", action="store_true",
         help="AdamW's moments split over the devices (TrainStep(shard_optimizer=True))",
     )  # fmt: skip
+    p.add_argument(
+        "--row-groups", type=int, default=0,
+        help="the head loss's row groups (0: the device count, as TrainStep; 1: one group, "
+        "the head's gradient reduced after every piece)",
+    )  # fmt: skip
     p.add_argument("--out", help="write the plans as JSON here")
     return p.parse_args(argv)
 
@@ -103,7 +108,7 @@ def plan(devices, layers: int, args) -> dict:
     mask = jax.ShapeDtypeStruct(batch, jnp.float32, sharding=rows)
     started = time.perf_counter()
     step = jax.jit(
-        make_step_fn(model, optimizer, 1.0, remat),
+        make_step_fn(model, optimizer, 1.0, remat, row_groups=args.row_groups or len(devices)),
         in_shardings=(state_shardings, rows, rows),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),

@@ -42,9 +42,12 @@ def test_loss_masks_padding_and_prompt():
     assert float(count) == 5 and np.isclose(float(total), expected * 5, rtol=1e-6)
 
 
-def test_head_loss_in_pieces_equals_the_loss_of_full_logits():
+@pytest.mark.parametrize("row_groups", [1, 2, 3])
+def test_head_loss_in_pieces_equals_the_loss_of_full_logits(row_groups):
     """12 predictions in pieces of 5 (the last one padded), padding and a prompt mask: the
-    same sum, count and gradients (hidden and head matrix) as from the whole logits."""
+    same sum, count and gradients (hidden and head matrix) as from the whole logits, with
+    the head's gradient summed per row group (2: one per row; 3 does not divide 2 rows and
+    takes one group)."""
     rng = np.random.default_rng(1)
     hidden = jnp.asarray(rng.standard_normal((2, 7, 16)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((16, 11)), jnp.float32)
@@ -56,7 +59,7 @@ def test_head_loss_in_pieces_equals_the_loss_of_full_logits():
         return 0.37 * total, count  # a cotangent other than 1, as a mean loss gives
 
     def pieces(h, w):
-        total, count = summed_head_loss(h, w, tokens, mask, rows_per_piece=5)
+        total, count = summed_head_loss(h, w, tokens, mask, rows_per_piece=5, row_groups=row_groups)
         return 0.37 * total, count
 
     (total, count), grads = jax.value_and_grad(pieces, argnums=(0, 1), has_aux=True)(hidden, kernel)

@@ -197,11 +197,16 @@ def global_norm(tree) -> jax.Array:
 
 
 def make_step_fn(
-    model: RWKV6CausalLM, optimizer, clip_norm: float | None, remat: bool | str = False
+    model: RWKV6CausalLM,
+    optimizer,
+    clip_norm: float | None,
+    remat: bool | str = False,
+    row_groups: int = 1,
 ) -> Callable:
-    """(state, tokens [A,B,T], loss_mask [A,B,T]) -> (state, metrics); A = micro-batches."""
+    """(state, tokens [A,B,T], loss_mask [A,B,T]) -> (state, metrics); A = micro-batches.
+    `row_groups`: the data-parallel device count (see summed_head_loss)."""
 
-    grad_of = jax.value_and_grad(summed_loss_fn(model, remat), has_aux=True)
+    grad_of = jax.value_and_grad(summed_loss_fn(model, remat, row_groups), has_aux=True)
 
     def step(state: TrainState, tokens, loss_mask):
         def micro(carry, batch):
@@ -234,14 +239,18 @@ def make_step_fn(
     return step
 
 
-def summed_loss_fn(model: RWKV6CausalLM, remat: bool | str = False) -> Callable:
+def summed_loss_fn(
+    model: RWKV6CausalLM, remat: bool | str = False, row_groups: int = 1
+) -> Callable:
     """(trainable, non_trainable, tokens, loss_mask) -> (summed loss, counted tokens): the
     model run statelessly and its head applied piece by piece (`summed_head_loss`).
 
     remat="dots" runs the model under jax.checkpoint with a policy that keeps the outputs of
     the matmuls (their weights have no batch dimension) and recomputes everything else in
     the backward pass. Other values: the model is used as built (`build_model` applies
-    per-block remat through Keras)."""
+    per-block remat through Keras). `row_groups`: the data-parallel device count, so that
+    the head's gradient is reduced over the devices once, not after every piece
+    (`summed_head_loss`)."""
     which, index = _variable_index(model, model.head.kernel)
 
     def hidden_of(trainable, non_trainable, tokens):
@@ -255,7 +264,7 @@ def summed_loss_fn(model: RWKV6CausalLM, remat: bool | str = False) -> Callable:
     def loss_of(trainable, non_trainable, tokens, loss_mask):
         hidden = hidden_of(trainable, non_trainable, tokens)
         kernel = (trainable, non_trainable)[which][index]
-        return summed_head_loss(hidden, kernel, tokens, loss_mask)
+        return summed_head_loss(hidden, kernel, tokens, loss_mask, row_groups=row_groups)
 
     return loss_of
 
@@ -373,7 +382,7 @@ class TrainStep:
         self.optimizer_shardings = optimizer_shardings(optimizer, self.mesh, shard_optimizer)
         state = TrainState(self.replicated, self.replicated, self.optimizer_shardings)
         self._step = jax.jit(
-            make_step_fn(model, optimizer, clip_norm, remat),
+            make_step_fn(model, optimizer, clip_norm, remat, row_groups=self.mesh.size),
             in_shardings=(state, self.data, self.data),
             out_shardings=(state, self.replicated),
             donate_argnums=(0,),
