@@ -14,11 +14,12 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
-def _mm(a, b, mm_dtype, dims=None):
+def _mm(a, b, mm_dtype, dims=None, tf32=False):
     """a @ b (or dot_general with dims), operands in mm_dtype, float32 accumulation. Float32
-    operands use exact IEEE float32 (Precision.HIGHEST; DEFAULT would be TF32)."""
+    operands use exact IEEE float32 (Precision.HIGHEST), or with `tf32` Precision.DEFAULT:
+    TF32 on the tensor cores."""
     a, b = a.astype(mm_dtype), b.astype(mm_dtype)
-    prec = lax.Precision.HIGHEST if mm_dtype == F32 else None
+    prec = lax.Precision.HIGHEST if mm_dtype == F32 and not tf32 else None
     dims = dims or (((1,), (0,)), ((), ()))
     return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
 
@@ -102,10 +103,7 @@ def _exact_mm(a, b, dims=None, mode="factored"):
     """The factored contractions: IEEE float32, so the factored path keeps "loop"'s accuracy
     ("factored"), or TF32 on the tensor cores ("factored_tf32": 10-bit mantissas, for bf16
     inputs, whose P and intra terms are rounded to bf16 or added to bf16-rounded terms)."""
-    if mode == "factored_tf32":
-        dims = dims or (((1,), (0,)), ((), ()))
-        return lax.dot_general(a, b, dims, preferred_element_type=F32)  # DEFAULT: TF32
-    return _mm(a, b, F32, dims)
+    return _mm(a, b, F32, dims, tf32=mode == "factored_tf32")
 
 
 def _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode):
