@@ -3,12 +3,14 @@
 # under 10 minutes each. Every step has its own time limit and writes its JSON under $OUT as
 # soon as it has a row, so a step that runs long loses only itself.
 #
-# Next session's plan (about 10 min of device time):
+# Next session's plan (about 5 min of device time, when an x4 is lent):
 #   OUT=$OUT bash benchmarks/gpu_session.sh dp4          # nvidia-h100-x4, ~4 min: full tuning
-#     on 1, 2 and 4 GPUs with the head's gradient reduced once per step (row groups), against
-#     2026-11-28 06:22's 0.921 / 0.873 (its profile: 45 ms of float32 reduce-scatters, most
-#     of them the head's gradient after every piece of the loss).
+#     on 1, 2 and 4 GPUs with the head's gradient reduced once per step (row groups). On
+#     2026-11-28 08:22 `dp` came as 2 x H200: 0.940 at 2 GPUs (0.921 on H100s before the fix).
 #   OUT=$OUT bash benchmarks/gpu_session.sh dp-profile   # nvidia-h100-x4, ~3 min
+# Done on 2026-11-28 (08:2x-09:3x): dp (as H200), bench_decode_gemv.py, the profiles of both
+# training modes, bench_wkv on all three shapes against fla in one process, pass1_stride
+# 128-512 at B1 T16384 (rejected).
 # Done on 2026-11-28 (05:52-06:35): kernel-tf32 ("factored_tf32" the default since), x4 with
 # BASELINE (41.45k tokens/s, 1.27x fla), dp4, dp-profile (came as H200), the kernel vs fla.
 # kernel-tf32: the GPU tests of mode "factored_tf32" and of dr apart from the state
