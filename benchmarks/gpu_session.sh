@@ -8,7 +8,7 @@
 #     on 1, 2 and 4 GPUs with the head's gradient reduced once per step (row groups). On
 #     2026-11-28 08:22 `dp` came as 2 x H200: 0.940 at 2 GPUs (0.921 on H100s before the fix).
 #   OUT=$OUT bash benchmarks/gpu_session.sh dp-profile   # nvidia-h100-x4, ~3 min
-# Done on 2026-11-28 (08:2x-09:3x): dp (as H200), bench_decode_gemv.py, the profiles of both
+# Done on 2026-11-28 (08:2x-08:5x): dp (as H200), bench_decode_gemv.py, the profiles of both
 # training modes, bench_wkv on all three shapes against fla in one process, pass1_stride
 # 128-512 at B1 T16384 (rejected).
 # Done on 2026-11-28 (05:52-06:35): kernel-tf32 ("factored_tf32" the default since), x4 with
