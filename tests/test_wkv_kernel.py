@@ -157,28 +157,6 @@ def test_interpret_long_spans_loop_both_ways():
     run(1, 170, 1, 16, jnp.float32, "strong", interpret=True, seed=24)
 
 
-@pytest.mark.parametrize(
-    ("dtype", "decay", "mode"),
-    [(jnp.float32, "strong", "factored"), (jnp.bfloat16, "weak", "factored_tf32")],
-    ids=["fp32-strong", "bf16-weak"],
-)
-def test_interpret_two_pass_blocks_forward_matches_reference(dtype, decay, mode):
-    """forward="two_pass_blocks": spans of 64 tokens (4 chunks) whose chunks each take the
-    span-entry state and the chunks before them directly (`_fwd_blocks_kernel`). T=150 pads
-    to three spans. Strong decay (-1e3 entries, counted apart from the cumsums) and weak;
-    outputs, final state and every gradient against the reference, and the forward within
-    float32 rounding of the walking kernel's on the same spans."""
-    options = dict(state_stride=64, mode=mode)
-    ins, _, _ = make_inputs(31, 1, 150, 2, 16, jnp.float32, decay)
-    loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, forward="two_pass_blocks", **options)[0])  # noqa: E731
-    assert "wkv6_fwd_output_blocks" in str(jax.make_jaxpr(loss)(*ins))
-    blocks = wk.wkv6_kernel(*ins, interpret=True, forward="two_pass_blocks", **options)
-    walk = wk.wkv6_kernel(*ins, interpret=True, forward="two_pass", **options)
-    assert rel_rms(blocks[0], walk[0]) < 1e-6 and rel_rms(blocks[1], walk[1]) == 0.0
-    run = with_kernel_options(forward="two_pass_blocks", backward="two_pass", **options)
-    run(2, 150, 2, 32, dtype, decay, interpret=True, seed=32)
-
-
 def test_interpret_bf16_two_pass_stores_rounded_states_exactly():
     """bf16 inputs with one chunk per span: the stored entry states (and state gradients) are
     bf16, as the kernels round them for their matmuls anyway. The forward is bit-identical to

@@ -187,9 +187,7 @@ def wkv6_kernel(
     "factored_tf32", the default: those matmuls in TF32 for bf16 inputs, whose terms are
     rounded to bf16 anyway, and "factored" for float32 ones);
     `forward` the forward algorithm: "fused" (one sequential kernel), "two_pass" (span-entry
-    states, then all spans' outputs in parallel, each span's chunks in order),
-    "two_pass_blocks" (the same, each chunk of a longer span from the span-entry state and
-    the chunks before it, independently; `_fwd_blocks_kernel`) or "auto"
+    states, then all spans' outputs in parallel) or "auto"
     (`use_two_pass`); `backward` likewise ("fused": two sequential kernels; "two_pass":
     span-entry states and span-exit state gradients, then all spans' gradients in parallel;
     "auto": `use_two_pass_backward`); `keep_states=True` keeps the two-pass forward's
@@ -224,11 +222,8 @@ def wkv6_kernel(
     modes = ("loop", "3d", "factored", "factored_tf32")
     if mode not in modes:
         raise ValueError(f"mode must be one of {', '.join(map(repr, modes))}, got {mode!r}")
-    forwards = ("auto", "fused", "two_pass", "two_pass_blocks")
-    if forward not in forwards:
-        raise ValueError(
-            f"forward must be one of {', '.join(map(repr, forwards))}, got {forward!r}"
-        )
+    if forward not in ("auto", "fused", "two_pass"):
+        raise ValueError(f"forward must be 'auto', 'fused' or 'two_pass', got {forward!r}")
     if backward not in ("auto", "fused", "two_pass"):
         raise ValueError(f"backward must be 'auto', 'fused' or 'two_pass', got {backward!r}")
     state_stride = state_stride or chunk_size

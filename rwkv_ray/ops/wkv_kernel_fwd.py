@@ -22,18 +22,7 @@ from rwkv_ray.ops.wkv_kernel_call import (
     _mm_dtype,
     _value_split_specs,
 )
-from rwkv_ray.ops.wkv_kernel_intra import (
-    _NT,
-    _TN,
-    F32,
-    _chunk_terms,
-    _decay_factors,
-    _dexp,
-    _exact_mm,
-    _intra_p,
-    _mm,
-    _pair_map,
-)
+from rwkv_ray.ops.wkv_kernel_intra import _TN, F32, _chunk_terms, _decay_factors, _intra_p, _mm
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -62,43 +51,6 @@ def _fwd_kernel(
     s = _chunk_loop(n_chunks, body, s0_ref[...].astype(F32), final=st_ref is not None)
     if st_ref is not None:
         st_ref[...] = s
-
-
-def _fwd_blocks_kernel(
-    r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, *, chunk, mm_dtype, mode
-):  # fmt: skip
-    """Pass 2 of the two-pass forward over a span of several chunks ("two_pass_blocks"),
-    every chunk's output from the span-entry state s0 and the chunks before it in the span,
-    so that no chunk waits for another's state update (`_fwd_kernel` walks them in order).
-
-    With E_c the log-decay sum from the span start to chunk c's start and F_j the one to
-    chunk j's end, y_c = (r_c * exp(Ae_c)) @ (exp(E_c) * s0) + P_c v_c + bonus
-    + sum_{j < c} [(r_c * exp(Ae_c)) * exp(E_c - F_j)] @ (k_j * exp(A_last_j - A_j))^T @ v_j,
-    each 16-token block pair one [C, N] x [N, C] matmul, as fla splits its 64-token chunks.
-    Every exponent is <= 0 (decays are <= 1), so no factor overflows and none needs the exact
-    fallback; the diagonal blocks are the chunk's own P (`_intra_p`)."""
-    n_chunks = r_ref.shape[0] // chunk
-    u = u_ref[...].astype(F32)
-    s0 = s0_ref[...].astype(F32)
-    zero = jnp.zeros((1, r_ref.shape[1]), F32)
-    to_start = (zero, zero)  # E_c as a (sum, count) pair (see _chunk_terms)
-    earlier = []  # (k_j * exp(A_last_j - A_j), v_j, F_j) of the span's chunks so far
-    for c in range(n_chunks):
-        base = c * chunk
-        sl = pl.ds(base, chunk)
-        r, k, v, lw = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref))
-        inc, exc, last = _chunk_terms(lw)
-        p = _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode)
-        bonus = jnp.sum(r * u[None, :] * k, axis=1)
-        f_start, f_end, _ = _decay_factors(inc, exc, last)
-        rs = r * f_start
-        y = _mm(rs * _dexp(to_start), s0, mm_dtype) + _mm(p, v, mm_dtype) + bonus[:, None] * v
-        for k_end, v_j, to_end in earlier:
-            p_cj = _exact_mm(rs * _dexp(to_start, to_end), k_end, _NT, mode)
-            y = y + _mm(p_cj, v_j, mm_dtype)
-        y_ref[sl, :] = y.astype(y_ref.dtype)
-        to_start = _pair_map(lambda a, b: a + b[None, :], to_start, last)
-        earlier.append((k * f_end, v, to_start))
 
 
 def _chunk_states_kernel(k_ref, v_ref, w_ref, s0_ref, hs_ref, st_ref=None, *, chunk, mm_dtype):
@@ -154,7 +106,7 @@ def use_two_pass(b: int, h: int, t: int, chunk: int, forward: str) -> bool:
     a transient [B, H, T/span, N, N] buffer of span-entry states (`stack_dtype`; 0.5 GiB at
     B8 T4096 in bf16), freed before the forward returns."""
     if forward != "auto":
-        return forward in ("two_pass", "two_pass_blocks")
+        return forward == "two_pass"
     return t > chunk
 
 
@@ -275,19 +227,13 @@ def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
     hs, st = _entry_states(k, v, log_w, s0, span, opts, splits, hs_dtype)
     # Pass 2: grid (b, h, span); span c of the time axis and of the entry states.
     piece, head_c, entry_c, _ = _chunk_specs(span, n)
-    blocks = opts.forward == "two_pass_blocks" and span > chunk
     y = _call(
-        functools.partial(
-            _fwd_blocks_kernel if blocks else _fwd_kernel,
-            chunk=chunk,
-            mm_dtype=_mm_dtype(r.dtype),
-            mode=opts.mode,
-        ),
+        functools.partial(_fwd_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
         [piece] * 4 + [head_c, entry_c],
         piece,
         jax.ShapeDtypeStruct((b, t, h, n), r.dtype),
         (b, h, t // span),
         opts,
-        "wkv6_fwd_output_blocks" if blocks else "wkv6_fwd_output",
+        "wkv6_fwd_output",
     )(r, k, v, log_w, u, hs)
     return y, st, hs
