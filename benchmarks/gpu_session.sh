@@ -3,7 +3,15 @@
 # under 10 minutes each. Every step has its own time limit and writes its JSON under $OUT as
 # soon as it has a row, so a step that runs long loses only itself.
 #
-# Next session's plan (about 5 min of device time, when an x4 is lent):
+# Next session's plan (about 15 min of device time):
+#   git archive exp/clamped-decays rwkv_ray benchmarks tests pyproject.toml | (mkdir -p baseline/clamped &&
+#     tar -x -C baseline/clamped)
+#   OUT=$OUT CLAMPED=baseline/clamped bash benchmarks/gpu_session.sh kernel-stages
+#     # nvidia-h100-x1, ~8 min: num_stages 1/2/3 (cp.async prefetch in the sequential passes)
+#     # at B4/B8 T4096 and B1 T16384; then branch exp/clamped-decays (log-decays clamped at
+#     # -50 instead of counted: half the scans; 18 -> 12 barriers per states step) through the
+#     # GPU tests (fp32 strong decay at T=4096 is its risk) and timed at B4 T4096.
+# and, when an x4 is lent:
 #   OUT=$OUT bash benchmarks/gpu_session.sh dp4          # nvidia-h100-x4, ~4 min: full tuning
 #     on 1, 2 and 4 GPUs with the head's gradient reduced once per step (row groups). On
 #     2026-11-28 08:22 `dp` came as 2 x H200: 0.940 at 2 GPUs (0.921 on H100s before the fix).
@@ -109,6 +117,24 @@ case ${1:-} in
     done
     ;;
   kernel) kernel ;;
+  kernel-stages)
+    # Triton software pipelining of the sequential passes: with num_stages >= 2 their global
+    # loads become cp.async one or two chunks ahead (compile-only PTX of wkv6_states and
+    # wkv6_bwd_state_grads_dr, 2026-11-28; the per-chunk kernels have no loop and are
+    # unchanged). Every kernel's stages at once (the config's third field).
+    for shape in 4x4096 8x4096 1x16384; do
+      timeout 170 python3 benchmarks/bench_wkv.py --no-fla --shapes $shape --reps 10 --profile \
+        --configs 16:0:1:factored_tf32,16:0:2:factored_tf32,16:0:3:factored_tf32 \
+        --out "$OUT/wkv_stages_$shape.json" 2>&1 | grep "ours\|kernels" | cut -c1-300
+    done
+    if [ -n "${CLAMPED:-}" ]; then  # a tree of branch exp/clamped-decays: GPU tests, then time
+      (cd "$CLAMPED" && PYTHONPATH=/tmp/site:$PWD JAX_PLATFORMS=cuda timeout 200 python3 -m \
+        pytest -q -m gpu tests/test_wkv_kernel.py -k "test_gpu_matches_reference" 2>&1 | tail -3
+       PYTHONPATH=/tmp/site:$PWD timeout 120 python3 benchmarks/bench_wkv.py --no-fla \
+        --shapes 4x4096 --reps 10 --profile --configs 16:0:1:factored_tf32 \
+        --out "$OUT/wkv_clamped.json" 2>&1 | grep "ours\|kernels" | cut -c1-300)
+    fi
+    ;;
   kernel-tf32)
     JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
       -k "tf32 or dr_apart" 2>&1 | tail -3
@@ -206,7 +232,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|kernel-tf32|mix|x4|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|kernel-stages|kernel-tf32|mix|x4|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
     exit 2
     ;;
 esac
