@@ -121,7 +121,10 @@ case ${1:-} in
     # Triton software pipelining of the sequential passes: with num_stages >= 2 their global
     # loads become cp.async one or two chunks ahead (compile-only PTX of wkv6_states and
     # wkv6_bwd_state_grads_dr, 2026-11-28; the per-chunk kernels have no loop and are
-    # unchanged). Every kernel's stages at once (the config's third field).
+    # unchanged). Every kernel's stages at once (the config's third field). First their
+    # GPU test rows (stages2, stages3: strong decay, fp32 and bf16, T 1 / 65 / 4096).
+    JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
+      -k "stages" 2>&1 | tail -3
     for shape in 4x4096 8x4096 1x16384; do
       timeout 170 python3 benchmarks/bench_wkv.py --no-fla --shapes $shape --reps 10 --profile \
         --configs 16:0:1:factored_tf32,16:0:2:factored_tf32,16:0:3:factored_tf32 \
