@@ -23,12 +23,17 @@ import argparse
 import functools
 import itertools
 import json
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_decode_gemm import time_fn  # noqa: E402
 
 # (name, rows at batch 2 packed, K, N): the 1.6B shape's decode GEMMs.
 SHAPES = (
@@ -93,19 +98,6 @@ def chain(op, weights, x):
     return x
 
 
-def timed(fn, *args, reps):
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def splits_for(k):
     return [s for s in (1, 2, 4, 7, 8, 14) if k % s == 0 and ((k // s) & (k // s - 1)) == 0]
 
@@ -120,7 +112,7 @@ def time_shape(name, m, k, n, args):
     rows = []
 
     def report(kind, op, **extra):
-        seconds = timed(functools.partial(chain, op), weights, x, reps=args.reps)
+        seconds = time_fn(functools.partial(chain, op), weights, x, args.reps)
         row = dict(
             shape=name, m=m, k=k, n=n, kind=kind,
             us_per_gemm=round(seconds / copies * 1e6, 2),
@@ -142,7 +134,7 @@ def time_shape(name, m, k, n, args):
         op = functools.partial(gemv, **config)
         try:
             err = float(jnp.max(jnp.abs(op(x, weights[0]) - xla(x, weights[0]))))
-            seconds = timed(functools.partial(chain, op), weights, x, reps=args.reps)
+            seconds = time_fn(functools.partial(chain, op), weights, x, args.reps)
         except Exception as exc:  # a config Triton cannot compile: skip it, say so
             print(f"  skip {config}: {type(exc).__name__}")
             continue
