@@ -91,7 +91,7 @@ def time_torch(fn, warm=3, reps=15):
 
 def ours_fns(cfg):
     chunk, warps, stages, mode, forward, backward, keep, stride, pass1, dkv, splits, overlap = cfg
-    kw = dict(chunk_size=chunk, num_warps=warps or None, num_stages=stages, mode=mode)
+    kw = dict(chunk_size=chunk, num_warps=warps or None, num_stages=stages or None, mode=mode)
     kw.update(forward=forward, backward=backward, keep_states=keep, state_stride=stride or None)
     kw.update(pass1_stride=pass1 or None, merge_dk_dv=dkv, state_splits=splits or None)
     kw.update(overlap_dr=overlap)
@@ -175,7 +175,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/wkv_vs_fla.json")
     ap.add_argument(
         "--configs",
-        default="16:4:1:loop",
+        default="16:0:0:factored_tf32",
         help="chunk:num_warps:num_stages:mode[:forward[:backward[:keep[:stride[:pass1[:dkv[:splits[:sep]]]]]]]]"
         " list to try on the first shape; later shapes use the best of them (forward, "
         "backward: auto, fused or two_pass; keep: 'keep' keeps the forward's chunk-entry "
@@ -184,8 +184,8 @@ def main():
         "default (0) stride; dkv: 'dkv' merges the backward's dk and dv kernels, or empty; "
         "splits: the sequential passes' value splits, default (0) value_splits; sep: 'sep' "
         "launches the backward's dr kernel apart from its state-gradient pass (overlap_dr="
-        "False), or empty; num_warps 0: "
-        "each kernel's default, KERNEL_WARPS)",
+        "False), or empty; num_warps / num_stages 0: "
+        "each kernel's default, KERNEL_WARPS / KERNEL_STAGES)",
     )
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-fla", action="store_true")

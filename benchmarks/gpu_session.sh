@@ -3,19 +3,20 @@
 # under 10 minutes each. Every step has its own time limit and writes its JSON under $OUT as
 # soon as it has a row, so a step that runs long loses only itself.
 #
-# Next session's plan (about 15 min of device time):
-#   git archive exp/clamped-decays rwkv_ray benchmarks tests pyproject.toml | (mkdir -p baseline/clamped &&
-#     tar -x -C baseline/clamped)
-#   OUT=$OUT CLAMPED=baseline/clamped bash benchmarks/gpu_session.sh kernel-stages
-#     # nvidia-h100-x1, ~8 min: num_stages 1/2/3 (cp.async prefetch in the sequential passes)
-#     # at B4/B8 T4096 and B1 T16384; then branch exp/clamped-decays (log-decays clamped at
-#     # -50 instead of counted: half the scans; 18 -> 12 barriers per states step) through the
-#     # GPU tests (fp32 strong decay at T=4096 is its risk) and timed at B4 T4096.
+# Next session's plan (about 20 min of device time), for the v9 kernel (clamped decays,
+# 3 pipeline stages in the sequential passes; timed only on an H200 so far):
+#   OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4 (the figures of record:
+#     fla beside ours full / state on one host; 42k tokens/s, 1.3x fla, 1.5x state)
+#   OUT=$OUT bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, ~9 min: v9 against fla
+#     on all three shapes in one process (fla's first compile alone takes ~4 min)
+#   With only H200s lent, the same calls give same-card ratios, but no H100 figure.
 # and, when an x4 is lent:
 #   OUT=$OUT bash benchmarks/gpu_session.sh dp4          # nvidia-h100-x4, ~4 min: full tuning
 #     on 1, 2 and 4 GPUs with the head's gradient reduced once per step (row groups). On
 #     2026-11-28 08:22 `dp` came as 2 x H200: 0.940 at 2 GPUs (0.921 on H100s before the fix).
 #   OUT=$OUT bash benchmarks/gpu_session.sh dp-profile   # nvidia-h100-x4, ~3 min
+# Done on 2026-11-28 (10:25-10:51, H200 only): kernel-stages with the clamped-decay branch
+# (both landed as v9), ours_full / ours_state with v9 and ours_full at 84b7386.
 # Done on 2026-11-28 (08:2x-08:5x): dp (as H200), bench_decode_gemv.py, the profiles of both
 # training modes, bench_wkv on all three shapes against fla in one process, pass1_stride
 # 128-512 at B1 T16384 (rejected).
@@ -47,13 +48,10 @@
 # train-x4: the configurations of 2026-11-27 23:00's first attempt (GPU 0 fla; GPU 1 no remat,
 #     then "dots"; GPU 2 bf16 masters without remat, then with "dots"; GPU 3 remat of 4
 #     blocks, then state tuning); x4 has the figures of record since.
-# kernel: bench_wkv on the issue's three shapes against fla (fla first): the default (chunk 16,
-#     4 warps), 2 warps (never timed: the 16-row tiles may not need 4, and half the warps
-#     lets twice the programs share an SM; 8 warps made _dk slower in v5), chunk 32 (3%
-#     faster than 16 on 2026-11-27 10:02, 6.275 vs 6.491 ms, kept at 16 for strong decays:
-#     fewer chunks fall back to the exact path), and chunk 32 with 2 warps. The first shape
-#     picks the configuration the other two run. Rejected on 2026-11-27: pass1_stride 64,
-#     merge_dk_dv, pipelined sequential passes, spans of 64 tokens (state_stride 64).
+# kernel: bench_wkv on the issue's three shapes against fla (fla first), the kernel's default
+#     configuration (chunk 16, KERNEL_WARPS, KERNEL_STAGES, factored_tf32). Rejected
+#     earlier: chunk 32, warps 2/8 everywhere, pass1_stride 64-512, merge_dk_dv, spans of
+#     64 tokens (state_stride 64), two_pass_blocks; 2 or 4 pipeline stages (3 kept).
 # decode: the decode-step kernel's GPU tests, then (with BASELINE=dir, a copy of an older
 #     tree in the working tree, e.g. `git archive 66b6b2b | tar -x -C baseline`) that tree's
 #     decode figures, then ours and the official package's (same run), then a profile of
@@ -89,8 +87,7 @@ on_gpu() {
 
 kernel() {
   timeout 540 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
-    --configs 16:4:1:factored,16:2:1:factored,32:4:1:factored,32:2:1:factored \
-    --out "$OUT/wkv_vs_fla.json" \
+    --configs 16:0:0:factored_tf32 --out "$OUT/wkv_vs_fla.json" \
     2>&1 | grep -v -i warn
 }
 

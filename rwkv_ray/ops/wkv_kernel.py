@@ -14,14 +14,15 @@ with A = inclusive cumsum of log_w inside the chunk, Ae = A - log_w (exclusive),
     y     = (r * exp(Ae)) @ S + P @ v + (r.u.k) v,   P[t, s] = sum_i r_t k_s exp(Ae_t - A_s), s < t
     S_new = exp(a) * S + (k * exp(a - A))^T @ v
 
-Every exponent is <= 0, and decays below -50 are kept out of the cumsums (wkv_kernel_intra.py),
-so any log-decay (down to -inf) is safe. The intra-chunk matrix P (and the backward's
-intra-chunk terms) are one matmul of operands scaled around the chunk's middle row wherever
+Every exponent is <= 0, and log-decays are clamped at -50 before they are summed
+(wkv_kernel_intra.py: exp(-50) ~ 2e-22 stands for 0), so any log-decay (down to -inf) is
+safe. The intra-chunk matrix P (and the backward's intra-chunk terms) are one matmul of operands scaled around the chunk's middle row wherever
 every such exponent is small (mode "factored"; other chunks fall back to "loop"), or
 computed exactly key-column by key-column ("loop") or in a [C, C, N] broadcast ("3d").
 On an H100 (B8 T4096) "factored" took the forward+backward from 9.05 to 6.49 ms; its matmuls
 in TF32 on the tensor cores for bf16 inputs ("factored_tf32", the default) from 6.26 to
-4.94 ms (2026-11-28).
+4.94 ms (2026-11-28); the clamped decays with 3 pipeline stages in the sequential passes
+("KERNEL_STAGES") from 4.92 to 4.15 ms on an H200 (2026-11-28).
 Forward, "fused": one sequential Triton program per (b, h) and value-column block
 (`value_splits`). Forward, "two_pass": a sequential kernel stores the state entering every
 span of `state_stride` tokens, then every span runs its chunks in parallel with the others.
@@ -164,7 +165,7 @@ def wkv6_kernel(
     interpret=False,
     poison_outputs=False,
     num_warps=None,
-    num_stages=1,
+    num_stages=None,
     mode="factored_tf32",
     forward="auto",
     backward="auto",
@@ -181,11 +182,11 @@ def wkv6_kernel(
 
     `interpret=True` runs the kernels in Pallas' interpreter (CPU); `poison_outputs=True`
     NaN-fills every kernel output buffer first (a testing aid for unwritten elements);
-    `num_warps` / `num_stages` are Triton's (num_warps None: each kernel's measured best,
-    `KERNEL_WARPS` in wkv_kernel_call.py); `mode` picks the intra-chunk code ("loop", "3d"
-    or "factored": matmuls of scaled operands where exact, else "loop"; see _intra_p;
-    "factored_tf32", the default: those matmuls in TF32 for bf16 inputs, whose terms are
-    rounded to bf16 anyway, and "factored" for float32 ones);
+    `num_warps` / `num_stages` are Triton's (None: each kernel's measured best,
+    `KERNEL_WARPS` / `KERNEL_STAGES` in wkv_kernel_call.py); `mode` picks the intra-chunk
+    code ("loop", "3d" or "factored": matmuls of scaled operands where exact, else "loop";
+    see _intra_p; "factored_tf32", the default: those matmuls in TF32 for bf16 inputs, whose
+    terms are rounded to bf16 anyway, and "factored" for float32 ones);
     `forward` the forward algorithm: "fused" (one sequential kernel), "two_pass" (span-entry
     states, then all spans' outputs in parallel) or "auto"
     (`use_two_pass`); `backward` likewise ("fused": two sequential kernels; "two_pass":

@@ -46,6 +46,20 @@ KERNEL_WARPS = {
 }
 
 
+# Triton pipeline stages per kernel where `num_stages` is None (the default), else 1. With 3
+# stages the sequential passes' loads become cp.async copies issued chunks ahead of their
+# use. Measured on an H200 (bf16, chunk 16; BENCHMARKS.md, 2026-11-28): B8 T4096 the states
+# 0.602 -> 0.512 ms and the state gradients 1.193 -> 1.082 ms, B1 T16384 1.866 -> 1.797 and
+# 2.058 -> 1.583; 2 stages were slower at B1 T16384 (states 2.290) and 4 no faster than 3.
+# The per-chunk kernels have no loop to pipeline; wkv6_bwd_state_grads is the loop of
+# wkv6_bwd_state_grads_dr without dr (overlap_dr=False).
+KERNEL_STAGES = {
+    "wkv6_states": 3,
+    "wkv6_bwd_state_grads": 3,
+    "wkv6_bwd_state_grads_dr": 3,
+}
+
+
 _UNROLL = 8  # loops over at most this many chunks run as straight-line code
 
 
@@ -87,7 +101,8 @@ def _call(kernel, in_specs, out_specs, out_shape, grid, opts, name):
         from jax.experimental.pallas import triton as plt
 
         warps = opts.num_warps or KERNEL_WARPS.get(name, 4)
-        params = plt.CompilerParams(num_warps=warps, num_stages=opts.num_stages)
+        stages = opts.num_stages or KERNEL_STAGES.get(name, 1)
+        params = plt.CompilerParams(num_warps=warps, num_stages=stages)
     outs = out_shape if isinstance(out_shape, tuple) else (out_shape,)
     ospecs = out_specs if isinstance(out_specs, list) else [out_specs]
     n_in, n_out = len(in_specs), len(outs)

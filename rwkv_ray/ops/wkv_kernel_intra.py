@@ -1,5 +1,5 @@
 """Intra-chunk pieces of the fused WKV6 kernel (rwkv_ray/ops/wkv_kernel*.py): log-decay
-cumsums kept exact under very strong decay, the decay factors, and the three contractions with
+cumsums kept precise under very strong decay, the decay factors, and the three contractions with
 M[t, s, i] = exp(Ae_t[i] - A_s[i]) (s < t). Pure jax; traced inside Pallas kernels.
 """
 
@@ -24,34 +24,29 @@ def _mm(a, b, mm_dtype, dims=None, tf32=False):
     return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
 
 
-# Log-decays below -_BIG count as -inf (exp(-50) ~ 2e-22: no visible change). They are kept
-# out of the float32 cumsums as a count instead, so that one decay of -1e3 does not cost the
-# other exponents in its chunk their precision (a difference of two cumsums of size ~1e4).
+# Log-decays are clamped at -_BIG before they are summed: a factor exp(-50) ~ 2e-22 makes no
+# visible change to a float32 state (to 2e-22 of it) against the exact 0 of a -1e3 decay, and
+# keeps the other exponents of its chunk precise: a difference of two cumsums of size ~50 per
+# strong decay instead of ~1e3 or more. (Counting such decays apart from the sums, as until
+# 2026-11-28, was exact too but doubled every scan and reduction of the sequential passes.)
 _BIG = 50.0
 
 
-def _split(lw):
-    big = lw < -_BIG
-    return jnp.where(big, 0.0, lw), jnp.where(big, 1.0, 0.0)
+def _clamp(lw):
+    return jnp.maximum(lw, -_BIG)
 
 
 def _chunk_terms(lw):
-    """Inclusive / exclusive cumsums over the chunk and the chunk total, as (sum, count) pairs."""
-    ws, nb = _split(lw)
-    a_inc, n_inc = jnp.cumsum(ws, axis=0), jnp.cumsum(nb, axis=0)
-    return (a_inc, n_inc), (a_inc - ws, n_inc - nb), (jnp.sum(ws, axis=0), jnp.sum(nb, axis=0))
+    """Inclusive / exclusive cumsums of the clamped log-decays over the chunk, and its total."""
+    ws = _clamp(lw)
+    a_inc = jnp.cumsum(ws, axis=0)
+    return a_inc, a_inc - ws, jnp.sum(ws, axis=0)
 
 
 def _dexp(x, y=None):
-    """exp(x - y) for (sum, count) pairs with x after y (exponent <= 0; clamped for rounding);
-    0 when a big decay lies between. y=None means the chunk start."""
-    if y is None:
-        return jnp.exp(jnp.where(x[1] > 0.5, -jnp.inf, jnp.minimum(x[0], 0.0)))
-    return jnp.exp(jnp.where(x[1] - y[1] > 0.5, -jnp.inf, jnp.minimum(x[0] - y[0], 0.0)))
-
-
-def _pair_map(f, *pairs):
-    return tuple(f(*xs) for xs in zip(*pairs, strict=True))
+    """exp(x - y) for cumsums x after y (exponent <= 0; clamped for rounding). y=None means
+    the chunk start."""
+    return jnp.exp(jnp.minimum(x if y is None else x - y, 0.0))
 
 
 def _iota(chunk, axis):
@@ -61,17 +56,15 @@ def _iota(chunk, axis):
 def _m3d(inc, exc, chunk):
     """M[t, s, i] = exp(Ae_t[i] - A_s[i]) for s < t, else 0."""
     causal = (_iota(chunk, 0) > _iota(chunk, 1))[:, :, None]
-    x = _pair_map(lambda a: a[:, None, :], exc)
-    y = _pair_map(lambda a: a[None, :, :], inc)
-    return jnp.where(causal, _dexp(x, y), 0.0)
+    return jnp.where(causal, _dexp(exc[:, None, :], inc[None, :, :]), 0.0)
 
 
 def _row(ref, base, j):
     return ref[pl.ds(base + j, 1), :].astype(F32)  # [1, N]
 
 
-def _add_row(pair, w_ref, base, j):
-    return _pair_map(jnp.add, pair, _split(_row(w_ref, base, j)))
+def _add_row(a, w_ref, base, j):
+    return a + _clamp(_row(w_ref, base, j))
 
 
 # The three intra-chunk contractions with M. "3d": one [C, C, N] broadcast; "loop": C steps
@@ -79,18 +72,18 @@ def _add_row(pair, w_ref, base, j):
 # "factored": M[t, s, i] = exp(Ae_t[i] - ref[i]) * exp(ref[i] - A_s[i]) with ref the
 # exclusive cumsum at the chunk's middle row, so each contraction is one matmul of scaled
 # operands (2 C N exps instead of C^2 N); taken per chunk when every one of those exponents
-# lies within +-_FACTOR_LIMIT (no float32 overflow or underflow, no big decay), else "loop".
+# lies within +-_FACTOR_LIMIT (no float32 overflow or underflow), else "loop".
 _FACTOR_LIMIT = 60.0
 
 
 def _factors(inc, exc, chunk):
     """(exp(Ae_t - ref) [C, N], exp(ref - A_s) [C, N], whether the factored form is exact)."""
-    rows = lax.broadcasted_iota(jnp.int32, exc[0].shape, 0)
+    rows = lax.broadcasted_iota(jnp.int32, exc.shape, 0)
     # A masked sum, not a slice: Pallas' Triton backend cannot slice a value.
-    ref = jnp.sum(jnp.where(rows == chunk // 2, exc[0], 0.0), axis=0, keepdims=True)
-    up, down = exc[0] - ref, ref - inc[0]
+    ref = jnp.sum(jnp.where(rows == chunk // 2, exc, 0.0), axis=0, keepdims=True)
+    up, down = exc - ref, ref - inc
     bound = jnp.maximum(jnp.max(jnp.abs(up)), jnp.max(jnp.abs(down)))
-    ok = (bound < _FACTOR_LIMIT) & (jnp.max(inc[1]) < 0.5)
+    ok = bound < _FACTOR_LIMIT
     return jnp.exp(jnp.minimum(up, _FACTOR_LIMIT)), jnp.exp(jnp.minimum(down, _FACTOR_LIMIT)), ok
 
 
@@ -119,7 +112,7 @@ def _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode):
         return jnp.sum(r[:, None, :] * k[None, :, :] * _m3d(inc, exc, chunk), axis=2)
     t_idx, s_idx = _iota(chunk, 0), _iota(chunk, 1)
     p = jnp.zeros((chunk, chunk), F32)
-    a_s = (jnp.zeros((1, r.shape[1]), F32),) * 2
+    a_s = jnp.zeros((1, r.shape[1]), F32)
     for j in range(chunk - 1):
         a_s = _add_row(a_s, w_ref, base, j)
         col = jnp.sum(r * _row(k_ref, base, j) * _dexp(exc, a_s), axis=1, keepdims=True)
@@ -140,7 +133,7 @@ def _intra_dr(d, k, inc, exc, k_ref, w_ref, base, chunk, mode):
         return jnp.sum(d[:, :, None] * k[None, :, :] * _m3d(inc, exc, chunk), axis=1)
     t_idx, s_idx = _iota(chunk, 0), _iota(chunk, 1)
     out = jnp.zeros_like(k)
-    a_s = (jnp.zeros((1, k.shape[1]), F32),) * 2
+    a_s = jnp.zeros((1, k.shape[1]), F32)
     for j in range(chunk - 1):
         a_s = _add_row(a_s, w_ref, base, j)
         d_col = jnp.sum(jnp.where((s_idx == j) & (t_idx > j), d, 0.0), axis=1, keepdims=True)
@@ -161,7 +154,7 @@ def _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, base, chunk, mode):
         return jnp.sum(d[:, :, None] * r[:, None, :] * _m3d(inc, exc, chunk), axis=0)
     s_idx, t_idx = _iota(chunk, 0), _iota(chunk, 1)  # d_t is indexed [s, t]
     out = jnp.zeros_like(r)
-    ae_t = _split(_row(w_ref, base, 0))  # exclusive cumsum at t = 1
+    ae_t = _clamp(_row(w_ref, base, 0))  # exclusive cumsum at t = 1
     for j in range(1, chunk):
         d_col = jnp.sum(jnp.where((t_idx == j) & (s_idx < j), d_t, 0.0), axis=1, keepdims=True)
         out = out + d_col * _row(r_ref, base, j) * _dexp(ae_t, inc)
@@ -171,5 +164,4 @@ def _intra_dk(d, d_t, r, inc, exc, r_ref, w_ref, base, chunk, mode):
 
 def _decay_factors(inc, exc, last):
     """exp(Ae) (rows to chunk start), exp(A_last - A) (rows to chunk end), exp(A_last)."""
-    last_b = _pair_map(lambda a: a[None, :], last)
-    return _dexp(exc), _dexp(last_b, inc), _dexp(last)[:, None]
+    return _dexp(exc), _dexp(last[None, :], inc), _dexp(last)[:, None]
