@@ -16,9 +16,10 @@ with A = inclusive cumsum of log_w inside the chunk, Ae = A - log_w (exclusive),
 
 Every exponent is <= 0, and log-decays are clamped at -50 before they are summed
 (wkv_kernel_intra.py: exp(-50) ~ 2e-22 stands for 0), so any log-decay (down to -inf) is
-safe. The intra-chunk matrix P (and the backward's intra-chunk terms) are one matmul of operands scaled around the chunk's middle row wherever
-every such exponent is small (mode "factored"; other chunks fall back to "loop"), or
-computed exactly key-column by key-column ("loop") or in a [C, C, N] broadcast ("3d").
+safe. The intra-chunk matrix P (and the backward's intra-chunk terms) are one matmul of
+operands scaled around the chunk's middle row wherever every such exponent is small (mode
+"factored"; other chunks fall back to "loop"), or computed exactly key-column by key-column
+("loop") or in a [C, C, N] broadcast ("3d").
 On an H100 (B8 T4096) "factored" took the forward+backward from 9.05 to 6.49 ms; its matmuls
 in TF32 on the tensor cores for bf16 inputs ("factored_tf32", the default) from 6.26 to
 4.94 ms (2026-11-28); the clamped decays with 3 pipeline stages in the sequential passes
