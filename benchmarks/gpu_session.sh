@@ -7,8 +7,9 @@
 # 3 pipeline stages in the sequential passes; timed only on an H200 so far):
 #   OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4 (the figures of record:
 #     fla beside ours full / state on one host; 42k tokens/s, 1.3x fla, 1.5x state)
-#   OUT=$OUT bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, ~9 min: v9 against fla
-#     on all three shapes in one process (fla's first compile alone takes ~4 min)
+#   OUT=$OUT GPU_CACHE_SAVE=1 bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, ~9 min:
+#     v9 against fla on all three shapes in one process (fla's first compile alone takes
+#     ~4 min); unpack the returned gpu_cache_*.tgz into .gpu_cache and carry it afterwards
 #   With only H200s lent, the same calls give same-card ratios, but no H100 figure.
 # and, when an x4 is lent:
 #   OUT=$OUT bash benchmarks/gpu_session.sh dp4          # nvidia-h100-x4, ~4 min: full tuning
@@ -64,10 +65,40 @@
 # scaling: the host alone, state tuning on 1, 2 and 4 GPUs (0.985 / 0.964 on 2026-11-27).
 # generate / train: the generation figures alone; the training configurations one after the
 #     other on one GPU.
+#
+# Compile caches: every mode compiles into .gpu_cache/<card>/ (Triton's cache, with fla's
+# autotuning results, and JAX's persistent compilation cache), so a call that carries that
+# folder (carry [".whl", ".gpu_cache"]; .git/info/exclude ignores it) skips fla's cold start
+# (its chunk_rwkv6 kernels autotune: about 4 min of each bench_wkv call, 7 of a training
+# call) and our first-step compiles. With GPU_CACHE_SAVE=1 the call leaves the grown caches
+# as $OUT/gpu_cache_<card>_triton.tgz and _jax.tgz (each dropped if over the 16-MiB limit
+# on files back; two of the 8 files back); unpack here with `tar -xzf F -C .gpu_cache`.
+# The folders are per card kind: autotuning measured on an H200 never picks an H100's
+# configs, and JAX keys its cache by device kind as well.
 set -u
 OUT=${OUT:?set OUT to a folder for the results}
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9' '_')
+card=${card%_}
+mkdir -p ".gpu_cache/${card:=unknown}/triton" ".gpu_cache/$card/jax"
+export TRITON_CACHE_DIR=$PWD/.gpu_cache/$card/triton TRITON_CACHE_AUTOTUNING=1
+export JAX_COMPILATION_CACHE_DIR=$PWD/.gpu_cache/$card/jax
+
+save_caches() {
+  local part file
+  for part in triton jax; do
+    file=$OUT/gpu_cache_${card}_$part.tgz
+    tar -czf "$file" -C .gpu_cache "$card/$part"
+    if [ "$(stat -c %s "$file")" -gt 16000000 ]; then
+      echo "gpu_cache: $part is $(du -sh ".gpu_cache/$card/$part" | cut -f1), over the limit: not saved"
+      rm -f "$file"
+    fi
+  done
+}
+if [ "${GPU_CACHE_SAVE:-0}" = 1 ]; then
+  trap save_caches EXIT
+fi
 
 generate() {
   timeout 330 python3 benchmarks/bench_generate.py --shape 1b6 --dtype bfloat16 \
