@@ -5,8 +5,14 @@
 #
 # Next session's plan (about 20 min of device time), for the v9 kernel (clamped decays,
 # 3 pipeline stages in the sequential passes; timed only on an H200 so far):
-#   OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4 (the figures of record:
-#     fla beside ours full / state on one host; 42k tokens/s, 1.3x fla, 1.5x state)
+#   git archive 1cbfd10 rwkv_ray benchmarks pyproject.toml | (mkdir -p baseline/1cbfd10 &&
+#     tar -x -C baseline/1cbfd10)
+#   OUT=$OUT BASELINE=baseline/1cbfd10 BASELINE_CONFIGS=ours_full,ours_state \
+#     bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4 (the figures of record: fla
+#     beside ours full / state on one host; 42k tokens/s, 1.3x fla, 1.5x state), with GPU 2
+#     running the tree before TimeMix's five mix-slot matmuls (compile-only: no [B, T, 5, C]
+#     concatenate left, 1.07 GiB less scratch at 24 layers; never timed): keep them only if
+#     GPU 1's ours_full and GPU 3's ours_state beat GPU 2's.
 #   OUT=$OUT GPU_CACHE_SAVE=1 bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, ~9 min:
 #     v9 against fla on all three shapes in one process (fla's first compile alone takes
 #     ~4 min); unpack the returned gpu_cache_*.tgz into .gpu_cache and carry it afterwards
@@ -186,9 +192,11 @@ case ${1:-} in
     if [ -n "${BASELINE:-}" ]; then  # the same configuration from older trees, on GPU 2
       (
         for tree in $BASELINE; do  # one or two folders, one after the other
-          (cd "$tree" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=2 timeout 260 python3 \
+          configs=${BASELINE_CONFIGS:-ours_full}  # "," joins several, one after the other
+          (cd "$tree" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=2 \
+            timeout $((260 * ($(tr -cd , <<<"$configs" | wc -c) + 1))) python3 \
             benchmarks/bench_train_gpu.py --steps 3 --first-gpu 2 --timeout 240 \
-            --configs ours_full --out "$OUT/train_gpu2_$(basename "$tree").json")
+            --configs "$configs" --out "$OUT/train_gpu2_$(basename "$tree").json")
         done
       ) >"$OUT/train_gpu2.log" 2>&1 &
     else
@@ -203,6 +211,9 @@ case ${1:-} in
     ) >"$OUT/train_gpu3.log" 2>&1 &
     wait
     grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'GPU\|wall_ms\|tokens_per_s\|by_kind' -A1
+    # One log file back instead of four: files back from $OUT are at most 8.
+    for log in "$OUT"/train_gpu*.log; do echo "== $log"; cat "$log"; done >"$OUT/train_logs.txt"
+    rm -f "$OUT"/train_gpu*.log
     ;;
   generate) generate ;;
   train)
