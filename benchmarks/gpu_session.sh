@@ -11,8 +11,10 @@
 #     bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4 (the figures of record: fla
 #     beside ours full / state on one host; 42k tokens/s, 1.3x fla, 1.5x state), with GPU 2
 #     running the tree before TimeMix's five mix-slot matmuls (compile-only: no [B, T, 5, C]
-#     concatenate left, 1.07 GiB less scratch at 24 layers; never timed): keep them only if
-#     GPU 1's ours_full and GPU 3's ours_state beat GPU 2's.
+#     concatenate left, 1.07 GiB less scratch at 24 layers) and ln_x + silu gate as one
+#     Pallas kernel each way (group_norm_gate.py: XLA's fusion of its gradient took 6.6 ms
+#     of the state step; same planned memory), both never timed: keep them only if GPU 1's
+#     ours_full and GPU 3's ours_state beat GPU 2's (GPU 3's profile times each kernel).
 #   OUT=$OUT GPU_CACHE_SAVE=1 bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, ~9 min:
 #     v9 against fla on all three shapes in one process (fla's first compile alone takes
 #     ~4 min); unpack the returned gpu_cache_*.tgz into .gpu_cache and carry it afterwards
@@ -186,6 +188,10 @@ case ${1:-} in
       | grep -v -i warn
     ;;
   x4)
+    # First the GPU tests of ln_x + gate as a Pallas kernel (group_norm_gate.py, new since
+    # 1cbfd10 and never run on a GPU before), about a minute.
+    JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -m gpu tests/test_group_norm_gate.py \
+      2>&1 | tail -3
     # train-x4's main rows and the kernel in one call: one process per GPU.
     on_gpu 0 540 fla
     on_gpu 1 260 ours_full,ours_full_dots

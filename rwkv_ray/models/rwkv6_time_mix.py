@@ -151,7 +151,6 @@ class RWKV6TimeMix(keras.layers.Layer):
             packed = packed_matmul([*inputs, mixed["w"]], packed_kernel, widths, (4,))
             r, k, v, g, decay_hidden = packed
         r, k, v = (ops.reshape(x, heads_shape) for x in (r, k, v))
-        g = ops.silu(g)
         log_w = self._log_decay(mixed["w"], decay_hidden)
         real = ops.cast(mask, "float32")[:, :, None, None]
         # Padding: no write (k = 0) and no decay (log_w = 0) -> the state passes untouched.
@@ -167,6 +166,7 @@ class RWKV6TimeMix(keras.layers.Layer):
         y, new_wkv = wkv6(
             r, k, v, log_w, ops.cast(self.time_faaaa, "float32"), wkv_state,
             impl=self.wkv_impl, group_norm=group_norm, output_gate=ops.reshape(g, heads_shape),
+            output_gate_silu=True,
         )  # fmt: skip
         out = self.output_projection(ops.reshape(y, (batch, steps, cfg.hidden_size)))
         return out, new_shift, new_wkv

@@ -42,7 +42,7 @@ _fallback_logged = False  # the only global state: 'auto' explains its fallback 
 
 def wkv6(
     r, k, v, log_w, u, initial_state=None, *, impl: str | None = None, chunk_size=None,
-    group_norm=None, output_gate=None,
+    group_norm=None, output_gate=None, output_gate_silu=False,
 ):  # fmt: skip
     """WKV6 over a sequence. Shapes and the meaning of `impl` in the module docstring.
 
@@ -56,9 +56,13 @@ def wkv6(
             default (chunked: `wkv_chunked.DEFAULT_CHUNK_SIZE`, measured on CPU).
         group_norm: None, or (gamma [H,N], beta [H,N], eps): y comes back GroupNorm'd per
             head (RWKV6's ln_x; `group_norm_heads`, float32 statistics). The kernel's
-            decoding step does it in the same kernel (from its float32 output).
+            decoding step does it in the same kernel (from its float32 output); with the
+            gate too, the chunked kernel's sequences through `group_norm_gate`.
         output_gate: None, or g [B,T,H,N]: y comes back as `y.astype(r.dtype) * g` (after
             the norm; RWKV6's silu(g) gate), in the decoding kernel too.
+        output_gate_silu: output_gate is the gate's pre-activation: silu(output_gate)
+            gates (the chunked kernel's `group_norm_gate` then keeps only the
+            pre-activation for the backward).
 
     Returns:
         (y [B,T,H,N] in r's dtype, final_state [B,H,N,N] float32).
@@ -68,6 +72,9 @@ def wkv6(
     """
     check_shapes(r, k, v, log_w, u, initial_state)
     chosen, _ = resolve_wkv_impl(impl)
+    fuse_gate = chosen == "kernel" and r.shape[1] > 1 and group_norm is not None
+    if output_gate is not None and output_gate_silu and not fuse_gate:
+        output_gate = keras.ops.silu(output_gate)
     if r.shape[1] == 1 and chosen == "kernel":
         # A decoding step: one kernel updating the state in place (and norming, gating y).
         kernel = importlib.import_module(KERNEL_MODULE)
@@ -86,6 +93,12 @@ def wkv6(
         if chosen == "kernel":
             kernel = importlib.import_module(KERNEL_MODULE)
             y, state = kernel.wkv6_kernel(r, k, v, log_w, u, initial_state, **options)
+            if fuse_gate and output_gate is not None:
+                # ln_x and the gate as one Pallas kernel each way (group_norm_gate.py).
+                from rwkv_ray.ops.group_norm_gate import group_norm_gate
+
+                gated = group_norm_gate(y, output_gate, *group_norm, gate_silu=output_gate_silu)
+                return gated, state
         else:
             y, state = wkv6_chunked(r, k, v, log_w, u, initial_state, **options)
     if group_norm is not None:

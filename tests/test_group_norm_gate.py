@@ -1,0 +1,157 @@
+"""The Pallas ln_x + gate kernel (rwkv_ray/ops/group_norm_gate.py) against the plain form the
+dispatcher used before (`group_norm_heads`, cast, gate): output and the gradients of y, g,
+gamma and beta, in Pallas' interpreter on the CPU; on a GPU (`-m gpu`) compiled by Triton."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from rwkv_ray.ops.group_norm_gate import ROWS, group_norm_gate  # noqa: E402
+from rwkv_ray.ops.wkv import group_norm_heads  # noqa: E402
+
+EPS = 64e-5  # RWKV6's ln_x epsilon (head_size_divisor 8: 1e-5 * 8**2)
+
+
+def plain(y, g, gamma, beta, silu=False):
+    gate = jax.nn.silu(g) if silu else g
+    return group_norm_heads(y, gamma, beta, EPS).astype(y.dtype) * gate.astype(y.dtype)
+
+
+def make(b, t, h, n, dtype, seed):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    # Rows of different scales and offsets, as WKV outputs have; one row constant (var 0).
+    scale = jnp.exp(jax.random.normal(ks[0], (b, t, h, 1)))
+    y = (jax.random.normal(ks[1], (b, t, h, n)) * scale + scale).astype(dtype)
+    y = y.at[0, 0, 0].set(0.5)
+    g = (2 * jax.random.normal(ks[2], (b, t, h, n))).astype(dtype)
+    gamma = 1.0 + 0.1 * jax.random.normal(ks[3], (h, n))
+    beta = 0.1 * jax.random.normal(ks[4], (h, n))
+    dout = jax.random.normal(ks[5], (b, t, h, n)).astype(dtype)
+    return y, g, gamma, beta, dout
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check(b, t, h, n, dtype, seed, silu=False, interpret=True):
+    """float32: the kernel against the plain form (1e-5 relative RMS). bf16: both against the
+    plain form on float32 copies of the same inputs; the kernel no more than 10% worse than the
+    plain form, or within bf16's rounding noise (4e-3 relative RMS: about one bf16 ulp on
+    every element) where few elements make the figures noisy. Their roundings differ: the
+    kernel takes silu in float32 and rounds once, jax.nn.silu on bf16 rounds the sigmoid
+    too."""
+    y, g, gamma, beta, dout = make(b, t, h, n, dtype, seed)
+    fused = jax.jit(lambda *a: group_norm_gate(*a, EPS, gate_silu=silu, interpret=interpret))
+    reference = lambda *a: plain(*a, silu=silu)  # noqa: E731
+
+    def results(fn, *inputs):
+        d = dout.astype(inputs[0].dtype)
+        loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * d.astype(jnp.float32))  # noqa: E731
+        return (fn(*inputs), *jax.jit(jax.grad(loss, argnums=range(4)))(*inputs))
+
+    names = ("out", "dy", "dg", "dgamma", "dbeta")
+    ours, theirs = results(fused, y, g, gamma, beta), results(reference, y, g, gamma, beta)
+    for name, got, want in zip(names, ours, theirs, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+    if dtype == jnp.float32:
+        errors = {name: rel(a, b) for name, a, b in zip(names, ours, theirs, strict=True)}
+        print(f"B{b} T{t} H{h} N{n} float32 silu={silu}:", errors)
+        assert max(errors.values()) < 1e-5, errors
+        return
+    f32 = [x.astype(jnp.float32) for x in (y, g, gamma, beta)]
+    truth = results(reference, *f32)
+    for name, got, want, exact in zip(names, ours, theirs, truth, strict=True):
+        err, plain_err = rel(got, exact), rel(want, exact)
+        print(f"B{b} T{t} bf16 silu={silu} {name}: kernel {err:.2e}, plain form {plain_err:.2e}")
+        assert err <= max(1.1 * plain_err, 4e-3), (name, err, plain_err)
+
+
+@pytest.mark.parametrize("silu", [False, True], ids=["gate", "silu_gate"])
+@pytest.mark.parametrize(
+    "t, dtype",
+    [(ROWS, jnp.float32), (2 * ROWS + 13, jnp.float32), (1, jnp.bfloat16), (100, jnp.bfloat16)],
+)
+def test_interpret_matches_plain_form(t, dtype, silu):
+    """Whole blocks and a padded last block (T = 141, 100), one token (T = 1); the gate as
+    given, or silu of it (`gate_silu`: the gradient is the pre-activation's)."""
+    check(2, t, 3, 64, dtype, seed=t, silu=silu)
+
+
+def test_rejects_mismatched_shapes():
+    y = jnp.zeros((1, 4, 2, 16))
+    with pytest.raises(ValueError, match="g has shape"):
+        group_norm_gate(y, jnp.zeros((1, 4, 2, 8)), jnp.ones((2, 16)), jnp.zeros((2, 16)), EPS)
+    with pytest.raises(ValueError, match="gamma has shape"):
+        group_norm_gate(y, y, jnp.ones((16,)), jnp.zeros((2, 16)), EPS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("silu", [False, True], ids=["gate", "silu_gate"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_matches_plain_form(dtype, silu):
+    """Compiled by Triton: the 1.6B model's head layout (H32 N64), a padded last block."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a CUDA GPU (JAX_PLATFORMS=cuda)")
+    check(2, 1000, 32, 64, dtype, seed=5, silu=silu, interpret=False)
+
+
+def dispatcher_inputs(b, t, h, n, dtype, seed):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    r, k, v = (jax.random.normal(ks[i], (b, t, h, n)).astype(dtype) for i in range(3))
+    log_w = -jnp.exp(jax.random.normal(ks[3], (b, t, h, n)) * 0.5 - 2.0)
+    u = 0.5 * jax.random.normal(ks[4], (h, n))
+    gate = (2 * jax.random.normal(ks[5], (b, t, h, n))).astype(dtype)
+    gamma, beta = 1.0 + 0.1 * jnp.cos(jnp.arange(h * n)).reshape(h, n), jnp.zeros((h, n))
+    return (r, k, v, log_w, u), gate, (gamma, beta, EPS)
+
+
+def test_dispatcher_output_gate_silu_is_silu_of_the_gate():
+    """wkv6(..., output_gate=g, output_gate_silu=True) off the kernel: exactly
+    output_gate=silu(g) (the plain path takes silu before gating)."""
+    from rwkv_ray.ops import wkv6
+
+    args, gate, norm = dispatcher_inputs(1, 20, 2, 16, jnp.float32, seed=1)
+    y1, s1 = wkv6(*args, impl="chunked", group_norm=norm, output_gate=gate, output_gate_silu=True)
+    y2, s2 = wkv6(*args, impl="chunked", group_norm=norm, output_gate=jax.nn.silu(gate))
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+    np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_dispatcher_kernel_with_norm_and_silu_gate(dtype):
+    """The model's call on a GPU (impl "kernel": the WKV kernel, then group_norm_gate with
+    the silu gate) against impl "chunked" (pure JAX, plain norm and gate): output, state and
+    the gradients of r, k, v, log_w, u and the gate, relative RMS within 1e-4 (float32) /
+    2e-2 (bf16), the gradients within 5x that."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a CUDA GPU (JAX_PLATFORMS=cuda)")
+    from rwkv_ray.ops import wkv6
+
+    args, gate, norm = dispatcher_inputs(2, 300, 4, 64, dtype, seed=2)
+    dy = jax.random.normal(jax.random.PRNGKey(3), args[0].shape)
+
+    def run(impl):
+        def loss(*a):
+            y, state = wkv6(*a[:5], impl=impl, group_norm=norm, output_gate=a[5],
+                            output_gate_silu=True)  # fmt: skip
+            return jnp.sum(y.astype(jnp.float32) * dy) + jnp.sum(state), (y, state)
+
+        grads, (y, state) = jax.jit(jax.grad(loss, argnums=range(6), has_aux=True))(*args, gate)
+        return (y, state, *grads)
+
+    bound = 1e-4 if dtype == jnp.float32 else 2e-2
+    names = ("y", "state", "dr", "dk", "dv", "dlog_w", "du", "dgate")
+    for i, (name, got, want) in enumerate(zip(names, run("kernel"), run("chunked"), strict=True)):
+        # Gradients 5x the bound, as the WKV kernel's own tests allow.
+        assert rel(got, want) < (bound if i < 2 else 5 * bound), (name, rel(got, want))
