@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from rwkv_ray.ops.wkv_kernel import per_device_rows
+
 F32 = jnp.float32
 ROWS = 64  # tokens per program
 
@@ -150,9 +152,15 @@ def group_norm_gate(y, g, gamma, beta, eps, *, gate_silu=False, interpret=False)
         if x.shape != (h, n):
             raise ValueError(f"{name} has shape {x.shape}, expected {(h, n)}")
     t = y.shape[1]
-    # Padded rows are zeros: finite statistics, zero gradient (their dout is zero).
-    out = _group_norm_gate(
-        _padded(y, ROWS), _padded(g.astype(y.dtype), ROWS), gamma.astype(F32),
-        beta.astype(F32), float(eps), bool(gate_silu), interpret,
-    )  # fmt: skip
-    return out[:, :t]
+
+    def per_device(y, g, gamma, beta):
+        # Padded rows are zeros: finite statistics, zero gradient (their dout is zero).
+        out = _group_norm_gate(
+            _padded(y, ROWS), _padded(g, ROWS), gamma, beta, float(eps), bool(gate_silu),
+            interpret,
+        )  # fmt: skip
+        return out[:, :t]
+
+    # Under a data-parallel mesh each device norms its own rows (as the WKV kernel does).
+    call = per_device_rows(per_device, y.shape[0], (True, True, False, False), 1)
+    return call(y, g.astype(y.dtype), gamma.astype(F32), beta.astype(F32))

@@ -274,21 +274,24 @@ def wkv6_kernel(
         state_splits,
         overlap_dr,
     )
-    kernel = _per_device_rows(lambda *args: _wkv6(*args, chunk_size, opts), b)
+    batched = (True, True, True, True, False, True)  # r, k, v, log_w, u, initial_state
+    kernel = per_device_rows(lambda *args: _wkv6(*args, chunk_size, opts), b, batched, 2)
     y, st = kernel(r, k, v, log_w, u, initial_state.astype(F32))
     return y[:, :t], st
 
 
-def _per_device_rows(fn, batch: int):
+def per_device_rows(fn, batch: int, batched: tuple, outputs: int):
     """fn, or under a context mesh of several devices (`jax.set_mesh`; the training step sets
     its data-parallel mesh) fn on each device's rows: shard_map with the batch split over
-    every mesh axis. XLA cannot partition a Pallas kernel; it would gather the whole batch
-    onto every device and compute all of it there. d(u) sums over the devices (shard_map's
-    transpose adds the psum for the replicated u)."""
+    every mesh axis. `batched` says which arguments have the batch as their first axis (the
+    others are replicated); fn returns `outputs` arrays, all batched. XLA cannot partition a
+    Pallas kernel; it would gather the whole batch onto every device and compute all of it
+    there. The gradient of a replicated argument (u) sums over the devices (shard_map's
+    transpose adds the psum)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or batch % mesh.size:
         return fn
     rows = P(tuple(mesh.axis_names))
-    return jax.shard_map(
-        fn, mesh=mesh, in_specs=(rows,) * 4 + (P(), rows), out_specs=(rows, rows), check_vma=False
-    )
+    in_specs = tuple(rows if is_batched else P() for is_batched in batched)
+    out_specs = (rows,) * outputs if outputs > 1 else rows
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)

@@ -428,7 +428,7 @@ class TrainStep:
         between steps (this call, the next batch, logging) runs while the devices compute."""
         started = time.perf_counter()
         # The context mesh lets the WKV kernel split the batch per device (a Pallas call is
-        # not partitioned by XLA; see rwkv_ray/ops/wkv_kernel.py `_per_device_rows`).
+        # not partitioned by XLA; see rwkv_ray/ops/wkv_kernel.py `per_device_rows`).
         tokens, loss_mask = self.shard_batch(tokens), self.shard_batch(loss_mask)
         with jax.set_mesh(self.mesh):
             state, metrics = self.compiled(state, tokens, loss_mask)(state, tokens, loss_mask)
