@@ -3,9 +3,11 @@ each way: out = bf16(GroupNorm_per_head(y)) * g, with float32 statistics. The pl
 (`rwkv_ray.ops.wkv.group_norm_heads`, then the gate) is the reference; XLA compiles its
 gradient into a fusion of five chained row reductions that ran at about a quarter of the
 H100's memory bandwidth (6.6 ms of the 1.6B state-tuning step, 2026-11-28). Here every
-program holds `rows` tokens of one head in registers, so the statistics and the gradient's
+program holds `ROWS` tokens of one head in registers, so the statistics and the gradient's
 two row sums are warp reductions, and each direction reads and writes every element once.
-The statistics are recomputed in the backward (nothing is stored beside y and g). Pure jax.
+The statistics are recomputed in the backward (nothing is stored beside y and g). With
+`gate_silu` the gate's silu is taken inside too, so that only its pre-activation is kept
+for the backward. Pure jax.
 """
 
 from __future__ import annotations
