@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from rwkv_ray.ops.wkv_kernel import per_device_rows
+from rwkv_ray.ops.wkv_kernel_intra import F32
 
-F32 = jnp.float32
 ROWS = 64  # tokens per program
 
 

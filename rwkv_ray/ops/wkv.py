@@ -72,7 +72,8 @@ def wkv6(
     """
     check_shapes(r, k, v, log_w, u, initial_state)
     chosen, _ = resolve_wkv_impl(impl)
-    fuse_gate = chosen == "kernel" and r.shape[1] > 1 and group_norm is not None
+    gated_norm = group_norm is not None and output_gate is not None
+    fuse_gate = chosen == "kernel" and r.shape[1] > 1 and gated_norm
     if output_gate is not None and output_gate_silu and not fuse_gate:
         output_gate = keras.ops.silu(output_gate)
     if r.shape[1] == 1 and chosen == "kernel":
@@ -93,7 +94,7 @@ def wkv6(
         if chosen == "kernel":
             kernel = importlib.import_module(KERNEL_MODULE)
             y, state = kernel.wkv6_kernel(r, k, v, log_w, u, initial_state, **options)
-            if fuse_gate and output_gate is not None:
+            if fuse_gate:
                 # ln_x and the gate as one Pallas kernel each way (group_norm_gate.py).
                 from rwkv_ray.ops.group_norm_gate import group_norm_gate
 
