@@ -3,22 +3,17 @@
 # under 10 minutes each. Every step has its own time limit and writes its JSON under $OUT as
 # soon as it has a row, so a step that runs long loses only itself.
 #
-# Next session's plan (about 20 min of device time), for the v9 kernel (clamped decays,
-# 3 pipeline stages in the sequential passes; timed only on an H200 so far):
-#   git archive 1cbfd10 rwkv_ray benchmarks pyproject.toml | (mkdir -p baseline/1cbfd10 &&
-#     tar -x -C baseline/1cbfd10)
-#   OUT=$OUT BASELINE=baseline/1cbfd10 BASELINE_CONFIGS=ours_full,ours_state \
-#     bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4 (the figures of record: fla
-#     beside ours full / state on one host; 42k tokens/s, 1.3x fla, 1.5x state), with GPU 2
-#     running the tree before TimeMix's five mix-slot matmuls (compile-only: no [B, T, 5, C]
-#     concatenate left, 1.07 GiB less scratch at 24 layers) and ln_x + silu gate as one
-#     Pallas kernel each way (group_norm_gate.py: XLA's fusion of its gradient took 6.6 ms
-#     of the state step; same planned memory), both never timed: keep them only if GPU 1's
-#     ours_full and GPU 3's ours_state beat GPU 2's (GPU 3's profile times each kernel).
-#   OUT=$OUT GPU_CACHE_SAVE=1 bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, ~9 min:
-#     v9 against fla on all three shapes in one process (fla's first compile alone takes
-#     ~4 min); unpack the returned gpu_cache_*.tgz into .gpu_cache and carry it afterwards
-#   With only H200s lent, the same calls give same-card ratios, but no H100 figure.
+# Next session's plan: on an H100 (none was lent on 2026-11-28 after 06:40) the figures of
+# record for 42k tokens/s, 1.3x fla and 1.5x state at 1418ce9+, the kernel against fla:
+#   OUT=$OUT bash benchmarks/gpu_session.sh x4          # nvidia-h100-x4: fla / ours full /
+#     ours full (bf16 masters, remat) / ours state + profile, one process per GPU
+#   OUT=$OUT bash benchmarks/gpu_session.sh kernel      # nvidia-h100-x1, ~9 min
+#   With only two H200s lent: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
+#   the kernel against fla with the time left) gives same-run ratios on that card.
+# Done on 2026-11-28 (12:29-12:45, nvidia-h200-x2): `x2` (1418ce9 against 1cbfd10: the
+# per-slot mix matmuls and the ln_x + gate kernel +2.9% full / +3.1% state, kept; the
+# group_norm_gate GPU tests), `x2-fla` (47.35k vs fla 36.15k = 1.31x, state 1.39x; v9 vs
+# fla B8 T4096 back to back 0.58 / 0.54), profile_train of both modes.
 # and, when an x4 is lent:
 #   OUT=$OUT bash benchmarks/gpu_session.sh dp4          # nvidia-h100-x4, ~4 min: full tuning
 #     on 1, 2 and 4 GPUs with the head's gradient reduced once per step (row groups). On
@@ -188,8 +183,7 @@ case ${1:-} in
       | grep -v -i warn
     ;;
   x4)
-    # First the GPU tests of ln_x + gate as a Pallas kernel (group_norm_gate.py, new since
-    # 1cbfd10 and never run on a GPU before), about a minute.
+    # First the GPU tests of ln_x + gate as a Pallas kernel (group_norm_gate.py), a minute.
     JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -m gpu tests/test_group_norm_gate.py \
       2>&1 | tail -3
     # train-x4's main rows and the kernel in one call: one process per GPU.
@@ -218,6 +212,54 @@ case ${1:-} in
     wait
     grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'GPU\|wall_ms\|tokens_per_s\|by_kind' -A1
     # One log file back instead of four: files back from $OUT are at most 8.
+    for log in "$OUT"/train_gpu*.log; do echo "== $log"; cat "$log"; done >"$OUT/train_logs.txt"
+    rm -f "$OUT"/train_gpu*.log
+    ;;
+  x2)
+    # nvidia-h200-x2 / h100-x2: a tree against older ones on the other GPU, same run. GPU 0:
+    # the GPU tests of ln_x + gate as a Pallas kernel, then ours_full and ours_state. GPU 1:
+    # each folder of BASELINE ("dir" or "dir=configs"; configs joined by ",", default
+    # ours_full,ours_state), one after the other.
+    (
+      JAX_PLATFORMS=cuda CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -m gpu \
+        tests/test_group_norm_gate.py 2>&1 | tail -3
+      CUDA_VISIBLE_DEVICES=0 timeout 440 python3 benchmarks/bench_train_gpu.py --steps 3 \
+        --first-gpu 0 --timeout 210 --configs "${X2_CONFIGS:-ours_full,ours_state}" \
+        --out "$OUT/train_gpu0.json"
+    ) >"$OUT/train_gpu0.log" 2>&1 &
+    (
+      for entry in ${BASELINE:-}; do
+        tree=${entry%%=*} configs=ours_full,ours_state
+        [ "$tree" != "$entry" ] && configs=${entry#*=}
+        (cd "$tree" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=1 \
+          timeout $((230 * ($(tr -cd , <<<"$configs" | wc -c) + 1))) python3 \
+          benchmarks/bench_train_gpu.py --steps 3 --first-gpu 1 --timeout 210 \
+          --configs "$configs" --out "$OUT/train_gpu1_$(basename "$tree").json")
+      done
+    ) >"$OUT/train_gpu1.log" 2>&1 &
+    wait
+    grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'passed\|failed\|error\|GPU'
+    for log in "$OUT"/train_gpu*.log; do echo "== $log"; cat "$log"; done >"$OUT/train_logs.txt"
+    rm -f "$OUT"/train_gpu*.log
+    ;;
+  x2-fla)
+    # nvidia-h200-x2 / h100-x2: fla's model on GPU 0 (540 s: its cold compile), and on GPU 1
+    # in the same run the GPU test of the dispatcher's kernel + ln_x + gate path (its errors
+    # printed), ours_full and ours_state, then the kernel against fla with what time is left.
+    on_gpu 0 540 fla
+    start=$SECONDS
+    (
+      JAX_PLATFORMS=cuda CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m pytest -q -s -m gpu \
+        tests/test_group_norm_gate.py -k dispatcher 2>&1 | grep -v -i warn | tail -6
+      CUDA_VISIBLE_DEVICES=1 timeout 440 python3 benchmarks/bench_train_gpu.py --steps 3 \
+        --first-gpu 1 --timeout 210 --configs ours_full,ours_state --out "$OUT/train_gpu1.json"
+      left=$((570 - (SECONDS - start)))
+      [ $left -gt 60 ] && CUDA_VISIBLE_DEVICES=1 timeout $left python3 benchmarks/bench_wkv.py \
+        --shapes all --reps 10 --profile --configs 16:0:0:factored_tf32 \
+        --out "$OUT/wkv_vs_fla.json" 2>&1 | grep -v -i warn
+    ) >"$OUT/train_gpu1.log" 2>&1 &
+    wait
+    grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'passed\|failed\|float\|GPU\|ms'
     for log in "$OUT"/train_gpu*.log; do echo "== $log"; cat "$log"; done >"$OUT/train_logs.txt"
     rm -f "$OUT"/train_gpu*.log
     ;;
@@ -280,7 +322,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|kernel-stages|kernel-tf32|mix|x4|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
     exit 2
     ;;
 esac

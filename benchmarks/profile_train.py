@@ -96,9 +96,14 @@ def main(argv=None):
     import jax
     import numpy as np
 
-    from benchmarks.bench_train_cpu import SHAPES, pipelined_step_times, remat_setting
+    from benchmarks.bench_train_cpu import (
+        SHAPES,
+        build_timed_model,
+        pipelined_step_times,
+        remat_setting,
+    )
     from rwkv_ray.train.config import JobConfig
-    from rwkv_ray.train.step import TrainStep, build_model, build_optimizer, move_to_host
+    from rwkv_ray.train.step import TrainStep, build_optimizer, move_to_host
 
     config = JobConfig.from_dict(
         {
@@ -113,7 +118,7 @@ def main(argv=None):
     )
     if jax.device_count() < args.gpus:
         raise SystemExit(f"--gpus {args.gpus}: JAX sees {jax.device_count()} device(s)")
-    model = build_model(config)
+    model = build_timed_model(config)  # the model bench_train_gpu.py times
     optimizer = build_optimizer(config, model, 1000)
     move_to_host(model, optimizer)  # as the training workers do: the state is the GPU copy
     trainer = TrainStep(
