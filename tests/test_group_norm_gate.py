@@ -151,9 +151,7 @@ def test_gpu_dispatcher_kernel_with_norm_and_silu_gate(dtype):
         # for them, which would make the chunked path the less exact one.
         precision = "highest" if impl == "chunked" else None
         with jax.default_matmul_precision(precision):
-            grads, (y, state) = jax.jit(jax.grad(loss, argnums=range(6), has_aux=True))(
-                *args, gate
-            )
+            grads, (y, state) = jax.jit(jax.grad(loss, argnums=range(6), has_aux=True))(*args, gate)
         return (y, state, *grads)
 
     bound = 1e-4 if dtype == jnp.float32 else 2e-2
