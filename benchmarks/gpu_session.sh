@@ -263,6 +263,26 @@ case ${1:-} in
     for log in "$OUT"/train_gpu*.log; do echo "== $log"; cat "$log"; done >"$OUT/train_logs.txt"
     rm -f "$OUT"/train_gpu*.log
     ;;
+  gpu-tests)
+    # Every GPU test (`pytest -m gpu`) in four processes, two per GPU on an x2 (all four on
+    # one GPU of an x1), then on an x2 the 2-GPU test (the real kernel on both GPUs under a
+    # data-parallel mesh).
+    second=$(( $(nvidia-smi -L | wc -l) > 1 ? 1 : 0 ))
+    run_tests() {  # GPU LOG ARGS...: one pytest process on one GPU
+      local gpu=$1 log=$2; shift 2
+      JAX_PLATFORMS=cuda CUDA_VISIBLE_DEVICES=$gpu XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        timeout "${TEST_LIMIT:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider "$@" \
+        >"$OUT/$log" 2>&1 &
+    }
+    run_tests 0 tests_alg_fp32.log tests/test_wkv_kernel.py -k "algorithms and fp32"
+    run_tests 0 tests_alg_bf16.log tests/test_wkv_kernel.py -k "algorithms and bf16"
+    run_tests $second tests_kernel.log tests/test_wkv_kernel.py -k "not algorithms"
+    run_tests $second tests_gate.log tests/test_group_norm_gate.py
+    wait
+    [ "$second" = 1 ] && JAX_PLATFORMS=cuda WKV_TEST_GPU=1 timeout 120 python3 -m pytest -q \
+      -m gpu -p no:cacheprovider tests/test_wkv_kernel_sharded.py >"$OUT/tests_sharded.log" 2>&1
+    for log in "$OUT"/tests_*.log; do echo "== $log"; grep -v -i warn "$log" | tail -4; done
+    ;;
   generate) generate ;;
   train)
     timeout 570 python3 benchmarks/bench_train_gpu.py --steps 3 --timeout 240 \
@@ -322,7 +342,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
     exit 2
     ;;
 esac

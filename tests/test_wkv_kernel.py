@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from rwkv_ray.ops import wkv_kernel as wk  # noqa: E402
 from rwkv_ray.ops import wkv_kernel_intra as intra  # noqa: E402
-from rwkv_ray.ops.wkv_kernel_fwd import pass1_length, stack_dtype  # noqa: E402
+from rwkv_ray.ops.wkv_kernel_fwd import pass1_length, span_length, stack_dtype  # noqa: E402
 
 NAMES = ("r", "k", "v", "log_w", "u", "initial_state")
 
@@ -147,14 +147,23 @@ def test_interpret_two_pass_forward_matches_reference():
     run(2, 37, 2, 32, jnp.float32, "weak", interpret=True, seed=22)
 
 
-def test_interpret_long_spans_loop_both_ways():
-    """Spans of 10 chunks (160 tokens, past the unrolled limit: fori_loops, the backward's in
-    reverse); T=170 is two spans, the second padded; strong decay; the backward reuses the
-    forward's span-entry states."""
+def test_interpret_longest_spans_both_ways():
+    """Spans of MAX_BLOCK = 64 tokens (four chunks); T=170 is three spans, the last padded;
+    strong decay; the backward reuses the forward's span-entry states."""
     run = with_kernel_options(
-        forward="two_pass", backward="two_pass", state_stride=160, keep_states=True, mode="3d"
-    )
+        forward="two_pass", backward="two_pass", state_stride=wk.MAX_BLOCK, keep_states=True,
+        mode="3d",
+    )  # fmt: skip
     run(1, 170, 1, 16, jnp.float32, "strong", interpret=True, seed=24)
+
+
+def test_spans_are_powers_of_two():
+    """Triton's blocks are powers of 2: a sequence shorter than state_stride (padded to whole
+    chunks) is cut into the longest power-of-2 spans that divide it, not taken whole (80
+    tokens as one span did not compile on a GPU)."""
+    assert span_length(80, 256) == 16 and span_length(96, 256) == 32
+    assert span_length(128, 256) == 128 and span_length(4096, 256) == 256
+    assert span_length(4096, 16) == 16 and span_length(48, 64) == 16
 
 
 def test_interpret_bf16_two_pass_stores_rounded_states_exactly():
@@ -188,7 +197,7 @@ def test_interpret_factored_mode_matches_reference(decay, algorithm):
 
 def test_pass1_length_is_the_longest_dividing_multiple_of_the_span():
     assert pass1_length(4096, 16, 64) == pass1_length(16384, 16, 64) == 64
-    assert pass1_length(96, 16, 64) == 48 and pass1_length(160, 16, 64) == 32
+    assert pass1_length(96, 16, 64) == 32 and pass1_length(160, 16, 64) == 32  # 48: not 2**k
     assert pass1_length(80, 16, 64) == pass1_length(4096, 16, 16) == 16
     assert pass1_length(256, 32, 128) == 128
 
@@ -282,12 +291,22 @@ def test_kernel_warps_default_per_kernel_and_explicit_for_all():
     assert set(warps(num_warps=8).values()) == {8}
 
 
-def test_state_stride_must_be_a_multiple_of_the_chunk():
-    x = jnp.zeros((1, 32, 1, 16))
-    with pytest.raises(ValueError, match="state_stride must be a multiple of chunk_size 16"):
-        wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), state_stride=24, interpret=True)
-    with pytest.raises(ValueError, match="pass1_stride must be a multiple of state_stride 16"):
-        wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), pass1_stride=40, interpret=True)
+def test_blocks_must_be_powers_of_two_up_to_max_block():
+    """Spans, pass-1 steps and chunks: powers of 2 (Triton's blocks) of at most MAX_BLOCK
+    tokens (the float32 precision of a cumsum of clamped log-decays)."""
+    x, u = jnp.zeros((1, 32, 1, 16)), jnp.zeros((1, 16))
+    for stride in (8, 24, 48, 128):
+        with pytest.raises(
+            ValueError, match=r"state_stride must be a power of 2 in \[chunk_size 16, 64\]"
+        ):
+            wk.wkv6_kernel(x, x, x, x, u, state_stride=stride, interpret=True)
+    for stride in (40, 128):
+        with pytest.raises(
+            ValueError, match="pass1_stride must be a multiple of state_stride 16 up to 64"
+        ):
+            wk.wkv6_kernel(x, x, x, x, u, pass1_stride=stride, interpret=True)
+    with pytest.raises(ValueError, match=r"chunk_size must be a power of 2 in \[16, 64\]"):
+        wk.wkv6_kernel(x, x, x, x, u, chunk_size=128, interpret=True)
     with pytest.raises(ValueError, match="state_splits must be a power of 2 leaving >= 16"):
         wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), state_splits=2, interpret=True)
 
@@ -456,7 +475,7 @@ def test_gpu_matches_reference(t, decay, dtype):
         dict(forward="two_pass", backward="two_pass"),
         dict(forward="two_pass", backward="two_pass", keep_states=True),
         dict(forward="two_pass", state_stride=64),
-        dict(forward="two_pass", state_stride=256),
+        dict(forward="two_pass", state_stride=32),
         dict(mode="loop"),
         dict(mode="factored", forward="fused", backward="fused"),
         dict(pass1_stride=64),
@@ -471,7 +490,7 @@ def test_gpu_matches_reference(t, decay, dtype):
         "two_pass",
         "two_pass_kept",
         "stride64",
-        "stride256",
+        "stride32",
         "loop",
         "factored_fused",
         "pass1_64",

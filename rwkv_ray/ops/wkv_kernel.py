@@ -63,6 +63,7 @@ from rwkv_ray.ops.wkv_kernel_intra import F32
 from rwkv_ray.ops.wkv_kernel_step import wkv6_kernel_step
 
 __all__ = [
+    "MAX_BLOCK",
     "is_available",
     "use_two_pass",
     "use_two_pass_backward",
@@ -70,6 +71,14 @@ __all__ = [
     "wkv6_kernel",
     "wkv6_kernel_step",
 ]
+
+# The most tokens a kernel takes one cumsum of log-decays over (a chunk, a span, a step of
+# the sequential passes). Decays are clamped at -50 a token, so a cumsum reaches -50 * length
+# and exp(last - cumsum) loses float32 digits with it: spans of 256 tokens at T = 4096 with
+# strong decay were off by 2.7e-4 in the state and 1.1e-3 in d log_w (float32, an H200,
+# 2026-11-28), against 1e-4 / 5e-4 bounds that spans and steps of 64 pass. (With 3 pipeline
+# stages a 256-token step also asked for 352 KiB of shared memory; an H200 has 227.)
+MAX_BLOCK = 64
 
 # ----------------------------------------------------------------------------- custom VJP
 
@@ -196,15 +205,16 @@ def wkv6_kernel(
     span-entry states for the two-pass backward instead of recomputing them (one sequential
     pass less, but holds [B, H, T/span, N, N] (`stack_dtype`) from forward to backward; when
     forward and backward are traced in one jit, XLA already merges the two identical passes);
-    `state_stride` (a multiple of chunk_size; None: chunk_size) the span of both two-pass
-    directions: the tokens between the states their sequential passes store, and the tokens
-    each parallel program walks chunk by chunk (see _forward_two_pass). On an H100 (B8 T4096,
-    forward only, before spans were unrolled) one chunk measured fastest. `pass1_stride`
-    (None: the span) the tokens per step of both sequential passes when longer: they store
-    a float32 state per block of that many tokens, then a parallel kernel fills in every
-    span's from it (`pass1_length`; fewer sequential steps where a long sequence has few
-    programs). `merge_dk_dv=True` runs the two-pass backward's dk and dv kernels as one
-    (one read of the state gradients and the shared loads, more live registers).
+    `state_stride` (a power of 2 from chunk_size to MAX_BLOCK; None: chunk_size) the span of
+    both two-pass directions: the tokens between the states their sequential passes store,
+    and the tokens each parallel program walks chunk by chunk (see _forward_two_pass). On an
+    H100 (B8 T4096, forward only, before spans were unrolled) one chunk measured fastest.
+    `pass1_stride` (None: the span; at most MAX_BLOCK) the tokens per step of both
+    sequential passes when longer: they store a float32 state per block of that many tokens,
+    then a parallel kernel fills in every span's from it (`pass1_length`; fewer sequential
+    steps where a long sequence has few programs). `merge_dk_dv=True` runs the two-pass
+    backward's dk and dv kernels as one (one read of the state gradients and the shared
+    loads, more live registers).
     `state_splits` (None: `value_splits`) how many value-column blocks the two-pass
     directions' sequential passes split each head into (more, shorter programs).
     `overlap_dr=True` launches the two-pass backward's dr kernel together with its
@@ -219,8 +229,8 @@ def wkv6_kernel(
             raise ValueError(f"{name} has shape {x.shape}, expected r's {r.shape}")
     if u.shape != (h, n):
         raise ValueError(f"u has shape {u.shape}, expected {(h, n)}")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of 2 >= 16, got {chunk_size}")
+    if chunk_size < 16 or chunk_size > MAX_BLOCK or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of 2 in [16, {MAX_BLOCK}], got {chunk_size}")
     modes = ("loop", "3d", "factored", "factored_tf32")
     if mode not in modes:
         raise ValueError(f"mode must be one of {', '.join(map(repr, modes))}, got {mode!r}")
@@ -229,14 +239,17 @@ def wkv6_kernel(
     if backward not in ("auto", "fused", "two_pass"):
         raise ValueError(f"backward must be 'auto', 'fused' or 'two_pass', got {backward!r}")
     state_stride = state_stride or chunk_size
-    if state_stride < chunk_size or state_stride % chunk_size:
+    # Powers of 2: Triton's blocks are (a span is one, a sequential step's block another).
+    if state_stride < chunk_size or state_stride > MAX_BLOCK or state_stride & (state_stride - 1):
         raise ValueError(
-            f"state_stride must be a multiple of chunk_size {chunk_size}, got {state_stride}"
+            f"state_stride must be a power of 2 in [chunk_size {chunk_size}, {MAX_BLOCK}], "
+            f"got {state_stride}"
         )
     pass1_stride = pass1_stride or state_stride
-    if pass1_stride < state_stride or pass1_stride % state_stride:
+    if pass1_stride < state_stride or pass1_stride > MAX_BLOCK or pass1_stride % state_stride:
         raise ValueError(
-            f"pass1_stride must be a multiple of state_stride {state_stride}, got {pass1_stride}"
+            f"pass1_stride must be a multiple of state_stride {state_stride} up to {MAX_BLOCK}, "
+            f"got {pass1_stride}"
         )
     if n < 16 or n & (n - 1):
         raise ValueError(f"head size N must be a power of 2 >= 16, got {n}")

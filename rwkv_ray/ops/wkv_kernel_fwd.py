@@ -198,20 +198,25 @@ def _sequential_pass(kernel, args, split_arg, span, opts, splits, stack_dtype, n
 
 
 def pass1_length(t: int, span: int, pass1_stride: int) -> int:
-    """Tokens per step of the sequential pass 1 (both directions): the longest multiple of
-    `span` up to pass1_stride that divides t (span itself when none is longer). The blocks'
-    states are carried in float32 and their spans filled in by a parallel kernel."""
+    """Tokens per step of the sequential pass 1 (both directions): the longest span * 2**k up
+    to pass1_stride that divides t (span itself when none is longer; a power of 2, as
+    Triton's blocks must be). The blocks' states are carried in float32 and their spans
+    filled in by a parallel kernel."""
     best = span
-    for length in range(span, max(pass1_stride, span) + 1, span):
-        if t % length == 0:
-            best = length
+    while best * 2 <= pass1_stride and t % (best * 2) == 0:
+        best *= 2
     return best
 
 
 def span_length(t: int, state_stride: int) -> int:
-    """Tokens per span of both two-pass directions: state_stride, or all of a shorter sequence
-    (wkv6_kernel pads a longer one to a multiple of state_stride)."""
-    return min(state_stride, t)
+    """Tokens per span of both two-pass directions: state_stride, or for a shorter sequence
+    (a multiple of the chunk; wkv6_kernel pads a longer one to a multiple of state_stride)
+    the longest state_stride / 2**k that divides it: all of it when that is a power of 2.
+    Triton's blocks are powers of 2: a span of 80 tokens would not compile."""
+    span = state_stride
+    while t % span:
+        span //= 2
+    return span
 
 
 def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
