@@ -1,4 +1,4 @@
-"""XLA's memory plan of the full-tuning step on an H100, compiled without a GPU.
+"""XLA's memory plan of a training step on an H100, compiled without a GPU.
 
     PYTHONPATH=. /tmp/gpuaot/bin/python benchmarks/gpu_train_plan.py --layers 2,4 \\
         --master-weights float32 --remat off
@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=65536)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--mode", choices=("full", "state", "state+shift"), default="full")
     p.add_argument("--master-weights", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--remat", choices=("off", "block", "dots"), default="off")
     p.add_argument(
@@ -81,7 +82,7 @@ def plan(devices, layers: int, args) -> dict:
     model_settings = {"config": shape, "dtype": "bfloat16", "remat": remat,
                       "master_weights": args.master_weights, "wkv_impl": "kernel"}  # fmt: skip
     config = JobConfig.from_dict(
-        {"mode": "full", "model": model_settings, "data": {"train": "unused"}}
+        {"mode": args.mode, "model": model_settings, "data": {"train": "unused"}}
     )
     model = build_model(config)
     optimizer = build_optimizer(config, model, 1000)
