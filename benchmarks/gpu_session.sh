@@ -119,6 +119,29 @@ on_gpu() {
     --configs "$configs" --out "$OUT/train_gpu$gpu.json" >"$OUT/train_gpu$gpu.log" 2>&1 &
 }
 
+# baseline_trees GPU DEFAULT: bench_train_gpu in each folder of $BASELINE (copies of older
+# trees, e.g. `git archive REV rwkv_ray benchmarks pyproject.toml`), one after the other on
+# GPU, each importing its own rwkv_ray. An entry is "dir" (configs DEFAULT) or "dir=configs"
+# ("," joins several, one after the other). Foreground: run it in the background yourself.
+baseline_trees() {
+  local gpu=$1 default=$2 entry tree configs
+  for entry in ${BASELINE:-}; do
+    tree=${entry%%=*} configs=$default
+    [ "$tree" != "$entry" ] && configs=${entry#*=}
+    (cd "$tree" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=$gpu \
+      timeout $((230 * ($(tr -cd , <<<"$configs" | wc -c) + 1))) python3 \
+      benchmarks/bench_train_gpu.py --steps 3 --first-gpu "$gpu" --timeout 210 \
+      --configs "$configs" --out "$OUT/train_gpu${gpu}_$(basename "$tree").json")
+  done
+}
+
+# One log file back instead of one per GPU: files back from $OUT are at most 8.
+merge_logs() {
+  local log
+  for log in "$OUT"/train_gpu*.log; do echo "== $log"; cat "$log"; done >"$OUT/train_logs.txt"
+  rm -f "$OUT"/train_gpu*.log
+}
+
 kernel() {
   timeout 540 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
     --configs 16:0:0:factored_tf32 --out "$OUT/wkv_vs_fla.json" \
@@ -190,15 +213,7 @@ case ${1:-} in
     on_gpu 0 540 fla
     on_gpu 1 260 ours_full,ours_full_dots
     if [ -n "${BASELINE:-}" ]; then  # the same configuration from older trees, on GPU 2
-      (
-        for tree in $BASELINE; do  # one or two folders, one after the other
-          configs=${BASELINE_CONFIGS:-ours_full}  # "," joins several, one after the other
-          (cd "$tree" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=2 \
-            timeout $((260 * ($(tr -cd , <<<"$configs" | wc -c) + 1))) python3 \
-            benchmarks/bench_train_gpu.py --steps 3 --first-gpu 2 --timeout 240 \
-            --configs "$configs" --out "$OUT/train_gpu2_$(basename "$tree").json")
-        done
-      ) >"$OUT/train_gpu2.log" 2>&1 &
+      baseline_trees 2 "${BASELINE_CONFIGS:-ours_full}" >"$OUT/train_gpu2.log" 2>&1 &
     else
       on_gpu 2 260 ours_full_bf16,ours_full_remat
     fi
@@ -211,9 +226,7 @@ case ${1:-} in
     ) >"$OUT/train_gpu3.log" 2>&1 &
     wait
     grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'GPU\|wall_ms\|tokens_per_s\|by_kind' -A1
-    # One log file back instead of four: files back from $OUT are at most 8.
-    for log in "$OUT"/train_gpu*.log; do echo "== $log"; cat "$log"; done >"$OUT/train_logs.txt"
-    rm -f "$OUT"/train_gpu*.log
+    merge_logs
     ;;
   x2)
     # nvidia-h200-x2 / h100-x2: a tree against older ones on the other GPU, same run. GPU 0:
@@ -227,20 +240,10 @@ case ${1:-} in
         --first-gpu 0 --timeout 210 --configs "${X2_CONFIGS:-ours_full,ours_state}" \
         --out "$OUT/train_gpu0.json"
     ) >"$OUT/train_gpu0.log" 2>&1 &
-    (
-      for entry in ${BASELINE:-}; do
-        tree=${entry%%=*} configs=ours_full,ours_state
-        [ "$tree" != "$entry" ] && configs=${entry#*=}
-        (cd "$tree" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=1 \
-          timeout $((230 * ($(tr -cd , <<<"$configs" | wc -c) + 1))) python3 \
-          benchmarks/bench_train_gpu.py --steps 3 --first-gpu 1 --timeout 210 \
-          --configs "$configs" --out "$OUT/train_gpu1_$(basename "$tree").json")
-      done
-    ) >"$OUT/train_gpu1.log" 2>&1 &
+    baseline_trees 1 ours_full,ours_state >"$OUT/train_gpu1.log" 2>&1 &
     wait
     grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'passed\|failed\|error\|GPU'
-    for log in "$OUT"/train_gpu*.log; do echo "== $log"; cat "$log"; done >"$OUT/train_logs.txt"
-    rm -f "$OUT"/train_gpu*.log
+    merge_logs
     ;;
   x2-fla)
     # nvidia-h200-x2 / h100-x2: fla's model on GPU 0 (540 s: its cold compile), and on GPU 1
@@ -260,8 +263,7 @@ case ${1:-} in
     ) >"$OUT/train_gpu1.log" 2>&1 &
     wait
     grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'passed\|failed\|float\|GPU\|ms'
-    for log in "$OUT"/train_gpu*.log; do echo "== $log"; cat "$log"; done >"$OUT/train_logs.txt"
-    rm -f "$OUT"/train_gpu*.log
+    merge_logs
     ;;
   gpu-tests)
     # Every GPU test (`pytest -m gpu`) in four processes, two per GPU on an x2 (all four on
