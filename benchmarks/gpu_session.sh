@@ -10,10 +10,14 @@
 #   OUT=$OUT bash benchmarks/gpu_session.sh kernel      # nvidia-h100-x1, ~9 min
 #   With only two H200s lent: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
 #   the kernel against fla with the time left) gives same-run ratios on that card.
+#   On any x2: `gpu-tests` (every GPU test: the rows `stride32` are new since the last full
+#   run, and the 2-GPU test has not run since 2026-11-27).
 # Done on 2026-11-28 (12:29-12:45, nvidia-h200-x2): `x2` (1418ce9 against 1cbfd10: the
 # per-slot mix matmuls and the ln_x + gate kernel +2.9% full / +3.1% state, kept; the
 # group_norm_gate GPU tests), `x2-fla` (47.35k vs fla 36.15k = 1.31x, state 1.39x; v9 vs
-# fla B8 T4096 back to back 0.58 / 0.54), profile_train of both modes.
+# fla B8 T4096 back to back 0.58 / 0.54), profile_train of both modes; then `gpu-tests` on
+# one H200 (116 passed; the 4 `stride256` rows failed: spans are powers of 2 of at most
+# MAX_BLOCK = 64 tokens since).
 # and, when an x4 is lent:
 #   OUT=$OUT bash benchmarks/gpu_session.sh dp4          # nvidia-h100-x4, ~4 min: full tuning
 #     on 1, 2 and 4 GPUs with the head's gradient reduced once per step (row groups). On
