@@ -11,7 +11,7 @@
 #   With only two H200s lent: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
 #   the kernel against fla with the time left) gives same-run ratios on that card.
 #   On any x2: `gpu-tests` (every GPU test: the rows `stride32` are new since the last full
-#   run, and the 2-GPU test has not run since 2026-11-27).
+#   run, and the 2-GPU test has not run since 2026-11-27). Then `kernel-spans` (x1, ~3 min).
 # Done on 2026-11-28 (12:29-12:45, nvidia-h200-x2): `x2` (1418ce9 against 1cbfd10: the
 # per-slot mix matmuls and the ln_x + gate kernel +2.9% full / +3.1% state, kept; the
 # group_norm_gate GPU tests), `x2-fla` (47.35k vs fla 36.15k = 1.31x, state 1.39x; v9 vs
@@ -175,6 +175,18 @@ case ${1:-} in
     done
     ;;
   kernel) kernel ;;
+  kernel-spans)
+    # ~3 min, no fla: the v9 kernel's span (state_stride: tokens between stored states; each
+    # program walks that many tokens chunk by chunk) at 16 (the default), 32 and 64 and the
+    # sequential passes split in 2 value blocks, B4 and B8 T4096. Spans of 32 halve the
+    # entry states' and the state gradients' traffic (0.54 GB each way at B8 in bf16) for
+    # one more chained chunk per program; 64 was slower with v6 (2026-11-27), 32 untimed.
+    for shape in 8x4096 4x4096; do
+      timeout 150 python3 benchmarks/bench_wkv.py --no-fla --shapes $shape --reps 10 --profile \
+        --configs 16:0:0:factored_tf32,16:0:0:factored_tf32:auto:auto::32,16:0:0:factored_tf32:auto:auto::64,16:0:0:factored_tf32:auto:auto::0:0::2 \
+        --out "$OUT/wkv_spans_$shape.json" 2>&1 | grep "ours\|kernels" | cut -c1-300
+    done
+    ;;
   kernel-stages)
     # Triton software pipelining of the sequential passes: with num_stages >= 2 their global
     # loads become cp.async one or two chunks ahead (compile-only PTX of wkv6_states and
@@ -348,7 +360,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|kernel-spans|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
     exit 2
     ;;
 esac
