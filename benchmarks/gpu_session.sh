@@ -12,6 +12,11 @@
 #   the kernel against fla with the time left) gives same-run ratios on that card.
 #   On any x2: `gpu-tests` (every GPU test: the rows `stride32` are new since the last full
 #   run, and the 2-GPU test has not run since 2026-11-27). Then `kernel-spans` (x1, ~3 min).
+#   The H200 full-step profile's second-largest kernel, gemm_fusion_dot_2690 (20.9 ms of
+#   342), had no origin in the report: run `profile_train.py --mode full --remat off
+#   --hlo-out $OUT/full_hlo.txt.gz` and look it up (if it is the head's gradient GEMM with
+#   its float32 accumulate fused in, 8 x 0.55 TFLOP at ~210 TFLOP/s, cuBLAS would be ~3x
+#   faster).
 # Done on 2026-11-28 (12:29-12:45, nvidia-h200-x2): `x2` (1418ce9 against 1cbfd10: the
 # per-slot mix matmuls and the ln_x + gate kernel +2.9% full / +3.1% state, kept; the
 # group_norm_gate GPU tests), `x2-fla` (47.35k vs fla 36.15k = 1.31x, state 1.39x; v9 vs

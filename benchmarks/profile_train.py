@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import json
 import re
 import statistics
@@ -88,6 +89,11 @@ def parse_args(argv=None):
     )  # fmt: skip
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--out")
+    p.add_argument(
+        "--hlo-out",
+        help="also write the compiled step's HLO text here, gzipped (to look up a kernel "
+        "whose origin the report could not name, e.g. a GEMM fusion inside the loss loop)",
+    )
     return p.parse_args(argv)
 
 
@@ -150,7 +156,10 @@ def main(argv=None):
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[: args.top]
     with jax.set_mesh(trainer.mesh):  # the step as compiled (cached: no new compile)
         hlo = trainer.compiled(state, trainer.shard_batch(tokens), trainer.shard_batch(mask))
-    origins = kernel_origins(hlo.as_text())
+    hlo_text = hlo.as_text()
+    origins = kernel_origins(hlo_text)
+    if args.hlo_out:
+        Path(args.hlo_out).write_bytes(gzip.compress(hlo_text.encode()))
     # Device time per source op over all kernels, the layers together (block_*).
     by_origin: collections.Counter[str] = collections.Counter()
     for name, ms in totals.items():
