@@ -243,7 +243,8 @@ case ${1:-} in
         --first-gpu 3 --timeout 230 --configs ours_state --out "$OUT/train_gpu3.json"
       CUDA_VISIBLE_DEVICES=3 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 280 python3 \
         benchmarks/profile_train.py --mode full --remat off --top 60 \
-        --out "$OUT/profile_full.json" | grep -A10 '"wall_ms'
+        --out "$OUT/profile_full.json" --hlo-out "$OUT/profile_full_hlo.txt.gz" \
+        | grep -A10 '"wall_ms'
     ) >"$OUT/train_gpu3.log" 2>&1 &
     wait
     grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'GPU\|wall_ms\|tokens_per_s\|by_kind' -A1
