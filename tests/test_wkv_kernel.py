@@ -149,12 +149,14 @@ def test_interpret_two_pass_forward_matches_reference():
 
 def test_interpret_longest_spans_both_ways():
     """Spans of MAX_BLOCK = 64 tokens (four chunks); T=170 is three spans, the last padded;
-    strong decay; the backward reuses the forward's span-entry states."""
+    T=40, shorter than a span, is padded to three chunks and cut into spans of one (48 is
+    not a power of 2); strong decay; the backward reuses the forward's span-entry states."""
     run = with_kernel_options(
         forward="two_pass", backward="two_pass", state_stride=wk.MAX_BLOCK, keep_states=True,
         mode="3d",
     )  # fmt: skip
     run(1, 170, 1, 16, jnp.float32, "strong", interpret=True, seed=24)
+    run(1, 40, 1, 16, jnp.float32, "strong", interpret=True, seed=25)
 
 
 def test_spans_are_powers_of_two():
