@@ -16,7 +16,12 @@
 #   342), had no origin in the report: run `profile_train.py --mode full --remat off
 #   --hlo-out $OUT/full_hlo.txt.gz` and look it up (if it is the head's gradient GEMM with
 #   its float32 accumulate fused in, 8 x 0.55 TFLOP at ~210 TFLOP/s, cuBLAS would be ~3x
-#   faster).
+#   faster). Branch exp/head-grad-apart keeps that GEMM apart from the sum (compile-only:
+#   same planned scratch); time it beside main on an x2:
+#     git archive exp/head-grad-apart rwkv_ray benchmarks pyproject.toml |
+#       (mkdir -p baseline/head && tar -x -C baseline/head)
+#     OUT=$OUT BASELINE="baseline/head=ours_full" X2_CONFIGS=ours_full \
+#       bash benchmarks/gpu_session.sh x2
 # Done on 2026-11-28 (12:29-12:45, nvidia-h200-x2): `x2` (1418ce9 against 1cbfd10: the
 # per-slot mix matmuls and the ln_x + gate kernel +2.9% full / +3.1% state, kept; the
 # group_norm_gate GPU tests), `x2-fla` (47.35k vs fla 36.15k = 1.31x, state 1.39x; v9 vs
