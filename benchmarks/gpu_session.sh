@@ -10,8 +10,13 @@
 #   OUT=$OUT bash benchmarks/gpu_session.sh kernel      # nvidia-h100-x1, ~9 min
 #   With only two H200s lent: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
 #   the kernel against fla with the time left) gives same-run ratios on that card.
-#   On any x2: `gpu-tests` (every GPU test: the rows `stride32` are new since the last full
-#   run, and the 2-GPU test has not run since 2026-11-27). Then `kernel-spans` (x1, ~3 min).
+#   On any x2 first: `gpu-tests` (every GPU test: d log_w's cross-span part from the state
+#   identity, c16deec, has run only in Pallas' interpreter and compile-only; the rows
+#   `stride32` are new; the 2-GPU test has not run since 2026-11-27). Then time c16deec
+#   against its parent on one host: `git archive 47b946c rwkv_ray benchmarks pyproject.toml`
+#   into baseline/47b946c, `BASELINE=baseline/47b946c bash benchmarks/gpu_session.sh x2`,
+#   and `bench_wkv.py --no-fla` in both trees (keep it if not slower: it is 4x more exact
+#   in bf16). Then `kernel-spans` (x1, ~3 min).
 #   The H200 full-step profile's second-largest kernel, gemm_fusion_dot_2690 (20.9 ms of
 #   342), had no origin in the report: run `profile_train.py --mode full --remat off
 #   --hlo-out $OUT/full_hlo.txt.gz` and look it up (if it is the head's gradient GEMM with
