@@ -3,37 +3,39 @@
 # under 10 minutes each. Every step has its own time limit and writes its JSON under $OUT as
 # soon as it has a row, so a step that runs long loses only itself.
 #
-# Next session's plan: on an H100 (none was lent on 2026-11-28 after 06:40) the figures of
-# record for 42k tokens/s, 1.3x fla and 1.5x state at 1418ce9+, the kernel against fla:
-#   OUT=$OUT bash benchmarks/gpu_session.sh x4          # nvidia-h100-x4: fla / ours full /
-#     ours full (bf16 masters, remat) / ours state + profile, one process per GPU
-#   OUT=$OUT bash benchmarks/gpu_session.sh kernel      # nvidia-h100-x1, ~9 min
-#   With only two H200s lent: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
-#   the kernel against fla with the time left) gives same-run ratios on that card.
-#   On any x2 first: `gpu-tests` (every GPU test: d log_w's cross-span part from the state
-#   identity, c16deec, has run only in Pallas' interpreter and compile-only; the rows
-#   `stride32` are new; the 2-GPU test has not run since 2026-11-27). Then time c16deec
-#   against its parent on one host: `git archive 47b946c rwkv_ray benchmarks pyproject.toml`
-#   into baseline/47b946c, `BASELINE=baseline/47b946c bash benchmarks/gpu_session.sh x2`,
-#   and `bench_wkv.py --no-fla` in both trees (keep it if not slower: it is 4x more exact
-#   in bf16). Then `kernel-spans` (x1, ~3 min).
-#   The H200 full-step profile's second-largest kernel, gemm_fusion_dot_2690 (20.9 ms of
-#   342), had no origin in the report: run `profile_train.py --mode full --remat off
-#   --hlo-out $OUT/full_hlo.txt.gz` and look it up (if it is the head's gradient GEMM with
-#   its float32 accumulate fused in, 8 x 0.55 TFLOP at ~210 TFLOP/s, cuBLAS would be ~3x
-#   faster). Branch exp/head-grad-apart keeps that GEMM apart from the sum (compile-only:
-#   same planned scratch); time it beside main on an x2:
-#     git archive exp/head-grad-apart rwkv_ray benchmarks pyproject.toml |
-#       (mkdir -p baseline/head && tar -x -C baseline/head)
-#     OUT=$OUT BASELINE="baseline/head=ours_full" X2_CONFIGS=ours_full \
-#       bash benchmarks/gpu_session.sh x2
+# Next session's plan:
+# 1. First, on whatever is lent (x1: ~5 min): `gpu-tests`, every GPU test. d log_w's
+#    cross-span part from the state identity (c16deec) has run only in Pallas' interpreter
+#    and compile-only; the rows `stride32` are new; the 2-GPU test (x2 only) has not run
+#    since 2026-11-27.
+# 2. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
+#    tokens/s, 1.3x fla and 1.5x state, and the kernel against fla:
+#      OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4: fla / ours full /
+#        ours full (bf16 masters, remat) / ours state + profile, one process per GPU
+#      OUT=$OUT bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, ~9 min
+#    With only two H200s lent: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
+#    the kernel against fla with the time left) gives same-run ratios on that card.
+# 3. c16deec against its parent on one host: `git archive 47b946c rwkv_ray benchmarks
+#    pyproject.toml` into baseline/47b946c, `BASELINE=baseline/47b946c bash
+#    benchmarks/gpu_session.sh x2`, and `bench_wkv.py --no-fla` in both trees (keep it if
+#    not slower: it is 4x more exact in bf16). Then `kernel-spans` (x1, ~3 min).
+# 4. The H200 full-step profile's second-largest kernel, gemm_fusion_dot_2690 (20.9 ms of
+#    342), had no origin in the report: `profile_train.py --mode full --remat off
+#    --hlo-out $OUT/full_hlo.txt.gz` (x4 does) and look it up. If it is the head's gradient
+#    GEMM with its float32 accumulate fused in (8 x 0.55 TFLOP at ~210 TFLOP/s), cuBLAS
+#    would be ~3x faster. Branch exp/head-grad-apart keeps that GEMM apart from the sum
+#    (compile-only: same planned scratch); time it beside main on an x2:
+#      git archive exp/head-grad-apart rwkv_ray benchmarks pyproject.toml |
+#        (mkdir -p baseline/head && tar -x -C baseline/head)
+#      OUT=$OUT BASELINE="baseline/head=ours_full" X2_CONFIGS=ours_full \
+#        bash benchmarks/gpu_session.sh x2
 # Done on 2026-11-28 (12:29-12:45, nvidia-h200-x2): `x2` (1418ce9 against 1cbfd10: the
 # per-slot mix matmuls and the ln_x + gate kernel +2.9% full / +3.1% state, kept; the
 # group_norm_gate GPU tests), `x2-fla` (47.35k vs fla 36.15k = 1.31x, state 1.39x; v9 vs
 # fla B8 T4096 back to back 0.58 / 0.54), profile_train of both modes; then `gpu-tests` on
 # one H200 (116 passed; the 4 `stride256` rows failed: spans are powers of 2 of at most
 # MAX_BLOCK = 64 tokens since).
-# and, when an x4 is lent:
+# When an x4 is lent, also:
 #   OUT=$OUT bash benchmarks/gpu_session.sh dp4          # nvidia-h100-x4, ~4 min: full tuning
 #     on 1, 2 and 4 GPUs with the head's gradient reduced once per step (row groups). On
 #     2026-11-28 08:22 `dp` came as 2 x H200: 0.940 at 2 GPUs (0.921 on H100s before the fix).
