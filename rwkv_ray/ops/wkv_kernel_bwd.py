@@ -144,9 +144,8 @@ def _bwd_dkv_kernel(
 # suffix sums of dd it replaces cancel: against a float64 reference at T = 512, bf16,
 # strong decay (Pallas' interpreter), d log_w's error went from 1.7e-2 to 4.2e-3. Pass 2
 # writes the in-chunk part (sum over m >= t inside the chunk, minus r_t drn_t) plus that
-# carry. Without overlap_dr (or with a longer pass1_stride) pass 2 writes the in-chunk part
-# and the chunk totals, and the sum over later chunks is a reverse cumsum in plain JAX
-# (_backward_two_pass).
+# carry. Without overlap_dr (or with a longer pass1_stride) the carry comes from the stored
+# state gradients and entry states in plain JAX (_cross_span_carry).
 
 
 def _chunk_state_grads_kernel(
@@ -300,26 +299,18 @@ def _chunk_dr_kernel(
 
 
 def _chunk_dkv_kernel(
-    r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, drn_ref, gs_ref, *refs,
-    chunk, mm_dtype, mode, parts, carried=False,
+    r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, drn_ref, gs_ref, carry_ref, *out_refs,
+    chunk, mm_dtype, mode, parts,
 ):  # fmt: skip
     """Pass 2b and / or 2c (per span, chunks in reverse from G leaving the span). `parts`
-    "dk": dk; d log_w's in-span part (dwl, float32: sum_{m >= t in the span} dd_m - r_t drn_t)
-    and the span's total of dd (tot); this span's part of du. "dv": dv. "dk+dv": both in one
-    kernel (`merge_dk_dv`): they walk the same chunks from the same G and share its read,
-    the loads, the decay factors and D = dy v^T, for more live registers. `carried`: one
-    more input, the span's cross-span part of d log_w (`_chunk_state_grads_kernel`), and d log_w
-    itself out, in log_w's dtype, instead of dwl and tot."""
-    carry_ref, out_refs = (refs[0], refs[1:]) if carried else (None, refs)
-    if "dk" in parts and carried:
-        (dk_ref, dwl_ref, du_ref), tot_ref = out_refs[:3], None
-    elif "dk" in parts:
-        dk_ref, dwl_ref, tot_ref, du_ref = out_refs[:4]
-    else:
-        dk_ref = dwl_ref = tot_ref = du_ref = None
+    "dk": dk; d log_w (the span's cross-span part, carry_ref, plus sum_{m >= t in the span}
+    dd_m - r_t drn_t), in log_w's dtype; this span's part of du. "dv": dv. "dk+dv": both in
+    one kernel (`merge_dk_dv`): they walk the same chunks from the same G and share its
+    read, the loads, the decay factors and D = dy v^T, for more live registers."""
+    dk_ref, dlw_ref, du_ref = out_refs[:3] if "dk" in parts else (None,) * 3
     dv_ref = out_refs[-1] if "dv" in parts else None
     u = u_ref[...].astype(F32)[None, :]
-    base_w = carry_ref[...].astype(F32)[None, :] if carried else 0.0
+    cross_span = carry_ref[...].astype(F32)[None, :]
 
     def body(c, carry, advance):
         g, later, du = carry  # later: the sum of dd over this span's later chunks
@@ -339,8 +330,8 @@ def _chunk_dkv_kernel(
             rdr = r * drn
             dd = rdr - k * dkn
             tot = jnp.sum(dd, axis=0, keepdims=True)
-            dwl = base_w + later + tot - jnp.cumsum(dd, axis=0) + dd - rdr
-            dwl_ref[sl, :] = dwl.astype(dwl_ref.dtype)
+            dlw = cross_span + later + tot - jnp.cumsum(dd, axis=0) + dd - rdr
+            dlw_ref[sl, :] = dlw.astype(dlw_ref.dtype)
             later, du = later + tot, du + jnp.sum(r * k * vdy, axis=0, keepdims=True)
         if dv_ref is not None:
             p = _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode)
@@ -352,9 +343,7 @@ def _chunk_dkv_kernel(
 
     zero = jnp.zeros((1, r_ref.shape[1]), F32)
     carry = (gs_ref[...].astype(F32), zero, zero)
-    _, span_total, du = _chunk_loop(r_ref.shape[0] // chunk, body, carry, True, final=False)
-    if tot_ref is not None:
-        tot_ref[...] = span_total[0]
+    _, _, du = _chunk_loop(r_ref.shape[0] // chunk, body, carry, True, final=False)
     if du_ref is not None:
         du_ref[...] = du[0]
 
@@ -409,10 +398,9 @@ def use_two_pass_backward(b: int, h: int, t: int, chunk: int, backward: str) -> 
 
 def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None):
     """Passes 1a (hs, unless the forward kept it), 1b (gs) and 2, over spans of
-    `span_length` tokens (the forward's), then (without overlap_dr) d log_w's cross-span
-    sums. Transient memory:
-    hs and gs, each [B, H, T/span, N, N] in `stack_dtype` (0.5 GiB each at B8 T4096 H32 N64,
-    bf16, spans of 16), plus d log_w's in-span part and drn, [B, T, H, N] float32 each."""
+    `span_length` tokens (the forward's). Transient memory: hs and gs, each
+    [B, H, T/span, N, N] in `stack_dtype` (0.5 GiB each at B8 T4096 H32 N64, bf16, spans of
+    16), plus drn, [B, T, H, N] float32."""
     b, t, h, n = r.shape
     span, splits = span_length(t, opts.stride), state_pass_splits(opts, b, h, n)
     n_spans, stored = t // span, stack_dtype(span, chunk, r.dtype)
@@ -424,7 +412,6 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
     grid, mm = (b, h, n_spans), _mm_dtype(r.dtype)
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
     kw = dict(chunk=chunk, mm_dtype=mm, mode=opts.mode)
-    carry = None
     if opts.overlap_dr and pass1_length(t, span, opts.pass1_stride) == span:
         gs, ds0, carry, drn, dr = _state_grads_and_dr(
             r, k, v, log_w, u, dy, dst, hs, st, span, chunk, opts, splits, stored
@@ -440,15 +427,13 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
             opts,
             "wkv6_bwd_chunks_dr",
         )(k, v, log_w, u, dy, hs)
-    dkv = functools.partial(_chunk_dkv_kernel, carried=carry is not None, **kw)
-    dk_specs, dk_shapes = [piece, piece, row, row], (like(k), seq_f32, rows, rows)
-    dkv_args = (r, k, v, log_w, u, dy, drn, gs)
-    dkv_specs = [piece] * 4 + [head, piece, piece, entry]
-    if carry is not None:  # d log_w out whole (its cross-span part in), no span totals
-        dk_specs, dk_shapes = [piece, piece, row], (like(k), like(log_w), rows)
-        dkv_args, dkv_specs = (*dkv_args, carry), [*dkv_specs, row]
+        carry = _cross_span_carry(gs, hs, st, n_spans)
+    dkv = functools.partial(_chunk_dkv_kernel, **kw)
+    dk_specs, dk_shapes = [piece, piece, row], (like(k), like(log_w), rows)
+    dkv_args = (r, k, v, log_w, u, dy, drn, gs, carry)
+    dkv_specs = [piece] * 4 + [head, piece, piece, entry, row]
     if opts.merge_dk_dv:
-        *dk_outs, dv = _call(
+        dk, dlw, du, dv = _call(
             functools.partial(dkv, parts="dk+dv"),
             dkv_specs,
             [*dk_specs, piece],
@@ -458,7 +443,7 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
             "wkv6_bwd_chunks_dkv",
         )(*dkv_args)
     else:
-        dk_outs = _call(
+        dk, dlw, du = _call(
             functools.partial(dkv, parts="dk"), dkv_specs, dk_specs, dk_shapes, grid, opts,
             "wkv6_bwd_chunks_dk",
         )(*dkv_args)  # fmt: skip
@@ -466,14 +451,16 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
             functools.partial(dkv, parts="dv"), dkv_specs, piece, like(v), grid, opts,
             "wkv6_bwd_chunks_dv",
         )(*dkv_args)  # fmt: skip
-    if carry is not None:
-        dk, dlw, du = dk_outs
-    else:
-        dk, dwl, tot, du = dk_outs
-        # Cross-span part of d log_w, the fused kernel's acc_w carry: for span c,
-        # rowsum(dS_T * S_T) + the totals of all later spans.
-        later = lax.cumsum(tot, axis=2, reverse=True) - tot
-        carry = jnp.sum(dst * st, axis=-1)[:, :, None, :] + later  # [B, H, T/span, N]
-        dlw = dwl.reshape(b, n_spans, span, h, n) + jnp.transpose(carry, (0, 2, 1, 3))[:, :, None]
-        dlw = dlw.reshape(b, t, h, n).astype(log_w.dtype)
     return dr, dk, dv, dlw, jnp.sum(du, axis=(0, 2)).astype(u.dtype), ds0.astype(s0.dtype)
+
+
+def _cross_span_carry(gs, hs, st, n_spans):
+    """d log_w's cross-span part, rowsum(G_c * S at the end of span c) [B, H, T/span, N], in
+    plain JAX from the stored state gradients and entry states (as stored: bf16 for bf16
+    inputs), where the sequential pass does not compute it in float32 (without overlap_dr,
+    or with a longer pass1_stride)."""
+    b, h, _, n = gs.shape
+    gs, hs = gs.reshape(b, h, n_spans, n, n), hs.reshape(b, h, n_spans, n, n)
+    inner = jnp.sum(gs[:, :, :-1].astype(F32) * hs[:, :, 1:].astype(F32), axis=-1)
+    last = jnp.sum(gs[:, :, -1].astype(F32) * st, axis=-1)[:, :, None]
+    return jnp.concatenate([inner, last], axis=2)
