@@ -268,13 +268,14 @@ def test_interpret_overlapped_dr_matches_reference(overlap):
 
 
 @pytest.mark.parametrize(
-    "dtype, bound", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)], ids=["fp32", "bf16"]
+    "dtype, bound", [(jnp.float32, 3e-5), (jnp.bfloat16, 3e-2)], ids=["fp32", "bf16"]
 )
-def test_interpret_d_log_w_from_the_state_identity(dtype, bound):
-    """The default backward takes d log_w's part from after each span as rowsum(G * S) at
-    the span's end, not as a suffix sum of dd over the later spans (which cancels): at
-    T=512 with strong decay, d log_w within 1e-5 (float32) / 1e-2 (bf16) relative RMS of the
-    float64 reference (the suffix sums: 1.4e-5 / 1.7e-2; the identity: 3.7e-6 / 4.2e-3)."""
+def test_interpret_d_log_w_over_many_spans(dtype, bound):
+    """d log_w's part from after each span is a suffix sum over the later spans (32 of them
+    at T=512), which cancels: at strong decay it stays within 3e-5 (float32) / 3e-2 (bf16)
+    relative RMS of the float64 reference (measured 1.4e-5 / 1.7e-2). The identity
+    rowsum(G * S_end) in the state-gradient pass was 4x more exact but made that pass 0.37 ms
+    slower at B8 T4096 on an H200 (2026-11-28; BENCHMARKS.md), so it was taken back."""
     errors = with_kernel_options(backward="two_pass")(
         1, 512, 2, 64, dtype, "strong", interpret=True, seed=7
     )

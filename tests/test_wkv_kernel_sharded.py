@@ -75,7 +75,9 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(env_extra: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), **env_extra)
+    # The repo first, then whatever PYTHONPATH already holds (a GPU host's carried wheels).
+    path = os.pathsep.join(x for x in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if x)
+    env = dict(os.environ, PYTHONPATH=path, **env_extra)
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env
     )

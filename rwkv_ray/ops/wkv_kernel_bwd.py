@@ -138,34 +138,21 @@ def _bwd_dkv_kernel(
 # are independent (pass 2).
 # d log_w is a suffix sum over the whole sequence: with dd = r*drn - k*dkn,
 #     d log_w_t = rowsum(dS_T * S_T) + sum_{m >= t} dd_m - r_t drn_t.
-# Its part common to all of chunk c, rowsum(dS_T * S_T) + the sum of dd_m after the chunk's
-# end E, is the derivative of L by a scale e^eps on S_E's rows: rowsum(G_c * S_E). Pass 1b computes
-# it at every chunk end from the entry states, in float32 (the default, overlap_dr). The
-# suffix sums of dd it replaces cancel: against a float64 reference at T = 512, bf16,
-# strong decay (Pallas' interpreter), d log_w's error went from 1.7e-2 to 4.2e-3. Pass 2
-# writes the in-chunk part (sum over m >= t inside the chunk, minus r_t drn_t) plus that
-# carry. Without overlap_dr (or with a longer pass1_stride) the carry comes from the stored
-# state gradients and entry states in plain JAX (_cross_span_carry).
+# Pass 2 writes the in-chunk part (sum over m >= t inside the chunk, minus r_t drn_t) and the
+# chunk total; the sum over later chunks is a reverse cumsum in plain JAX (_backward_two_pass).
 
 
 def _chunk_state_grads_kernel(
-    r_ref, w_ref, dy_ref, dst_ref, gs_ref, ds0_ref=None, *, chunk, mm_dtype, hs_ref=None,
-    st_ref=None, carry_ref=None,
+    r_ref, w_ref, dy_ref, dst_ref, gs_ref, ds0_ref=None, *, chunk, mm_dtype
 ):  # fmt: skip
     """Two-pass backward, pass 1b (reverse over chunks): gs[c*N:(c+1)*N] = G_c, dL/dS at the end
     of chunk c, and dS0 = G before chunk 0 (ds0_ref; None where the caller does not need it).
     The value columns are independent (dy's columns only), so the launcher may split them
-    like the fused forward. With carry_ref (and hs_ref, st_ref: the chunk-entry states and
-    the final state), carry[c] = rowsum(G_c * S at the end of chunk c) over this block's
-    value columns: d log_w's part from after chunk c."""
+    like the fused forward."""
     n = r_ref.shape[1]
-    n_chunks = r_ref.shape[0] // chunk
 
     def body(c, g, advance):
         gs_ref[pl.ds(c * n, n), :] = g.astype(gs_ref.dtype)
-        if carry_ref is not None:
-            s_end = _exit_state(c, n_chunks, n, hs_ref, st_ref)
-            carry_ref[pl.ds(c, 1), :] = jnp.sum(g * s_end, axis=1)[None, :]
         if not advance:
             return g
         sl = pl.ds(c * chunk, chunk)
@@ -175,21 +162,10 @@ def _chunk_state_grads_kernel(
         return f_all * g + _mm(r * f_start, dy, mm_dtype, _TN)
 
     final = ds0_ref is not None
+    n_chunks = r_ref.shape[0] // chunk
     g = _chunk_loop(n_chunks, body, dst_ref[...].astype(F32), reverse=True, final=final)
     if final:
         ds0_ref[...] = g
-
-
-def _exit_state(c, n_chunks, n, hs_ref, st_ref):
-    """The state after chunk c: the next chunk's entry state, or the final state after the
-    last chunk (c static in unrolled loops, traced in a fori_loop)."""
-    last = n_chunks - 1
-    if isinstance(c, int):
-        if c == last:
-            return st_ref[...].astype(F32)
-        return hs_ref[pl.ds((c + 1) * n, n), :].astype(F32)
-    following = hs_ref[pl.ds(jnp.minimum(c + 1, last) * n, n), :].astype(F32)
-    return jnp.where(c == last, st_ref[...].astype(F32), following)
 
 
 def _state_grads(r, log_w, dy, dst, span, opts, splits, gs_dtype):
@@ -201,16 +177,15 @@ def _state_grads(r, log_w, dy, dst, span, opts, splits, gs_dtype):
     return _sequential_pass(kern, args, 2, span, opts, splits, gs_dtype, "wkv6_bwd_state_grads")
 
 
-def _state_grads_and_dr(r, k, v, log_w, u, dy, dst, hs, st, span, chunk, opts, splits, gs_dtype):
-    """Pass 1b and pass 2a in one launch: (gs, dS0, carry, drn, dr); carry [B, H, T/span, N] is d
-    log_w's part from after each span (`_chunk_state_grads_kernel`). dr needs the span-entry
-    states and dy but not the state gradients, so its programs can run while the sequential pass
-    does: that pass is a chain of T/span steps in only B*H*splits programs, which leaves most of
-    the GPU idle (B4 T4096 H32 on an H100: 256 programs, 0.55 ms). Grid (b, h, splits + spans):
-    the first `splits` programs of each head walk the sequential pass, the others are the dr
-    kernel's spans. The last grid axis varies slowest in the launch order (Pallas' Triton
-    lowering: grid axes are CUDA's x, y, z), so every sequential program is dispatched before
-    any dr program takes an SM."""
+def _state_grads_and_dr(r, k, v, log_w, u, dy, dst, hs, span, chunk, opts, splits, gs_dtype):
+    """Pass 1b and pass 2a in one launch: (gs, dS0, drn, dr). dr needs the span-entry states
+    and dy but not the state gradients, so its programs can run while the sequential pass
+    does: that pass is a chain of T/span steps in only B*H*splits programs, which leaves
+    most of the GPU idle (B4 T4096 H32 on an H100: 256 programs, 0.55 ms). Grid
+    (b, h, splits + spans): the first `splits` programs of each head walk the sequential
+    pass, the others are the dr kernel's spans. The last grid axis varies slowest in the
+    launch order (Pallas' Triton lowering: grid axes are CUDA's x, y, z), so every
+    sequential program is dispatched before any dr program takes an SM."""
     b, t, h, n = r.shape
     bv, n_spans, mm = n // splits, t // span, _mm_dtype(r.dtype)
     seq = pl.BlockSpec((None, t, None, n), lambda b_, h_, z: (b_, 0, h_, 0))
@@ -223,22 +198,12 @@ def _state_grads_and_dr(r, k, v, log_w, u, dy, dst, hs, st, span, chunk, opts, s
     head = pl.BlockSpec((None, n), lambda b_, h_, z: (h_, 0))
     entry = pl.BlockSpec((None, None, n, n), lambda b_, h_, z: (b_, h_, at(z), 0))
 
-    carried = pl.BlockSpec(
-        (None, None, None, n_spans, n), lambda b_, h_, z: (b_, h_, lane(z), 0, 0)
-    )
-
-    def kernel(
-        r_s, w_s, dy_c, dst_s, hs_s, st_s, k_p, v_p, w_p, u_h, dy_p, hs_e,
-        gs_o, ds0_o, carry_o, drn_o, dr_o,
-    ):  # fmt: skip
+    def kernel(r_s, w_s, dy_c, dst_s, k_p, v_p, w_p, u_h, dy_p, hs_e, gs_o, ds0_o, drn_o, dr_o):
         z = pl.program_id(2)
 
         @pl.when(z < splits)
         def _():
-            _chunk_state_grads_kernel(
-                r_s, w_s, dy_c, dst_s, gs_o, ds0_o, chunk=span, mm_dtype=mm, hs_ref=hs_s,
-                st_ref=st_s, carry_ref=carry_o,
-            )  # fmt: skip
+            _chunk_state_grads_kernel(r_s, w_s, dy_c, dst_s, gs_o, ds0_o, chunk=span, mm_dtype=mm)
 
         @pl.when(z >= splits)
         def _():
@@ -247,22 +212,20 @@ def _state_grads_and_dr(r, k, v, log_w, u, dy, dst, hs, st, span, chunk, opts, s
                 mode=opts.mode,
             )  # fmt: skip
 
-    gs, ds0, carry, drn, dr = _call(
+    return _call(
         kernel,
-        [seq, seq, cols, state, stack, state, piece, piece, piece, head, piece, entry],
-        [stack, state, carried, piece, piece],
+        [seq, seq, cols, state, piece, piece, piece, head, piece, entry],
+        [stack, state, piece, piece],
         (
             jax.ShapeDtypeStruct((b, h, n_spans * n, n), gs_dtype),
             jax.ShapeDtypeStruct((b, h, n, n), F32),
-            jax.ShapeDtypeStruct((b, h, splits, n_spans, n), F32),
             jax.ShapeDtypeStruct((b, t, h, n), F32),
             jax.ShapeDtypeStruct(r.shape, r.dtype),
         ),
         (b, h, splits + n_spans),
         opts,
         "wkv6_bwd_state_grads_dr",
-    )(r, log_w, dy, dst, hs, st, k, v, log_w, u, dy, hs)
-    return gs, ds0, jnp.sum(carry, axis=2), drn, dr
+    )(r, log_w, dy, dst, k, v, log_w, u, dy, hs)
 
 
 # Pass 2 is three kernels, one per gradient family, each about as heavy as the forward's
@@ -299,18 +262,17 @@ def _chunk_dr_kernel(
 
 
 def _chunk_dkv_kernel(
-    r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, drn_ref, gs_ref, carry_ref, *out_refs,
+    r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, drn_ref, gs_ref, *out_refs,
     chunk, mm_dtype, mode, parts,
 ):  # fmt: skip
     """Pass 2b and / or 2c (per span, chunks in reverse from G leaving the span). `parts`
-    "dk": dk; d log_w (the span's cross-span part, carry_ref, plus sum_{m >= t in the span}
-    dd_m - r_t drn_t), in log_w's dtype; this span's part of du. "dv": dv. "dk+dv": both in
-    one kernel (`merge_dk_dv`): they walk the same chunks from the same G and share its
-    read, the loads, the decay factors and D = dy v^T, for more live registers."""
-    dk_ref, dlw_ref, du_ref = out_refs[:3] if "dk" in parts else (None,) * 3
+    "dk": dk; d log_w's in-span part (dwl, float32: sum_{m >= t in the span} dd_m - r_t drn_t)
+    and the span's total of dd (tot); this span's part of du. "dv": dv. "dk+dv": both in one
+    kernel (`merge_dk_dv`): they walk the same chunks from the same G and share its read,
+    the loads, the decay factors and D = dy v^T, for more live registers."""
+    dk_ref, dwl_ref, tot_ref, du_ref = out_refs[:4] if "dk" in parts else (None,) * 4
     dv_ref = out_refs[-1] if "dv" in parts else None
     u = u_ref[...].astype(F32)[None, :]
-    cross_span = carry_ref[...].astype(F32)[None, :]
 
     def body(c, carry, advance):
         g, later, du = carry  # later: the sum of dd over this span's later chunks
@@ -330,8 +292,7 @@ def _chunk_dkv_kernel(
             rdr = r * drn
             dd = rdr - k * dkn
             tot = jnp.sum(dd, axis=0, keepdims=True)
-            dlw = cross_span + later + tot - jnp.cumsum(dd, axis=0) + dd - rdr
-            dlw_ref[sl, :] = dlw.astype(dlw_ref.dtype)
+            dwl_ref[sl, :] = later + tot - jnp.cumsum(dd, axis=0) + dd - rdr
             later, du = later + tot, du + jnp.sum(r * k * vdy, axis=0, keepdims=True)
         if dv_ref is not None:
             p = _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode)
@@ -343,8 +304,9 @@ def _chunk_dkv_kernel(
 
     zero = jnp.zeros((1, r_ref.shape[1]), F32)
     carry = (gs_ref[...].astype(F32), zero, zero)
-    _, _, du = _chunk_loop(r_ref.shape[0] // chunk, body, carry, True, final=False)
-    if du_ref is not None:
+    _, span_total, du = _chunk_loop(r_ref.shape[0] // chunk, body, carry, True, final=False)
+    if dk_ref is not None:
+        tot_ref[...] = span_total[0]
         du_ref[...] = du[0]
 
 
@@ -398,9 +360,9 @@ def use_two_pass_backward(b: int, h: int, t: int, chunk: int, backward: str) -> 
 
 def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None):
     """Passes 1a (hs, unless the forward kept it), 1b (gs) and 2, over spans of
-    `span_length` tokens (the forward's). Transient memory: hs and gs, each
-    [B, H, T/span, N, N] in `stack_dtype` (0.5 GiB each at B8 T4096 H32 N64, bf16, spans of
-    16), plus drn, [B, T, H, N] float32."""
+    `span_length` tokens (the forward's), then d log_w's cross-span sums. Transient memory:
+    hs and gs, each [B, H, T/span, N, N] in `stack_dtype` (0.5 GiB each at B8 T4096 H32 N64,
+    bf16, spans of 16), plus d log_w's in-span part and drn, [B, T, H, N] float32 each."""
     b, t, h, n = r.shape
     span, splits = span_length(t, opts.stride), state_pass_splits(opts, b, h, n)
     n_spans, stored = t // span, stack_dtype(span, chunk, r.dtype)
@@ -413,8 +375,8 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
     kw = dict(chunk=chunk, mm_dtype=mm, mode=opts.mode)
     if opts.overlap_dr and pass1_length(t, span, opts.pass1_stride) == span:
-        gs, ds0, carry, drn, dr = _state_grads_and_dr(
-            r, k, v, log_w, u, dy, dst, hs, st, span, chunk, opts, splits, stored
+        gs, ds0, drn, dr = _state_grads_and_dr(
+            r, k, v, log_w, u, dy, dst, hs, span, chunk, opts, splits, stored
         )
     else:
         gs, ds0 = _state_grads(r, log_w, dy, dst, span, opts, splits, stored)
@@ -427,13 +389,12 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
             opts,
             "wkv6_bwd_chunks_dr",
         )(k, v, log_w, u, dy, hs)
-        carry = _cross_span_carry(gs, hs, st, n_spans)
     dkv = functools.partial(_chunk_dkv_kernel, **kw)
-    dk_specs, dk_shapes = [piece, piece, row], (like(k), like(log_w), rows)
-    dkv_args = (r, k, v, log_w, u, dy, drn, gs, carry)
-    dkv_specs = [piece] * 4 + [head, piece, piece, entry, row]
+    dk_specs, dk_shapes = [piece, piece, row, row], (like(k), seq_f32, rows, rows)
+    dkv_args = (r, k, v, log_w, u, dy, drn, gs)
+    dkv_specs = [piece] * 4 + [head, piece, piece, entry]
     if opts.merge_dk_dv:
-        dk, dlw, du, dv = _call(
+        dk, dwl, tot, du, dv = _call(
             functools.partial(dkv, parts="dk+dv"),
             dkv_specs,
             [*dk_specs, piece],
@@ -443,7 +404,7 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
             "wkv6_bwd_chunks_dkv",
         )(*dkv_args)
     else:
-        dk, dlw, du = _call(
+        dk, dwl, tot, du = _call(
             functools.partial(dkv, parts="dk"), dkv_specs, dk_specs, dk_shapes, grid, opts,
             "wkv6_bwd_chunks_dk",
         )(*dkv_args)  # fmt: skip
@@ -451,16 +412,10 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
             functools.partial(dkv, parts="dv"), dkv_specs, piece, like(v), grid, opts,
             "wkv6_bwd_chunks_dv",
         )(*dkv_args)  # fmt: skip
+    # Cross-span part of d log_w, the fused kernel's acc_w carry: for span c,
+    # rowsum(dS_T * S_T) + the totals of all later spans.
+    later = lax.cumsum(tot, axis=2, reverse=True) - tot
+    carry = jnp.sum(dst * st, axis=-1)[:, :, None, :] + later  # [B, H, T/span, N]
+    dlw = dwl.reshape(b, n_spans, span, h, n) + jnp.transpose(carry, (0, 2, 1, 3))[:, :, None]
+    dlw = dlw.reshape(b, t, h, n).astype(log_w.dtype)
     return dr, dk, dv, dlw, jnp.sum(du, axis=(0, 2)).astype(u.dtype), ds0.astype(s0.dtype)
-
-
-def _cross_span_carry(gs, hs, st, n_spans):
-    """d log_w's cross-span part, rowsum(G_c * S at the end of span c) [B, H, T/span, N], in
-    plain JAX from the stored state gradients and entry states (as stored: bf16 for bf16
-    inputs), where the sequential pass does not compute it in float32 (without overlap_dr,
-    or with a longer pass1_stride)."""
-    b, h, _, n = gs.shape
-    gs, hs = gs.reshape(b, h, n_spans, n, n), hs.reshape(b, h, n_spans, n, n)
-    inner = jnp.sum(gs[:, :, :-1].astype(F32) * hs[:, :, 1:].astype(F32), axis=-1)
-    last = jnp.sum(gs[:, :, -1].astype(F32) * st, axis=-1)[:, :, None]
-    return jnp.concatenate([inner, last], axis=2)
