@@ -20,6 +20,7 @@ from rwkv_ray.models import rwkv6_init as init
 from rwkv_ray.models.rwkv6_config import RWKV6Config
 from rwkv_ray.models.rwkv6_packed import packed_matmul, packs
 from rwkv_ray.ops import wkv6
+from rwkv_ray.ops.wkv import resolve_wkv_impl
 
 MIX_SLOTS = ("w", "k", "v", "r", "g")
 
@@ -136,7 +137,14 @@ class RWKV6TimeMix(keras.layers.Layer):
             # [B, T, 5, C] product instead was five pads summed: 11.4 ms.)
             hidden = [ops.squeeze(x, 2) for x in ops.split(lora, 5, axis=2)]
             slots = [ops.matmul(x, maa_w2[s]) for s, x in enumerate(hidden)]
-        mixed = {slot: a + xx * (maa[slot] + slots[s]) for s, slot in enumerate(MIX_SLOTS)}
+        if steps > 1 and self._mix_kernel():
+            # The five mixes as one Pallas kernel each way (ops/token_mix.py).
+            from rwkv_ray.ops.token_mix import mix_slots
+
+            table = ops.stack([ops.cast(maa[slot], "float32") for slot in MIX_SLOTS])
+            mixed = dict(zip(MIX_SLOTS, mix_slots(a, xx, table, slots), strict=True))
+        else:
+            mixed = {slot: a + xx * (maa[slot] + slots[s]) for s, slot in enumerate(MIX_SLOTS)}
         inputs = [mixed[slot] for slot in "rkvg"]
         decay_hidden = None
         if packed_kernel is None or not packs(inputs):
@@ -170,6 +178,16 @@ class RWKV6TimeMix(keras.layers.Layer):
         )  # fmt: skip
         out = self.output_projection(ops.reshape(y, (batch, steps, cfg.hidden_size)))
         return out, new_shift, new_wkv
+
+    def _mix_kernel(self) -> bool:
+        """Whether the five token-shift mixes run as the Pallas kernels: with the WKV
+        kernel (the one switch for GPU kernels: `wkv_impl`, RWKV_WKV_IMPL) and a width the
+        kernels tile (`token_mix.column_block`)."""
+        if resolve_wkv_impl(self.wkv_impl)[0] != "kernel":
+            return False
+        from rwkv_ray.ops.token_mix import column_block
+
+        return column_block(self.config.hidden_size) is not None
 
     def _log_decay(self, x_w, hidden=None):
         """log_w = -exp(w) in float32 (the decay must not pass through bf16). `hidden`: x_w @
