@@ -4,10 +4,11 @@
 # soon as it has a row, so a step that runs long loses only itself.
 #
 # Next session's plan:
-# 1. First, on whatever is lent (x1: ~5 min): `gpu-tests`, every GPU test. d log_w's
-#    cross-span part from the state identity (c16deec) has run only in Pallas' interpreter
-#    and compile-only; the rows `stride32` are new; the 2-GPU test (x2 only) has not run
-#    since 2026-11-27.
+# 1. `token-mix` (x1, ~2 min): the token-shift mix kernels' tiles (landed 18bb92b at the
+#    default 16:4:4, at par with XLA's fusions in the profile, +0.85% in the crossed
+#    benchmark); set token_mix.ROWS / SUBTILES / NUM_WARPS to the fastest, then time the
+#    step against the parent tree as on 2026-11-28 15:44 (crossed on an x2: each GPU runs
+#    both trees, in opposite orders).
 # 2. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
 #    tokens/s, 1.3x fla and 1.5x state, and the kernel against fla:
 #      OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4: fla / ours full /
@@ -15,20 +16,13 @@
 #      OUT=$OUT bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, ~9 min
 #    With only two H200s lent: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
 #    the kernel against fla with the time left) gives same-run ratios on that card.
-# 3. c16deec against its parent on one host: `git archive 47b946c rwkv_ray benchmarks
-#    pyproject.toml` into baseline/47b946c, `BASELINE=baseline/47b946c bash
-#    benchmarks/gpu_session.sh x2`, and `bench_wkv.py --no-fla` in both trees (keep it if
-#    not slower: it is 4x more exact in bf16). Then `kernel-spans` (x1, ~3 min).
-# 4. The H200 full-step profile's second-largest kernel, gemm_fusion_dot_2690 (20.9 ms of
-#    342), had no origin in the report: `profile_train.py --mode full --remat off
-#    --hlo-out $OUT/full_hlo.txt.gz` (x4 does) and look it up. If it is the head's gradient
-#    GEMM with its float32 accumulate fused in (8 x 0.55 TFLOP at ~210 TFLOP/s), cuBLAS
-#    would be ~3x faster. Branch exp/head-grad-apart keeps that GEMM apart from the sum
-#    (compile-only: same planned scratch); time it beside main on an x2:
-#      git archive exp/head-grad-apart rwkv_ray benchmarks pyproject.toml |
-#        (mkdir -p baseline/head && tar -x -C baseline/head)
-#      OUT=$OUT BASELINE="baseline/head=ours_full" X2_CONFIGS=ours_full \
-#        bash benchmarks/gpu_session.sh x2
+# 3. Issue 3's decode goal on an H100 (`decode`, several processes: batch 1 spreads +-5%).
+# Done on 2026-11-28 (15:15-15:52, nvidia-h200-x2): `gpu-tests` at 88e2230 (120 passed; the
+# 2-GPU test passed after its PYTHONPATH fix); d log_w's state identity (c16deec) timed and
+# taken back (-1.9% in the step; its state-gradient pass 0.95 -> 1.32 ms at B8); spans of 32
+# and 64 and value splits again slower; exp/head-grad-apart no gain (deleted); profiles of
+# both modes with the HLO (gemm_fusion_dot_2690 = 120 weight-gradient GEMMs at ~785
+# TFLOP/s); the token-mix kernels (+0.85%, kept).
 # Done on 2026-11-28 (12:29-12:45, nvidia-h200-x2): `x2` (1418ce9 against 1cbfd10: the
 # per-slot mix matmuls and the ln_x + gate kernel +2.9% full / +3.1% state, kept; the
 # group_norm_gate GPU tests), `x2-fla` (47.35k vs fla 36.15k = 1.31x, state 1.39x; v9 vs
@@ -233,6 +227,16 @@ case ${1:-} in
         --configs 16:0:1:factored,16:0:1:factored_tf32 --out "$OUT/wkv_tf32_$shape.json" \
         2>&1 | grep "ours\|kernels" | cut -c1-300
     done
+    ;;
+  token-mix)
+    # x1, ~2 min: TimeMix's five token-shift mixes (ops/token_mix.py) alone at the 1.6B
+    # step's shape, XLA's fusions of the plain form against the Pallas kernels at several
+    # tiles (ROWS:SUBTILES:NUM_WARPS; 16:4:4 the default: its backward spills at 255
+    # registers, 4-row tiles do not), then their GPU tests.
+    timeout 200 python3 benchmarks/bench_token_mix.py \
+      --configs 16:4:4,16:4:8,4:16:4,8:8:4,4:16:2,2:32:2,8:8:8 --out "$OUT/token_mix.json" \
+      2>&1 | grep -v -i warn
+    JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -m gpu tests/test_token_mix.py 2>&1 | tail -2
     ;;
   mix)
     timeout 150 python3 benchmarks/proto_mix_kernel.py --out "$OUT/mix.json" 2>&1 \

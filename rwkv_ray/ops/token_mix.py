@@ -25,6 +25,7 @@ SLOTS = 5
 ROWS = 16  # rows (tokens) per tile
 SUBTILES = 4  # tiles per backward program: its d maa partial sums cover ROWS * SUBTILES rows
 COLUMN_BLOCKS = (256, 128, 64, 32)  # the widest that divides C is a tile's width
+NUM_WARPS = 4
 
 
 def mix_slots_plain(a, xx, maa, mixes):
@@ -80,7 +81,7 @@ def _params(interpret):
         return None
     from jax.experimental.pallas import triton as plt
 
-    return plt.CompilerParams(num_warps=4, num_stages=1)
+    return plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
 
 
 def _tiles(rows_per_program, cols):
