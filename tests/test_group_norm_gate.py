@@ -13,6 +13,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from kernel_checks import assert_close, assert_no_less_exact, assert_same_form, rel  # noqa: E402
 
 from rwkv_ray.ops.group_norm_gate import ROWS, group_norm_gate  # noqa: E402
 from rwkv_ray.ops.wkv import group_norm_heads  # noqa: E402
@@ -38,11 +39,6 @@ def make(b, t, h, n, dtype, seed):
     return y, g, gamma, beta, dout
 
 
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def check(b, t, h, n, dtype, seed, silu=False, interpret=True):
     """float32: the kernel against the plain form (1e-5 relative RMS). bf16: both against the
     plain form on float32 copies of the same inputs; the kernel no more than 10% worse than the
@@ -61,19 +57,13 @@ def check(b, t, h, n, dtype, seed, silu=False, interpret=True):
 
     names = ("out", "dy", "dg", "dgamma", "dbeta")
     ours, theirs = results(fused, y, g, gamma, beta), results(reference, y, g, gamma, beta)
-    for name, got, want in zip(names, ours, theirs, strict=True):
-        assert got.shape == want.shape and got.dtype == want.dtype, name
+    assert_same_form(names, ours, theirs)
     if dtype == jnp.float32:
-        errors = {name: rel(a, b) for name, a, b in zip(names, ours, theirs, strict=True)}
-        print(f"B{b} T{t} H{h} N{n} float32 silu={silu}:", errors)
-        assert max(errors.values()) < 1e-5, errors
+        assert_close(names, ours, theirs, 1e-5, f"B{b} T{t} H{h} N{n} float32 silu={silu}")
         return
     f32 = [x.astype(jnp.float32) for x in (y, g, gamma, beta)]
     truth = results(reference, *f32)
-    for name, got, want, exact in zip(names, ours, theirs, truth, strict=True):
-        err, plain_err = rel(got, exact), rel(want, exact)
-        print(f"B{b} T{t} bf16 silu={silu} {name}: kernel {err:.2e}, plain form {plain_err:.2e}")
-        assert err <= max(1.1 * plain_err, 4e-3), (name, err, plain_err)
+    assert_no_less_exact(names, ours, theirs, truth, f"B{b} T{t} bf16 silu={silu}")
 
 
 @pytest.mark.parametrize("silu", [False, True], ids=["gate", "silu_gate"])

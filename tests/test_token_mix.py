@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from kernel_checks import assert_close, assert_no_less_exact, assert_same_form, rel  # noqa: E402
 
 from rwkv_ray.ops.token_mix import ROWS, SUBTILES, column_block, mix_slots, mix_slots_plain  # noqa: E402
 
@@ -26,11 +26,6 @@ def make(b, t, c, dtype, seed):
     mixes = [(0.3 * x).astype(dtype) for x in jax.random.normal(ks[3], (5, b, t, c))]
     douts = [x.astype(dtype) for x in jax.random.normal(ks[4], (5, b, t, c))]
     return a, xx, maa, mixes, douts
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def results(fn, a, xx, maa, mixes, douts):
@@ -57,19 +52,13 @@ def check(b, t, c, dtype, seed, interpret=True):
     fused = jax.jit(lambda a, xx, maa, m: mix_slots(a, xx, maa, m, interpret=interpret))
     ours = results(fused, a, xx, maa, mixes, douts)
     theirs = results(mix_slots_plain, a, xx, maa, mixes, douts)
-    for name, got, want in zip(NAMES, ours, theirs, strict=True):
-        assert got.shape == want.shape and got.dtype == want.dtype, name
+    assert_same_form(NAMES, ours, theirs)
     if dtype == jnp.float32:
-        errors = {name: rel(x, y) for name, x, y in zip(NAMES, ours, theirs, strict=True)}
-        print(f"B{b} T{t} C{c} float32:", errors)
-        assert max(errors.values()) < 1e-6, errors
+        assert_close(NAMES, ours, theirs, 1e-6, f"B{b} T{t} C{c} float32")
         return
     f32 = [x.astype(jnp.float32) for x in (a, xx)]
     truth = results(mix_slots_plain, *f32, maa, [m.astype(jnp.float32) for m in mixes], douts)
-    for name, got, want, exact in zip(NAMES, ours, theirs, truth, strict=True):
-        err, plain_err = rel(got, exact), rel(want, exact)
-        print(f"B{b} T{t} C{c} bf16 {name}: kernel {err:.2e}, plain form {plain_err:.2e}")
-        assert err <= max(1.1 * plain_err, 4e-3), (name, err, plain_err)
+    assert_no_less_exact(NAMES, ours, theirs, truth, f"B{b} T{t} C{c} bf16")
 
 
 @pytest.mark.parametrize(
