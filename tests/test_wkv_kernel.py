@@ -224,6 +224,26 @@ def test_interpret_coarse_pass1_bf16_with_padding_matches_reference():
     run(1, 150, 1, 16, jnp.bfloat16, "weak", interpret=True, seed=28)
 
 
+@pytest.mark.parametrize(
+    "stride, t, dtype, decay, mode",
+    [
+        (64, 200, jnp.float32, "strong", "factored"),  # pads to 256: four spans of 4 chunks
+        (32, 70, jnp.float32, "weak", "loop"),  # pads to 96: three spans of 2 chunks
+        (64, 130, jnp.bfloat16, "strong", "factored_tf32"),
+    ],
+)
+def test_interpret_span_parallel_forward_matches_reference(stride, t, dtype, decay, mode):
+    """forward="span_parallel": each span's chunks from its entry state and the earlier
+    chunks' keys and values, not chained; outputs, final state and every gradient (the
+    backward is the two-pass one over the same spans)."""
+    options = dict(forward="span_parallel", state_stride=stride, interpret=True)
+    ins, _, _ = make_inputs(0, 1, 64, 1, 16, jnp.float32, "weak")
+    program = str(jax.make_jaxpr(lambda *a: wk.wkv6_kernel(*a, **options))(*ins))
+    assert "wkv6_fwd_output_span" in program and "wkv6_states" in program
+    run = with_kernel_options(forward="span_parallel", state_stride=stride, mode=mode)
+    run(2, t, 2, 32, dtype, decay, interpret=True, seed=t)
+
+
 @pytest.mark.parametrize("mode", ["factored", "loop"])
 def test_interpret_merged_dk_dv_kernel_matches_reference(mode):
     """merge_dk_dv: the two-pass backward's dk and dv kernels as one; spans of two chunks
@@ -493,6 +513,7 @@ def test_gpu_matches_reference(t, decay, dtype):
         dict(forward="two_pass", backward="two_pass", keep_states=True),
         dict(forward="two_pass", state_stride=64),
         dict(forward="two_pass", state_stride=32),
+        dict(forward="span_parallel", state_stride=64),
         dict(mode="loop"),
         dict(mode="factored", forward="fused", backward="fused"),
         dict(pass1_stride=64),
@@ -508,6 +529,7 @@ def test_gpu_matches_reference(t, decay, dtype):
         "two_pass_kept",
         "stride64",
         "stride32",
+        "span_parallel64",
         "loop",
         "factored_fused",
         "pass1_64",

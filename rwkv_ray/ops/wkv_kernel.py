@@ -198,10 +198,12 @@ def wkv6_kernel(
     see _intra_p; "factored_tf32", the default: those matmuls in TF32 for bf16 inputs, whose
     terms are rounded to bf16 anyway, and "factored" for float32 ones);
     `forward` the forward algorithm: "fused" (one sequential kernel), "two_pass" (span-entry
-    states, then all spans' outputs in parallel) or "auto"
-    (`use_two_pass`); `backward` likewise ("fused": two sequential kernels; "two_pass":
-    span-entry states and span-exit state gradients, then all spans' gradients in parallel;
-    "auto": `use_two_pass_backward`); `keep_states=True` keeps the two-pass forward's
+    states, then all spans' outputs in parallel), "span_parallel" (two_pass, with each
+    span's chunks computed from its entry state side by side instead of one after the
+    other: `_fwd_span_kernel`; for spans of several chunks) or "auto" (`use_two_pass`);
+    `backward` likewise ("fused": two sequential kernels; "two_pass": span-entry states and
+    span-exit state gradients, then all spans' gradients in parallel; "auto":
+    `use_two_pass_backward`); `keep_states=True` keeps the two-pass forward's
     span-entry states for the two-pass backward instead of recomputing them (one sequential
     pass less, but holds [B, H, T/span, N, N] (`stack_dtype`) from forward to backward; when
     forward and backward are traced in one jit, XLA already merges the two identical passes);
@@ -234,8 +236,11 @@ def wkv6_kernel(
     modes = ("loop", "3d", "factored", "factored_tf32")
     if mode not in modes:
         raise ValueError(f"mode must be one of {', '.join(map(repr, modes))}, got {mode!r}")
-    if forward not in ("auto", "fused", "two_pass"):
-        raise ValueError(f"forward must be 'auto', 'fused' or 'two_pass', got {forward!r}")
+    forwards = ("auto", "fused", "two_pass", "span_parallel")
+    if forward not in forwards:
+        raise ValueError(
+            f"forward must be one of {', '.join(map(repr, forwards))}, got {forward!r}"
+        )
     if backward not in ("auto", "fused", "two_pass"):
         raise ValueError(f"backward must be 'auto', 'fused' or 'two_pass', got {backward!r}")
     state_stride = state_stride or chunk_size
