@@ -10,10 +10,10 @@
 #    step against the parent tree as on 2026-11-28 15:44 (crossed on an x2: each GPU runs
 #    both trees, in opposite orders).
 #    Then `kernel-span-parallel` (x1, ~4 min): forward="span_parallel" (landed untimed,
-#    opt-in) against the chained spans; spans of 64 halve the states pass (0.36 -> 0.21 ms at
-#    B8, 2026-11-28) but chained they doubled the output kernel. If its forward beats the
-#    default, the backward needs its own spans of 16 (the forward's 64-token states filled
-#    in, as pass1_stride's fill kernel does) before training can use it.
+#    opt-in) against the chained spans; 64-token steps take the states pass from 0.36 to
+#    0.21 ms at B8 (2026-11-28), but chained spans doubled the output kernel. With
+#    pass1_stride 64 the backward keeps spans of 16 (filled in from the same pass 1). If it
+#    wins, make it the default and time the 1.6B step.
 # 2. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
 #    tokens/s, 1.3x fla and 1.5x state, and the kernel against fla:
 #      OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4: fla / ours full /
@@ -234,17 +234,17 @@ case ${1:-} in
     done
     ;;
   kernel-span-parallel)
-    # x1, ~4 min, no fla: forward="span_parallel" (each span's chunks from its entry state
-    # side by side, `_fwd_span_kernel`) against the chained two-pass forward at spans of 32
-    # and 64 and the default (spans of 16), B8 and B4 T4096; the forward column is the
-    # question (the backward is the same two-pass one at each span). Its GPU test rows
-    # (span_parallel64) first. Compile-only sm_90a: 255 registers, no spills, as the chained
-    # kernel at spans of 64.
+    # x1, ~4 min, no fla: forward="span_parallel" (pass 2 over pass 1's blocks, each
+    # block's chunks from its entry state side by side: `_fwd_span_kernel`) with spans of 16
+    # and pass1_stride 64 (the backward fills its 16-token spans from the same pass 1, which
+    # XLA merges), and with spans of 64 (the backward's too), against the default (spans of
+    # 16) and the chained forward at spans of 64; B8 and B4 T4096. Its GPU test rows first.
+    # Compile-only sm_90a: 255 registers, no spills, as the chained kernel at spans of 64.
     JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
       -k span_parallel 2>&1 | tail -2
     for shape in 8x4096 4x4096; do
       timeout 200 python3 benchmarks/bench_wkv.py --no-fla --shapes $shape --reps 10 --profile \
-        --configs 16:0:0:factored_tf32,16:0:0:factored_tf32:span_parallel:auto::64,16:0:0:factored_tf32:two_pass:auto::64,16:0:0:factored_tf32:span_parallel:auto::32 \
+        --configs 16:0:0:factored_tf32,16:0:0:factored_tf32:span_parallel:auto::0:64,16:0:0:factored_tf32:span_parallel:auto::64,16:0:0:factored_tf32:two_pass:auto::64 \
         --out "$OUT/wkv_span_parallel_$shape.json" 2>&1 | grep "ours\|kernels" | cut -c1-300
     done
     ;;

@@ -267,13 +267,19 @@ def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
     parallel programs. hs is the two-pass backward's pass 1a too (the same spans)."""
     b, t, h, n = r.shape
     span = span_length(t, opts.stride)
+    parallel = opts.forward == "span_parallel"
+    if parallel:
+        # Pass 2 over pass 1's blocks (pass1_stride tokens where longer than the span), each
+        # block's chunks side by side: pass 1 needs no fill kernel, and it is the backward's
+        # pass 1a (before that fills in its spans), which XLA merges with it.
+        span = pass1_length(t, span, opts.pass1_stride)
+        parallel = span > chunk
     # Value-split like the backward's pass 1a: with equal arguments XLA merges the two calls
     # (at B1 T16384 on an H100 they were two passes of 1.97 and 1.73 ms).
     splits, hs_dtype = state_pass_splits(opts, b, h, n), stack_dtype(span, chunk, r.dtype)
     hs, st = _entry_states(k, v, log_w, s0, span, opts, splits, hs_dtype)
     # Pass 2: grid (b, h, span); span c of the time axis and of the entry states.
     piece, head_c, entry_c, _ = _chunk_specs(span, n)
-    parallel = opts.forward == "span_parallel" and span > chunk
     kernel = _fwd_span_kernel if parallel else _fwd_kernel
     y = _call(
         functools.partial(kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
