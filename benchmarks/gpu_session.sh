@@ -239,12 +239,13 @@ case ${1:-} in
     # and pass1_stride 64 (the backward fills its 16-token spans from the same pass 1, which
     # XLA merges), and with spans of 64 (the backward's too), against the default (spans of
     # 16) and the chained forward at spans of 64; B8 and B4 T4096. Its GPU test rows first.
-    # Compile-only sm_90a: 255 registers, no spills, as the chained kernel at spans of 64.
+    # Compile-only sm_90a: 255 registers, no spills, as the chained kernel at spans of 64;
+    # with 8 warps (the third config: every kernel at 8) 178.
     JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
       -k span_parallel 2>&1 | tail -2
     for shape in 8x4096 4x4096; do
       timeout 200 python3 benchmarks/bench_wkv.py --no-fla --shapes $shape --reps 10 --profile \
-        --configs 16:0:0:factored_tf32,16:0:0:factored_tf32:span_parallel:auto::0:64,16:0:0:factored_tf32:span_parallel:auto::64,16:0:0:factored_tf32:two_pass:auto::64 \
+        --configs 16:0:0:factored_tf32,16:0:0:factored_tf32:span_parallel:auto::0:64,16:8:0:factored_tf32:span_parallel:auto::0:64,16:0:0:factored_tf32:span_parallel:auto::64,16:0:0:factored_tf32:two_pass:auto::64 \
         --out "$OUT/wkv_span_parallel_$shape.json" 2>&1 | grep "ours\|kernels" | cut -c1-300
     done
     ;;
