@@ -7,7 +7,11 @@ backward into two (d a and d xx, then d m_s with d maa_s's row sums), reading th
 incoming gradients twice, at 1.6-2.2 TB/s of an H200's 4.8 (about 16 ms of the 341-ms full
 step, 2026-11-28). Here the forward reads a, xx and the m_s once and writes the x_s; the
 backward reads xx, the m_s and the five gradients once and writes d a, d xx, the d m_s and
-per-block partial sums of d maa_s. Arithmetic in float32, rounded once per output. Pure jax.
+per-block partial sums of d maa_s. Arithmetic in float32, rounded once per output (d maa in
+float32: the plain form's bf16 d maa is 1e-2 off). Measured on H200s (BENCHMARKS.md,
+2026-11-28): +0.85% on the 1.6B step, but only at par with XLA's fusions in its profile
+(5.2 + 9.8 ms a step): at the default tile the backward spills (255 registers); the tiles
+below are `benchmarks/bench_token_mix.py`'s knobs. Pure jax.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ SLOTS = 5
 ROWS = 16  # rows (tokens) per tile
 SUBTILES = 4  # tiles per backward program: its d maa partial sums cover ROWS * SUBTILES rows
 COLUMN_BLOCKS = (256, 128, 64, 32)  # the widest that divides C is a tile's width
-NUM_WARPS = 4
+NUM_WARPS = 4  # Triton warps of both kernels
 
 
 def mix_slots_plain(a, xx, maa, mixes):
