@@ -13,7 +13,15 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from kernel_checks import assert_close, assert_no_less_exact, assert_same_form, rel  # noqa: E402
+from kernel_checks import (  # noqa: E402
+    MESH_CHECK,
+    MESH_SETUP,
+    assert_close,
+    assert_no_less_exact,
+    assert_same_form,
+    rel,
+    run_script,
+)
 
 from rwkv_ray.ops.group_norm_gate import ROWS, group_norm_gate  # noqa: E402
 from rwkv_ray.ops.wkv import group_norm_heads  # noqa: E402
@@ -153,11 +161,9 @@ def test_gpu_dispatcher_kernel_with_norm_and_silu_gate(dtype):
         assert error < (bound if i < 2 else 5 * bound), (name, errors)
 
 
-SHARDED = """
-import json, os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+SHARDED = (
+    MESH_SETUP
+    + """
 from rwkv_ray.ops.group_norm_gate import group_norm_gate
 
 keys = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -169,19 +175,10 @@ def run(*a):
     return group_norm_gate(*a, 64e-5, gate_silu=True, interpret=True), jax.grad(
         loss, argnums=range(4))(*a)
 
-plain = jax.jit(run)(y, g, gamma, beta)
-mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
-rows, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-args = [jax.device_put(x, rows if x.ndim == 4 else whole) for x in (y, g, gamma, beta)]
-with jax.set_mesh(mesh):
-    jaxpr = str(jax.make_jaxpr(run)(*args))
-    hlo = jax.jit(run).lower(*args).compile().as_text()
-    sharded = jax.jit(run)(*args)
-errors = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-          for a, b in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(plain))]
-print("RESULT " + json.dumps({"shard_map": "shard_map" in jaxpr,
-                              "all_gathers": hlo.count("all-gather"), "max_rel_err": max(errors)}))
+args, batched_ndim = (y, g, gamma, beta), 4
 """
+    + MESH_CHECK
+)
 
 
 def test_splits_the_batch_per_device_under_a_mesh():
@@ -189,16 +186,6 @@ def test_splits_the_batch_per_device_under_a_mesh():
     kernel in Pallas' interpreter: under a mesh each device norms its own rows (shard_map,
     nothing gathered), and output and gradients (d gamma, d beta summed over the devices)
     equal the single-device call's to 1e-6."""
-    import json
-    import subprocess
-    import sys
-
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu")
-    done = subprocess.run(
-        [sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=600, env=env
-    )
-    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, done.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result = run_script(SHARDED)
     assert result["shard_map"] and result["all_gathers"] == 0, result
     assert result["max_rel_err"] < 1e-6, result

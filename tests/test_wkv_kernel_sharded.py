@@ -9,13 +9,11 @@ devices) equal the single-device call.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from kernel_checks import run_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -74,18 +72,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(env_extra: dict) -> dict:
-    # The repo first, then whatever PYTHONPATH already holds (a GPU host's carried wheels).
-    path = os.pathsep.join(x for x in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if x)
-    env = dict(os.environ, PYTHONPATH=path, **env_extra)
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env
-    )
-    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, done.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
 def _check(result: dict, tolerance: float):
     assert result["devices"] == 2
     assert result["shard_map_in_jaxpr"] and not result["shard_map_without_mesh"]
@@ -96,7 +82,7 @@ def _check(result: dict, tolerance: float):
 
 def test_kernel_splits_the_batch_per_device_under_a_mesh():
     """2 virtual CPU devices, the kernel in Pallas' interpreter (float32: exact to 1e-5)."""
-    _check(_run({"JAX_PLATFORMS": "cpu"}), 1e-5)
+    _check(run_script(SCRIPT), 1e-5)
 
 
 @pytest.mark.gpu
@@ -110,4 +96,4 @@ def test_gpu_kernel_splits_the_batch_per_gpu():
         gpus = []
     if len(gpus) < 2 or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         pytest.skip("needs 2 CUDA GPUs (JAX sees fewer)")
-    _check(_run({"WKV_TEST_GPU": "1", "JAX_PLATFORMS": "cuda"}), 1e-4)
+    _check(run_script(SCRIPT, WKV_TEST_GPU="1", JAX_PLATFORMS="cuda"), 1e-4)
