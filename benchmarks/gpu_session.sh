@@ -196,7 +196,8 @@ case ${1:-} in
     # program walks that many tokens chunk by chunk) at 16 (the default), 32 and 64 and the
     # sequential passes split in 2 value blocks, B4 and B8 T4096. Spans of 32 halve the
     # entry states' and the state gradients' traffic (0.54 GB each way at B8 in bf16) for
-    # one more chained chunk per program; 64 was slower with v6 (2026-11-27), 32 untimed.
+    # one more chained chunk per program. Run 2026-11-28 15:29 (H200): 32 and 64 and the
+    # splits all slower than the default (BENCHMARKS.md).
     for shape in 8x4096 4x4096; do
       timeout 150 python3 benchmarks/bench_wkv.py --no-fla --shapes $shape --reps 10 --profile \
         --configs 16:0:0:factored_tf32,16:0:0:factored_tf32:auto:auto::32,16:0:0:factored_tf32:auto:auto::64,16:0:0:factored_tf32:auto:auto::0:0::2 \
