@@ -288,6 +288,23 @@ case ${1:-} in
     grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'GPU\|wall_ms\|tokens_per_s\|by_kind' -A1
     merge_logs
     ;;
+  x4-h200)
+    # nvidia-h200-x4, ~10 min, one process per GPU at once. GPU 0: the token-mix tiles
+    # (`token-mix`), then `kernel-span-parallel`. GPU 1: fla's model (540 s, its cold
+    # compile). GPU 2: ours_full and ours_state (same run as GPU 1: the ratios on this
+    # card). GPU 3: the kernel against fla on the issue's three shapes (`kernel`).
+    (
+      export CUDA_VISIBLE_DEVICES=0
+      bash benchmarks/gpu_session.sh token-mix
+      bash benchmarks/gpu_session.sh kernel-span-parallel
+    ) >"$OUT/train_gpu0.log" 2>&1 &
+    on_gpu 1 540 fla
+    on_gpu 2 260 ours_full,ours_state
+    (CUDA_VISIBLE_DEVICES=3 kernel) >"$OUT/train_gpu3.log" 2>&1 &
+    wait
+    grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'passed\|failed\|GPU\|ms\|ours\|kernels'
+    merge_logs
+    ;;
   x2)
     # nvidia-h200-x2 / h100-x2: a tree against older ones on the other GPU, same run. GPU 0:
     # the GPU tests of ln_x + gate as a Pallas kernel, then ours_full and ours_state. GPU 1:
@@ -404,7 +421,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|kernel-spans|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|x4-h200|kernel-spans|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
     exit 2
     ;;
 esac
