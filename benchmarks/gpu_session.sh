@@ -4,24 +4,19 @@
 # soon as it has a row, so a step that runs long loses only itself.
 #
 # Next session's plan:
-# 1. `token-mix` (x1, ~2 min): the token-shift mix kernels' tiles (landed 18bb92b at the
-#    default 16:4:4, at par with XLA's fusions in the profile, +0.85% in the crossed
-#    benchmark); set token_mix.ROWS / SUBTILES / NUM_WARPS to the fastest, then time the
-#    step against the parent tree as on 2026-11-28 15:44 (crossed on an x2: each GPU runs
-#    both trees, in opposite orders).
-#    Then `kernel-span-parallel` (x1, ~4 min): forward="span_parallel" (landed untimed,
-#    opt-in) against the chained spans; 64-token steps take the states pass from 0.36 to
-#    0.21 ms at B8 (2026-11-28), but chained spans doubled the output kernel. With
-#    pass1_stride 64 the backward keeps spans of 16 (filled in from the same pass 1). If it
-#    wins, make it the default and time the 1.6B step.
-# 2. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
+# 1. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
 #    tokens/s, 1.3x fla and 1.5x state, and the kernel against fla:
 #      OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4: fla / ours full /
 #        ours full (bf16 masters, remat) / ours state + profile, one process per GPU
 #      OUT=$OUT bash benchmarks/gpu_session.sh kernel   # nvidia-h100-x1, ~9 min
-#    With only two H200s lent: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
+#    With four H200s lent: `x4-h200` (fla, ours and the kernel against fla, one GPU
+#    each); with two: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
 #    the kernel against fla with the time left) gives same-run ratios on that card.
-# 3. Issue 3's decode goal on an H100 (`decode`, several processes: batch 1 spreads +-5%).
+# 2. Issue 3's decode goal on an H100 (`decode`, several processes: batch 1 spreads +-5%).
+# Done on 2026-11-28 (17:47-18:02, nvidia-h200-x4): `x4-h200` at 43b8a1d (ours 48.54k vs fla
+# 36.54k = 1.33x, state 1.36x; the kernel vs fla back to back 0.57 / 0.54; the token-mix
+# default tile 16:4:4 the fastest of seven; forward="span_parallel" slower, removed), `dp4`
+# (0.966 / 0.934 at 2 / 4 GPUs).
 # Done on 2026-11-28 (15:15-15:52, nvidia-h200-x2): `gpu-tests` at 88e2230 (120 passed; the
 # 2-GPU test passed after its PYTHONPATH fix); d log_w's state identity (c16deec) timed and
 # taken back (-1.9% in the step; its state-gradient pass 0.95 -> 1.32 ms at B8); spans of 32
@@ -234,22 +229,6 @@ case ${1:-} in
         2>&1 | grep "ours\|kernels" | cut -c1-300
     done
     ;;
-  kernel-span-parallel)
-    # x1, ~4 min, no fla: forward="span_parallel" (pass 2 over pass 1's blocks, each
-    # block's chunks from its entry state side by side: `_fwd_span_kernel`) with spans of 16
-    # and pass1_stride 64 (the backward fills its 16-token spans from the same pass 1, which
-    # XLA merges), and with spans of 64 (the backward's too), against the default (spans of
-    # 16) and the chained forward at spans of 64; B8 and B4 T4096. Its GPU test rows first.
-    # Compile-only sm_90a: 255 registers, no spills, as the chained kernel at spans of 64;
-    # with 8 warps (the third config: every kernel at 8) 178.
-    JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
-      -k span_parallel 2>&1 | tail -2
-    for shape in 8x4096 4x4096; do
-      timeout 200 python3 benchmarks/bench_wkv.py --no-fla --shapes $shape --reps 10 --profile \
-        --configs 16:0:0:factored_tf32,16:0:0:factored_tf32:span_parallel:auto::0:64,16:8:0:factored_tf32:span_parallel:auto::0:64,16:0:0:factored_tf32:span_parallel:auto::64,16:0:0:factored_tf32:two_pass:auto::64 \
-        --out "$OUT/wkv_span_parallel_$shape.json" 2>&1 | grep "ours\|kernels" | cut -c1-300
-    done
-    ;;
   token-mix)
     # x1, ~2 min: TimeMix's five token-shift mixes (ops/token_mix.py) alone at the 1.6B
     # step's shape, XLA's fusions of the plain form against the Pallas kernels at several
@@ -290,16 +269,13 @@ case ${1:-} in
     ;;
   x4-h200)
     # nvidia-h200-x4, ~10 min, one process per GPU at once. GPU 0: the token-mix tiles
-    # (`token-mix`), then `kernel-span-parallel`. GPU 1: fla's model (540 s, its cold
-    # compile). GPU 2: ours_full and ours_state (same run as GPU 1: the ratios on this
-    # card). GPU 3: the kernel against fla on the issue's three shapes (`kernel`).
-    (
-      export CUDA_VISIBLE_DEVICES=0
-      bash benchmarks/gpu_session.sh token-mix
-      bash benchmarks/gpu_session.sh kernel-span-parallel
-    ) >"$OUT/train_gpu0.log" 2>&1 &
+    # (`token-mix`). GPU 1: fla's model (540 s, its cold compile). GPU 2: ours_full and
+    # ours_state (same run as GPU 1: the ratios on this card). GPU 3: the kernel against fla
+    # on the issue's three shapes (`kernel`).
+    (CUDA_VISIBLE_DEVICES=0 bash benchmarks/gpu_session.sh token-mix) >"$OUT/train_gpu0.log" 2>&1 &
     on_gpu 1 540 fla
     on_gpu 2 260 ours_full,ours_state
+    # kernel's JSON would be a 9th file back: its figures are in the log.
     (CUDA_VISIBLE_DEVICES=3 kernel) >"$OUT/train_gpu3.log" 2>&1 &
     wait
     grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'passed\|failed\|GPU\|ms\|ours\|kernels'

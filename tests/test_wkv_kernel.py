@@ -224,42 +224,6 @@ def test_interpret_coarse_pass1_bf16_with_padding_matches_reference():
     run(1, 150, 1, 16, jnp.bfloat16, "weak", interpret=True, seed=28)
 
 
-@pytest.mark.parametrize(
-    "stride, t, dtype, decay, mode",
-    [
-        (64, 200, jnp.float32, "strong", "factored"),  # pads to 256: four spans of 4 chunks
-        (32, 70, jnp.float32, "weak", "loop"),  # pads to 96: three spans of 2 chunks
-        (64, 130, jnp.bfloat16, "strong", "factored_tf32"),
-    ],
-)
-def test_interpret_span_parallel_forward_matches_reference(stride, t, dtype, decay, mode):
-    """forward="span_parallel": each span's chunks from its entry state and the earlier
-    chunks' keys and values, not chained; outputs, final state and every gradient (the
-    backward is the two-pass one over the same spans)."""
-    options = dict(forward="span_parallel", state_stride=stride, interpret=True)
-    ins, _, _ = make_inputs(0, 1, 64, 1, 16, jnp.float32, "weak")
-    program = str(jax.make_jaxpr(lambda *a: wk.wkv6_kernel(*a, **options))(*ins))
-    assert "wkv6_fwd_output_span" in program and "wkv6_states" in program
-    run = with_kernel_options(forward="span_parallel", state_stride=stride, mode=mode)
-    run(2, t, 2, 32, dtype, decay, interpret=True, seed=t)
-
-
-def test_interpret_span_parallel_forward_over_pass1_blocks():
-    """Spans of 16 with pass1_stride 64: the forward's pass 2 runs over pass 1's 64-token
-    blocks (no fill kernel), the backward fills in its 16-token spans from the same pass 1;
-    T = 150 pads to 160 (blocks of 32); outputs, final state and every gradient."""
-    options = dict(forward="span_parallel", pass1_stride=64, interpret=True)
-    ins, _, _ = make_inputs(0, 1, 128, 1, 16, jnp.float32, "weak")
-    forward = str(jax.make_jaxpr(lambda *a: wk.wkv6_kernel(*a, **options))(*ins))
-    assert "wkv6_fwd_output_span" in forward and "wkv6_states_fill" not in forward
-    loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, **options)[0])  # noqa: E731
-    program = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
-    assert "wkv6_states_fill" in program and "wkv6_bwd_chunks_dk" in program
-    run = with_kernel_options(forward="span_parallel", pass1_stride=64)
-    run(1, 150, 2, 32, jnp.float32, "strong", interpret=True, seed=151)
-    run(1, 128, 1, 16, jnp.bfloat16, "weak", interpret=True, seed=129)
-
-
 @pytest.mark.parametrize("mode", ["factored", "loop"])
 def test_interpret_merged_dk_dv_kernel_matches_reference(mode):
     """merge_dk_dv: the two-pass backward's dk and dv kernels as one; spans of two chunks
@@ -529,8 +493,6 @@ def test_gpu_matches_reference(t, decay, dtype):
         dict(forward="two_pass", backward="two_pass", keep_states=True),
         dict(forward="two_pass", state_stride=64),
         dict(forward="two_pass", state_stride=32),
-        dict(forward="span_parallel", state_stride=64),
-        dict(forward="span_parallel", pass1_stride=64),
         dict(mode="loop"),
         dict(mode="factored", forward="fused", backward="fused"),
         dict(pass1_stride=64),
@@ -546,8 +508,6 @@ def test_gpu_matches_reference(t, decay, dtype):
         "two_pass_kept",
         "stride64",
         "stride32",
-        "span_parallel64",
-        "span_parallel_pass1_64",
         "loop",
         "factored_fused",
         "pass1_64",

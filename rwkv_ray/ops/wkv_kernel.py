@@ -93,7 +93,6 @@ def _keeps_states(r, chunk, opts):
     b, t, h, _ = r.shape
     return (
         opts.keep
-        and opts.forward != "span_parallel"  # its states are pass 1's blocks', not the spans'
         and use_two_pass(b, h, t, chunk, opts.forward)
         and use_two_pass_backward(b, h, t, chunk, opts.backward)
     )
@@ -199,10 +198,7 @@ def wkv6_kernel(
     see _intra_p; "factored_tf32", the default: those matmuls in TF32 for bf16 inputs, whose
     terms are rounded to bf16 anyway, and "factored" for float32 ones);
     `forward` the forward algorithm: "fused" (one sequential kernel), "two_pass" (span-entry
-    states, then all spans' outputs in parallel), "span_parallel" (two_pass over pass 1's
-    blocks, `pass1_stride` tokens where longer than the span, each block's chunks computed
-    from its entry state side by side instead of one after the other: `_fwd_span_kernel`;
-    no keep_states) or "auto" (`use_two_pass`);
+    states, then all spans' outputs in parallel) or "auto" (`use_two_pass`);
     `backward` likewise ("fused": two sequential kernels; "two_pass": span-entry states and
     span-exit state gradients, then all spans' gradients in parallel; "auto":
     `use_two_pass_backward`); `keep_states=True` keeps the two-pass forward's
@@ -238,7 +234,7 @@ def wkv6_kernel(
     modes = ("loop", "3d", "factored", "factored_tf32")
     if mode not in modes:
         raise ValueError(f"mode must be one of {', '.join(map(repr, modes))}, got {mode!r}")
-    forwards = ("auto", "fused", "two_pass", "span_parallel")
+    forwards = ("auto", "fused", "two_pass")
     if forward not in forwards:
         raise ValueError(
             f"forward must be one of {', '.join(map(repr, forwards))}, got {forward!r}"

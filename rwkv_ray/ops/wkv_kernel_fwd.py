@@ -23,7 +23,6 @@ from rwkv_ray.ops.wkv_kernel_call import (
     _value_split_specs,
 )
 from rwkv_ray.ops.wkv_kernel_intra import (
-    _NT,
     _TN,
     F32,
     _chunk_terms,
@@ -59,39 +58,6 @@ def _fwd_kernel(
     s = _chunk_loop(n_chunks, body, s0_ref[...].astype(F32), final=st_ref is not None)
     if st_ref is not None:
         st_ref[...] = s
-
-
-def _fwd_span_kernel(
-    r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, *, chunk, mm_dtype, mode
-):  # fmt: skip
-    """Pass 2 of forward="span_parallel": every chunk p of the span from the span's entry
-    state S and the earlier chunks' keys and values, with no state carried chunk to chunk
-    (`_fwd_kernel` chains them: each chunk waits for the previous one's state update). With
-    o_p the summed log-decays of the chunks before p and kf_q = k_q * exp(A_last_q - A_q):
-      y_p = (r_p * exp(Ae_p + o_p)) S + P_pp v_p + bonus_p v_p
-            + sum_{q<p} ([(r_p * exp(Ae_p)) * exp(o_p - o_{q+1})] kf_q^T) v_q,
-    every exponent <= 0 (log-decays are clamped, <= 0)."""
-    n_sub = r_ref.shape[0] // chunk
-    u = u_ref[...].astype(F32)
-    s = s0_ref[...].astype(F32)
-    offset = jnp.zeros((1, r_ref.shape[1]), F32)  # o_p
-    earlier = []  # (kf_q, v_q, o_{q+1}) of the chunks before p
-    for p in range(n_sub):
-        base = p * chunk
-        sl = pl.ds(base, chunk)
-        r, k, v, lw = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref))
-        inc, exc, last = _chunk_terms(lw)
-        f_start, f_end, _ = _decay_factors(inc, exc, last)
-        rf = r * f_start
-        y = _mm(rf * jnp.exp(offset), s, mm_dtype)
-        y = y + _mm(_intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode), v, mm_dtype)
-        y = y + jnp.sum(r * u[None, :] * k, axis=1, keepdims=True) * v
-        for kf_q, v_q, end_q in earlier:
-            scores = _mm(rf * jnp.exp(jnp.minimum(offset - end_q, 0.0)), kf_q, mm_dtype, _NT)
-            y = y + _mm(scores, v_q, mm_dtype)
-        y_ref[sl, :] = y.astype(y_ref.dtype)
-        offset = offset + last[None, :]
-        earlier.append((k * f_end, v, offset))
 
 
 def _chunk_states_kernel(k_ref, v_ref, w_ref, s0_ref, hs_ref, st_ref=None, *, chunk, mm_dtype):
@@ -147,7 +113,7 @@ def use_two_pass(b: int, h: int, t: int, chunk: int, forward: str) -> bool:
     a transient [B, H, T/span, N, N] buffer of span-entry states (`stack_dtype`; 0.5 GiB at
     B8 T4096 in bf16), freed before the forward returns."""
     if forward != "auto":
-        return forward in ("two_pass", "span_parallel")
+        return forward == "two_pass"
     return t > chunk
 
 
@@ -267,27 +233,19 @@ def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
     parallel programs. hs is the two-pass backward's pass 1a too (the same spans)."""
     b, t, h, n = r.shape
     span = span_length(t, opts.stride)
-    parallel = opts.forward == "span_parallel"
-    if parallel:
-        # Pass 2 over pass 1's blocks (pass1_stride tokens where longer than the span), each
-        # block's chunks side by side: pass 1 needs no fill kernel, and it is the backward's
-        # pass 1a (before that fills in its spans), which XLA merges with it.
-        span = pass1_length(t, span, opts.pass1_stride)
-        parallel = span > chunk
     # Value-split like the backward's pass 1a: with equal arguments XLA merges the two calls
     # (at B1 T16384 on an H100 they were two passes of 1.97 and 1.73 ms).
     splits, hs_dtype = state_pass_splits(opts, b, h, n), stack_dtype(span, chunk, r.dtype)
     hs, st = _entry_states(k, v, log_w, s0, span, opts, splits, hs_dtype)
     # Pass 2: grid (b, h, span); span c of the time axis and of the entry states.
     piece, head_c, entry_c, _ = _chunk_specs(span, n)
-    kernel = _fwd_span_kernel if parallel else _fwd_kernel
     y = _call(
-        functools.partial(kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
+        functools.partial(_fwd_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
         [piece] * 4 + [head_c, entry_c],
         piece,
         jax.ShapeDtypeStruct((b, t, h, n), r.dtype),
         (b, h, t // span),
         opts,
-        "wkv6_fwd_output_span" if parallel else "wkv6_fwd_output",
+        "wkv6_fwd_output",
     )(r, k, v, log_w, u, hs)
     return y, st, hs
