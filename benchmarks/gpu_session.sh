@@ -4,7 +4,16 @@
 # soon as it has a row, so a step that runs long loses only itself.
 #
 # Next session's plan:
-# 1. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
+# 1. decay_check="call" (landed opt-in 2026-11-28, untimed as a whole): `decay-check-kernel`
+#    (x1, ~5 min; its GPU tests, then the kernel against fla with "chunk" and "call") and
+#    `decay-check-step` (x2, ~6 min, crossed). On an H200 the kernels without the per-chunk
+#    check gave B8 T4096 back to back 0.888 / 3.360 ms against 1.000 / 3.689 (fla 1.749 /
+#    6.829 in another call: 0.51 / 0.49); a first try with the cond around the whole op
+#    ran the states pass twice (XLA merges no pass across a conditional) and lost 2.7% in
+#    the step; "call" now computes the states outside the cond. If the step gains, make
+#    "call" the default (and see whether the dk kernel should keep its check: 0.935 ->
+#    0.983 ms without it).
+# 2. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
 #    tokens/s, 1.3x fla and 1.5x state, and the kernel against fla:
 #      OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4: fla / ours full /
 #        ours full (bf16 masters, remat) / ours state + profile, one process per GPU
@@ -12,7 +21,7 @@
 #    With four H200s lent: `x4-h200` (fla, ours and the kernel against fla, one GPU
 #    each); with two: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
 #    the kernel against fla with the time left) gives same-run ratios on that card.
-# 2. Issue 3's decode goal on an H100 (`decode`, several processes: batch 1 spreads +-5%).
+# 3. Issue 3's decode goal on an H100 (`decode`, several processes: batch 1 spreads +-5%).
 # Done on 2026-11-28 (17:47-18:02, nvidia-h200-x4): `x4-h200` at 43b8a1d (ours 48.54k vs fla
 # 36.54k = 1.33x, state 1.36x; the kernel vs fla back to back 0.57 / 0.54; the token-mix
 # default tile 16:4:4 the fastest of seven; forward="span_parallel" slower, removed), `dp4`
@@ -229,6 +238,31 @@ case ${1:-} in
         2>&1 | grep "ours\|kernels" | cut -c1-300
     done
     ;;
+  decay-check-step)
+    # nvidia-h200-x2 / h100-x2, ~6 min: the 1.6B full-tuning step with wkv6_kernel's
+    # decay_check="call" (a copy of this tree with that default) against this tree's "chunk",
+    # crossed: GPU 0 runs "call" then "chunk", GPU 1 the other way.
+    mkdir -p /tmp/trees/call && cp -r rwkv_ray benchmarks pyproject.toml /tmp/trees/call/
+    sed -i 's/decay_check="chunk",$/decay_check="call",/' /tmp/trees/call/rwkv_ray/ops/wkv_kernel.py
+    grep -c 'decay_check="call",$' /tmp/trees/call/rwkv_ray/ops/wkv_kernel.py
+    step() {  # step GPU TREE NAME
+      (cd "$2" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=$1 timeout 230 python3 \
+        benchmarks/bench_train_gpu.py --steps 3 --first-gpu "$1" --timeout 210 \
+        --configs ours_full --out "$OUT/train_gpu$1_$3.json" 2>&1 | grep GPU | sed "s/^/$3 /")
+    }
+    (step 0 /tmp/trees/call call; step 0 "$PWD" chunk) &
+    (step 1 "$PWD" chunk; step 1 /tmp/trees/call call) &
+    wait
+    ;;
+  decay-check-kernel)
+    # x1, ~5 min: the GPU tests of decay_check="call", then the kernel against fla on the
+    # issue's three shapes with decay_check "chunk" (the default) and "call".
+    JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
+      -k decay_check 2>&1 | tail -2
+    timeout 380 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
+      --configs 16:0:0:factored_tf32,16:0:0:factored_tf32+call --out "$OUT/wkv_vs_fla.json" \
+      2>&1 | grep -v -i warn | cut -c1-400
+    ;;
   token-mix)
     # x1, ~2 min: TimeMix's five token-shift mixes (ops/token_mix.py) alone at the 1.6B
     # step's shape, XLA's fusions of the plain form against the Pallas kernels at several
@@ -397,7 +431,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|x4-h200|kernel-spans|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|x4-h200|decay-check-step|decay-check-kernel|kernel-spans|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
     exit 2
     ;;
 esac

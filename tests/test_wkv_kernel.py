@@ -6,6 +6,7 @@ Bounds (relative RMS error, ||x - ref|| / ||ref||): float32 inputs 1e-4 (state a
 5e-4: strong decay loses a few bits in the float32 log-decay cumsums), bf16 inputs 2e-2.
 """
 
+import collections
 import functools
 import os
 import re
@@ -328,6 +329,71 @@ def test_blocks_must_be_powers_of_two_up_to_max_block():
         wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), state_splits=2, interpret=True)
 
 
+def test_factored_everywhere_bounds_every_chunks_exponents():
+    """decay_check="call" leaves the per-chunk check out where every log-decay is above
+    -0.99 * 60 / (chunk / 2): -7.425 at chunk 16, -3.7125 at chunk 32."""
+    everywhere = lambda lw, chunk=16: bool(intra.factored_everywhere(jnp.asarray(lw), chunk))  # noqa: E731
+    assert everywhere([0.0, -7.42]) and not everywhere([0.0, -7.43])
+    assert everywhere([-3.71], 32) and not everywhere([-3.72], 32)
+    assert not everywhere([-jnp.inf]) and not everywhere([jnp.nan, -1.0])
+    with pytest.raises(ValueError, match="decay_check must be 'chunk' or 'call', got 'row'"):
+        x = jnp.zeros((1, 32, 1, 16))
+        wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), decay_check="row", interpret=True)
+
+
+@pytest.mark.parametrize(
+    "low, high, everywhere",
+    [(-7.42, -6.5, True), (-7.9, -7.43, False), (None, None, False)],
+    ids=["unchecked_at_the_bound", "checked_below_it", "strong"],
+)
+def test_interpret_decay_check_per_call_matches_reference(low, high, everywhere):
+    """decay_check="call": the unchecked kernels where every log-decay is above the bound,
+    here as close to it as it lets (a chunk's factored exponents reach 8 * 7.42 = 59.4 of
+    the 60 allowed: float32 overflows nowhere), else the checked ones. float32, T = 100
+    (two-pass both ways, the span-entry states kept for the backward): outputs, final state
+    and every gradient equal to decay_check="chunk"'s to 1e-6, and against the float64
+    reference within the file's bounds; d log_w against the reference only where decays
+    are mixed: with every decay near -7.5 its true values are tiny and the suffix sums'
+    float32 cancellation leaves 6.5e-4 (at the bound) to 1.1e-2 (below it) in both
+    variants alike."""
+    ins, dy, dst = make_inputs(5, 2, 100, 2, 16, jnp.float32, "strong")
+    if low is not None:
+        rng = np.random.default_rng(6)
+        ins[3] = jnp.asarray(rng.uniform(low, high, ins[3].shape), jnp.float32)
+    assert bool(intra.factored_everywhere(ins[3], 16)) == everywhere
+    results = {}
+    for check in ("call", "chunk"):
+        fn = functools.partial(wk.wkv6_kernel, decay_check=check, interpret=True)
+        grad = jax.grad(_loss(fn, dy, dst), argnums=range(6))
+        results[check] = [*jax.jit(fn)(*ins), *jax.jit(grad)(*ins)]
+    program = str(jax.make_jaxpr(grad)(*ins))  # decay_check="chunk": no cond
+    kernels = collections.Counter(re.findall(r"name=(wkv6_\w+)", program))
+    assert kernels["wkv6_fwd_output"] == 1, kernels
+    program = str(
+        jax.make_jaxpr(
+            jax.grad(
+                _loss(
+                    functools.partial(wk.wkv6_kernel, decay_check="call", interpret=True), dy, dst
+                ),
+                argnums=range(6),
+            )
+        )(*ins)
+    )
+    kernels = collections.Counter(re.findall(r"name=(wkv6_\w+)", program))
+    # Each kernel with intra-chunk terms in both branches of a cond; the states once, kept.
+    assert kernels["wkv6_states"] == 1, kernels
+    for name in ("wkv6_fwd_output", "wkv6_bwd_chunks_dk", "wkv6_bwd_chunks_dv"):
+        assert kernels[name] == 2, kernels
+    y_ref, st_ref, grads_ref = reference_and_grads(ins, dy, dst)
+    names = ("y", "state") + tuple("d" + n for n in NAMES)
+    for name, x, same, ref in zip(
+        names, results["call"], results["chunk"], [y_ref, st_ref, *grads_ref], strict=True
+    ):
+        assert rel_rms(x, same) < 1e-6, name
+        if name != "dlog_w" or low is None:
+            assert rel_rms(x, ref) < (1e-4 if name == "y" else 5e-4), (name, rel_rms(x, ref))
+
+
 def test_interpret_two_pass_backward_matches_reference():
     """Chunk-entry states and chunk-exit state gradients (value-split in two: N=32, B*H=4),
     then every chunk's gradients in parallel; T=21 is two chunks, the second padded; 10% of
@@ -523,6 +589,17 @@ def test_gpu_algorithms_match_reference(options, t, dtype):
     sequential passes split each head's value columns in four)."""
     _needs_gpu()
     with_kernel_options(**options)(1, t, 2, 64, dtype, "strong", seed=t + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("decay", ["strong", "weak"])
+@pytest.mark.parametrize("t", [65, 4096])
+def test_gpu_decay_check_per_call_matches_reference(t, decay, dtype):
+    """decay_check="call" on the GPU: weak decay takes the kernels without the per-chunk
+    check (compiled by Triton, unlike in the interpreter), strong decay the checked ones."""
+    _needs_gpu()
+    with_kernel_options(decay_check="call")(2, t, 2, 64, dtype, decay, seed=t + 3)
 
 
 @pytest.mark.gpu

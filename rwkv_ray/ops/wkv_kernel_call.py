@@ -30,6 +30,7 @@ _Opts = collections.namedtuple(
         "merge_dk_dv",
         "state_splits",
         "overlap_dr",
+        "decay_check",
     ],
 )
 
