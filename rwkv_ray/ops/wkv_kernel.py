@@ -269,7 +269,8 @@ def wkv6_kernel(
     every log-decay is above -7.5 at chunk 16, else the "chunk" kernels, by a lax.cond; the
     two-pass span-entry states are kept for the backward). On an H200 (B8 T4096, 2026-11-28)
     kernels without the check took the output kernel from 126 to 87 registers and 0.616 to
-    0.502 ms, the state gradients + dr 0.957 -> 0.771, dv 0.578 -> 0.510, dk 0.935 -> 0.983.
+    0.502 ms, the state gradients + dr 0.957 -> 0.771, dv 0.578 -> 0.510; dk 0.935 -> 0.983
+    (so the dk kernel keeps its check).
 
     Example: y, s = wkv6_kernel(r, k, v, -jnp.exp(w_raw), u, s0)
     """
