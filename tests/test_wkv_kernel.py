@@ -330,37 +330,54 @@ def test_blocks_must_be_powers_of_two_up_to_max_block():
 
 
 def test_factored_everywhere_bounds_every_chunks_exponents():
-    """decay_check="call" leaves the per-chunk check out where every log-decay is above
-    -0.99 * 60 / (chunk / 2): -7.425 at chunk 16, -3.7125 at chunk 32."""
-    everywhere = lambda lw, chunk=16: bool(intra.factored_everywhere(jnp.asarray(lw), chunk))  # noqa: E731
-    assert everywhere([0.0, -7.42]) and not everywhere([0.0, -7.43])
-    assert everywhere([-3.71], 32) and not everywhere([-3.72], 32)
-    assert not everywhere([-jnp.inf]) and not everywhere([jnp.nan, -1.0])
+    """decay_check="call" leaves the per-chunk check out where every half-chunk's clamped
+    log-decays sum above -0.99 * 60 = -59.4 (`_factors`' largest exponents)."""
+
+    def everywhere(values, chunk=16, t=None):
+        lw = jnp.asarray(values, jnp.float32).reshape(1, -1, 1, 1)
+        return bool(intra.factored_everywhere(jnp.tile(lw, (1, (t or 1), 1, 1)), chunk))
+
+    assert everywhere([-7.42] * 16) and not everywhere([-7.43] * 16)  # 8 * 7.42 = 59.36
+    assert everywhere([-3.71] * 32, 32) and not everywhere([-3.72] * 32, 32)
+    strong_each_half = [-1e3] + [-1.0] * 7  # clamped: -50 - 7 = -57
+    assert everywhere(strong_each_half * 2, t=3)
+    assert not everywhere([-1e3, -1e3] + [-0.1] * 14)  # two in one half: -100.6
+    assert everywhere([-jnp.inf] + [0.0] * 15)  # clamped at -50 as the kernels do
+    assert not everywhere([jnp.nan] + [-1.0] * 15)
     with pytest.raises(ValueError, match="decay_check must be 'chunk' or 'call', got 'row'"):
         x = jnp.zeros((1, 32, 1, 16))
         wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), decay_check="row", interpret=True)
 
 
 @pytest.mark.parametrize(
-    "low, high, everywhere",
-    [(-7.42, -6.5, True), (-7.9, -7.43, False), (None, None, False)],
-    ids=["unchecked_at_the_bound", "checked_below_it", "strong"],
-)
-def test_interpret_decay_check_per_call_matches_reference(low, high, everywhere):
-    """decay_check="call": the unchecked kernels where every log-decay is above the bound,
-    here as close to it as it lets (a chunk's factored exponents reach 8 * 7.42 = 59.4 of
-    the 60 allowed: float32 overflows nowhere), else the checked ones. float32, T = 100
-    (two-pass both ways, the span-entry states kept for the backward): outputs, final state
-    and every gradient equal to decay_check="chunk"'s to 1e-6, and against the float64
-    reference within the file's bounds; d log_w against the reference only where decays
-    are mixed: with every decay near -7.5 its true values are tiny and the suffix sums'
-    float32 cancellation leaves 6.5e-4 (at the bound) to 1.1e-2 (below it) in both
-    variants alike."""
+    "decays, everywhere",
+    [("uniform_at_bound", True), ("uniform_below", False), ("sparse_strong", True),
+     ("strong", False)],
+)  # fmt: skip
+def test_interpret_decay_check_per_call_matches_reference(decays, everywhere):
+    """decay_check="call": the unchecked kernels where every half-chunk's decays sum above
+    the bound, here as close to it as it lets ("uniform_at_bound": decays in [-7.42, -6.5],
+    a half-chunk's exponents reach 59.4 of the 60 allowed: float32 overflows nowhere) or
+    with a -1e3 decay at the start of every half-chunk ("sparse_strong"), else the checked
+    ones. float32, T = 100 (two-pass both ways, the span-entry states kept for the
+    backward): outputs, final state and every gradient equal to decay_check="chunk"'s to
+    1e-6, and against the float64 reference within the file's bounds; d log_w against the
+    reference only where decays are mixed: with every decay near -7.5 its true values are
+    tiny and the suffix sums' float32 cancellation leaves 6.5e-4 (at the bound) to 1.1e-2
+    (below it) in both variants alike."""
     ins, dy, dst = make_inputs(5, 2, 100, 2, 16, jnp.float32, "strong")
-    if low is not None:
-        rng = np.random.default_rng(6)
-        ins[3] = jnp.asarray(rng.uniform(low, high, ins[3].shape), jnp.float32)
-    assert bool(intra.factored_everywhere(ins[3], 16)) == everywhere
+    rng = np.random.default_rng(6)
+    shape = ins[3].shape
+    if decays == "uniform_at_bound":
+        ins[3] = jnp.asarray(rng.uniform(-7.42, -6.5, shape), jnp.float32)
+    elif decays == "uniform_below":
+        ins[3] = jnp.asarray(rng.uniform(-7.9, -7.43, shape), jnp.float32)
+    elif decays == "sparse_strong":
+        lw = rng.uniform(-1.0, -0.1, shape)
+        lw[:, ::8] = -1e3
+        ins[3] = jnp.asarray(lw, jnp.float32)
+    padded = jnp.pad(ins[3], ((0, 0), (0, 12), (0, 0), (0, 0)))  # as the kernel pads T to 112
+    assert bool(intra.factored_everywhere(padded, 16)) == everywhere
     results = {}
     for check in ("call", "chunk"):
         fn = functools.partial(wk.wkv6_kernel, decay_check=check, interpret=True)
@@ -390,7 +407,7 @@ def test_interpret_decay_check_per_call_matches_reference(low, high, everywhere)
         names, results["call"], results["chunk"], [y_ref, st_ref, *grads_ref], strict=True
     ):
         assert rel_rms(x, same) < 1e-6, name
-        if name != "dlog_w" or low is None:
+        if name != "dlog_w" or not decays.startswith("uniform"):
             assert rel_rms(x, ref) < (1e-4 if name == "y" else 5e-4), (name, rel_rms(x, ref))
 
 

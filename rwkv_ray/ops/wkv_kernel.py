@@ -266,7 +266,7 @@ def wkv6_kernel(
     `decay_check` where the factored modes check that their form is exact: "chunk" (in
     every kernel program, falling back to "loop" code there) or "call" (once, from the
     log-decays: `factored_everywhere`; kernels without the check and the "loop" code where
-    every log-decay is above -7.5 at chunk 16, else the "chunk" kernels, by a lax.cond; the
+    every half-chunk's log-decays sum above -59.4, else the "chunk" kernels, by a lax.cond; the
     two-pass span-entry states are kept for the backward). On an H200 (B8 T4096, 2026-11-28)
     kernels without the check took the output kernel from 126 to 87 registers and 0.616 to
     0.502 ms, the state gradients + dr 0.957 -> 0.771, dv 0.578 -> 0.510; dk 0.935 -> 0.983

@@ -95,11 +95,16 @@ UNCHECKED = "_unchecked"
 
 
 def factored_everywhere(log_w, chunk):
-    """Whether every chunk's factored form is exact, from the log-decays alone: `_factors`'
-    exponents are sums of at most chunk / 2 clamped log-decays, so log-decays all above
-    -_FACTOR_LIMIT / (chunk / 2) (-7.5 at chunk 16; with 1% to spare for rounding) keep
-    them within the limit. A scalar bool array (False for -inf or NaN log-decays)."""
-    return jnp.min(log_w) > -0.99 * _FACTOR_LIMIT / (chunk // 2)
+    """Whether every chunk's factored form is exact, from the log-decays alone. `_factors`'
+    largest exponents are the sums of the clamped log-decays over each half of the chunk
+    (from the middle row to either end), so it holds where every half-chunk sums above
+    -_FACTOR_LIMIT (with 1% to spare for the cumsums' rounding): one -50 decay a half
+    passes, two do not. log_w [B, T, H, N] with T a multiple of chunk (as `_wkv6` gets it).
+    A scalar bool array (False where a log-decay is NaN)."""
+    b, t, h, n = log_w.shape
+    half = chunk // 2
+    sums = jnp.sum(_clamp(log_w.astype(F32)).reshape(b, t // half, half, h, n), axis=2)
+    return jnp.min(sums) > -0.99 * _FACTOR_LIMIT
 
 
 def _checked(ok, factored, loop, mode):
