@@ -309,7 +309,6 @@ case ${1:-} in
     (CUDA_VISIBLE_DEVICES=0 bash benchmarks/gpu_session.sh token-mix) >"$OUT/train_gpu0.log" 2>&1 &
     on_gpu 1 540 fla
     on_gpu 2 260 ours_full,ours_state
-    # kernel's JSON would be a 9th file back: its figures are in the log.
     (CUDA_VISIBLE_DEVICES=3 kernel) >"$OUT/train_gpu3.log" 2>&1 &
     wait
     grep -h -v -i warn "$OUT"/train_gpu*.log | grep 'passed\|failed\|GPU\|ms\|ours\|kernels'
