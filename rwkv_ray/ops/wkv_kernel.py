@@ -287,11 +287,8 @@ def wkv6_kernel(
         raise ValueError(f"mode must be one of {', '.join(map(repr, modes))}, got {mode!r}")
     if decay_check not in ("chunk", "call"):
         raise ValueError(f"decay_check must be 'chunk' or 'call', got {decay_check!r}")
-    forwards = ("auto", "fused", "two_pass")
-    if forward not in forwards:
-        raise ValueError(
-            f"forward must be one of {', '.join(map(repr, forwards))}, got {forward!r}"
-        )
+    if forward not in ("auto", "fused", "two_pass"):
+        raise ValueError(f"forward must be 'auto', 'fused' or 'two_pass', got {forward!r}")
     if backward not in ("auto", "fused", "two_pass"):
         raise ValueError(f"backward must be 'auto', 'fused' or 'two_pass', got {backward!r}")
     state_stride = state_stride or chunk_size

@@ -22,14 +22,7 @@ from rwkv_ray.ops.wkv_kernel_call import (
     _mm_dtype,
     _value_split_specs,
 )
-from rwkv_ray.ops.wkv_kernel_intra import (
-    _TN,
-    F32,
-    _chunk_terms,
-    _decay_factors,
-    _intra_p,
-    _mm,
-)
+from rwkv_ray.ops.wkv_kernel_intra import _TN, F32, _chunk_terms, _decay_factors, _intra_p, _mm
 
 # ----------------------------------------------------------------------------- kernels
 
