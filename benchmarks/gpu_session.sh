@@ -254,6 +254,23 @@ case ${1:-} in
     (step 1 "$PWD" chunk; step 1 /tmp/trees/call call) &
     wait
     ;;
+  decay-check-x2)
+    # nvidia-h200-x2 / h100-x2, ~7 min: decay-check-kernel on GPU 0; on GPU 1 the 1.6B
+    # full-tuning step with decay_check "call" (a copy of this tree with that default) and
+    # "chunk" alternated, twice each (the second of each from the compile cache).
+    mkdir -p /tmp/trees/call && cp -r rwkv_ray benchmarks pyproject.toml /tmp/trees/call/
+    sed -i 's/decay_check="chunk",$/decay_check="call",/' /tmp/trees/call/rwkv_ray/ops/wkv_kernel.py
+    grep -c 'decay_check="call",$' /tmp/trees/call/rwkv_ray/ops/wkv_kernel.py
+    step() {  # step GPU TREE NAME
+      (cd "$2" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=$1 timeout 200 python3 \
+        benchmarks/bench_train_gpu.py --steps 3 --first-gpu "$1" --timeout 180 \
+        --configs ours_full --out "$OUT/train_gpu$1_$3$4.json" 2>&1 | grep GPU | sed "s/^/$3 /")
+    }
+    (step 1 /tmp/trees/call call; step 1 "$PWD" chunk; step 1 /tmp/trees/call call 2
+      step 1 "$PWD" chunk 2) &
+    CUDA_VISIBLE_DEVICES=0 bash "$0" decay-check-kernel
+    wait
+    ;;
   decay-check-kernel)
     # x1, ~5 min: the GPU tests of decay_check="call", then the kernel against fla on the
     # issue's three shapes with decay_check "chunk" (the default) and "call".
@@ -430,7 +447,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|x4-h200|decay-check-step|decay-check-kernel|kernel-spans|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|x4-h200|decay-check-step|decay-check-kernel|decay-check-x2|kernel-spans|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
     exit 2
     ;;
 esac

@@ -359,12 +359,11 @@ def test_interpret_decay_check_per_call_matches_reference(decays, everywhere):
     the bound, here as close to it as it lets ("uniform_at_bound": decays in [-7.42, -6.5],
     a half-chunk's exponents reach 59.4 of the 60 allowed: float32 overflows nowhere) or
     with a -1e3 decay at the start of every half-chunk ("sparse_strong"), else the checked
-    ones. float32, T = 100 (two-pass both ways, the span-entry states kept for the
-    backward): outputs, final state and every gradient equal to decay_check="chunk"'s to
-    1e-6, and against the float64 reference within the file's bounds; d log_w against the
-    reference only where decays are mixed: with every decay near -7.5 its true values are
-    tiny and the suffix sums' float32 cancellation leaves 6.5e-4 (at the bound) to 1.1e-2
-    (below it) in both variants alike."""
+    ones. float32, T = 100 (two-pass both ways), outputs poisoned: outputs, final state and
+    every gradient equal to decay_check="chunk"'s to 1e-6, and against the float64 reference
+    within the file's bounds; d log_w against the reference only where decays are mixed:
+    with every decay near -7.5 its true values are tiny and the suffix sums' float32
+    cancellation leaves 6.5e-4 (at the bound) to 1.1e-2 (below it) in both variants alike."""
     ins, dy, dst = make_inputs(5, 2, 100, 2, 16, jnp.float32, "strong")
     rng = np.random.default_rng(6)
     shape = ins[3].shape
@@ -378,29 +377,24 @@ def test_interpret_decay_check_per_call_matches_reference(decays, everywhere):
         ins[3] = jnp.asarray(lw, jnp.float32)
     padded = jnp.pad(ins[3], ((0, 0), (0, 12), (0, 0), (0, 0)))  # as the kernel pads T to 112
     assert bool(intra.factored_everywhere(padded, 16)) == everywhere
-    results = {}
+    results, kernels = {}, {}
     for check in ("call", "chunk"):
-        fn = functools.partial(wk.wkv6_kernel, decay_check=check, interpret=True)
+        # Poisoned outputs: every element written by whichever launch of each pair computes.
+        fn = functools.partial(
+            wk.wkv6_kernel, decay_check=check, interpret=True, poison_outputs=check == "call"
+        )
         grad = jax.grad(_loss(fn, dy, dst), argnums=range(6))
         results[check] = [*jax.jit(fn)(*ins), *jax.jit(grad)(*ins)]
-    program = str(jax.make_jaxpr(grad)(*ins))  # decay_check="chunk": no cond
-    kernels = collections.Counter(re.findall(r"name=(wkv6_\w+)", program))
-    assert kernels["wkv6_fwd_output"] == 1, kernels
-    program = str(
-        jax.make_jaxpr(
-            jax.grad(
-                _loss(
-                    functools.partial(wk.wkv6_kernel, decay_check="call", interpret=True), dy, dst
-                ),
-                argnums=range(6),
-            )
-        )(*ins)
-    )
-    kernels = collections.Counter(re.findall(r"name=(wkv6_\w+)", program))
-    # Each kernel with intra-chunk terms in both branches of a cond; the states once, kept.
-    assert kernels["wkv6_states"] == 1, kernels
-    for name in ("wkv6_fwd_output", "wkv6_bwd_chunks_dk", "wkv6_bwd_chunks_dv"):
-        assert kernels[name] == 2, kernels
+        program = str(jax.make_jaxpr(grad)(*ins))
+        kernels[check] = collections.Counter(re.findall(r"name=(wkv6_\w+)", program))
+    # Each kernel with intra-chunk terms but dk launched twice (with and without the check,
+    # one of them returning at once), the others once.
+    twice = ("wkv6_fwd_output", "wkv6_bwd_state_grads_dr", "wkv6_bwd_chunks_dv")
+    for name, count in kernels["chunk"].items():
+        assert kernels["call"][name] == count, (name, kernels)
+        unchecked = kernels["call"][name + "_unchecked"]
+        assert unchecked == (count if name in twice else 0), (name, kernels)
+    assert all(kernels["chunk"][name] == 1 for name in twice), kernels
     y_ref, st_ref, grads_ref = reference_and_grads(ins, dy, dst)
     names = ("y", "state") + tuple("d" + n for n in NAMES)
     for name, x, same, ref in zip(
@@ -658,11 +652,22 @@ def test_gpu_poisoned_outputs_all_written(t, backward):
     _check_poisoned(t, interpret=False, backward=backward)
 
 
-def _check_poisoned(t, interpret, backward="auto"):
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", ["strong", "weak"])
+@pytest.mark.parametrize("backward", ["fused", "two_pass"])
+def test_gpu_poisoned_outputs_all_written_decay_check_per_call(backward, decay):
+    """decay_check="call": every output written by whichever launch of each pair computes
+    (weak decay: the kernels without the per-chunk check; strong: the checked ones)."""
+    _needs_gpu()
+    _check_poisoned(100, interpret=False, backward=backward, decay=decay, decay_check="call")
+
+
+def _check_poisoned(t, interpret, backward="auto", decay="strong", decay_check="chunk"):
     b, h, n = (1, 1, 16) if interpret else (2, 3, 64)
-    ins, dy, dst = make_inputs(1, b, t, h, n, jnp.float32, "strong")
+    ins, dy, dst = make_inputs(1, b, t, h, n, jnp.float32, decay)
     mode = "3d" if interpret else "factored"  # "3d" interprets faster on CPU
-    kw = dict(interpret=interpret, poison_outputs=True, mode=mode, backward=backward)
+    kw = dict(interpret=interpret, poison_outputs=True, mode=mode, backward=backward,
+              decay_check=decay_check)  # fmt: skip
     fn = lambda *a: wk.wkv6_kernel(*a, **kw)  # noqa: E731
     y, st = jax.jit(fn)(*ins)
     y_ref, st_ref, grads_ref = reference_and_grads(ins, dy, dst)

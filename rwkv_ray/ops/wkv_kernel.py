@@ -58,15 +58,8 @@ from jax.sharding import PartitionSpec as P
 
 from rwkv_ray.ops.wkv_kernel_bwd import _backward_fused, _backward_two_pass, use_two_pass_backward
 from rwkv_ray.ops.wkv_kernel_call import _Opts
-from rwkv_ray.ops.wkv_kernel_fwd import (
-    _forward,
-    _forward_two_pass,
-    two_pass_outputs,
-    two_pass_states,
-    use_two_pass,
-    value_splits,
-)
-from rwkv_ray.ops.wkv_kernel_intra import F32, UNCHECKED, factored_everywhere
+from rwkv_ray.ops.wkv_kernel_fwd import _forward, _forward_two_pass, use_two_pass, value_splits
+from rwkv_ray.ops.wkv_kernel_intra import F32, factored_everywhere
 from rwkv_ray.ops.wkv_kernel_step import wkv6_kernel_step
 
 __all__ = [
@@ -90,48 +83,33 @@ MAX_BLOCK = 64
 # ----------------------------------------------------------------------------- custom VJP
 
 
-def _by_call(opts) -> bool:
-    """Whether the factored modes' exactness check runs once per call (decay_check="call")."""
-    return opts.decay_check == "call" and opts.mode.startswith("factored")
-
-
-def _either(everywhere, run, opts):
-    """run(opts) with the factored modes' per-chunk checks left out of the kernels where
-    `everywhere` (a scalar bool array: `factored_everywhere`), else with them."""
-    unchecked = opts._replace(mode=opts.mode + UNCHECKED)
-    return jax.lax.cond(everywhere, lambda: run(unchecked), lambda: run(opts))
+def _gated(log_w, chunk, opts):
+    """opts with decay_check="call"'s gate for the factored modes: `factored_everywhere` as a
+    [1] int32 array (see _call), which the backward reuses."""
+    if opts.decay_check != "call" or not opts.mode.startswith("factored"):
+        return opts
+    return opts._replace(gate=factored_everywhere(log_w, chunk).astype(jnp.int32).reshape(1))
 
 
 def _forward_kept(r, k, v, log_w, u, s0, chunk, opts, keep):
-    """((y, final state), hs where kept else None, `factored_everywhere` or None)."""
-    b, t, h, _ = r.shape
-    if not _by_call(opts):
-        if keep:
-            y, st, hs = _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)
-            return (y, st), hs, None
-        return _forward(r, k, v, log_w, u, s0, chunk, opts), None, None
-    everywhere = factored_everywhere(log_w, chunk)
-    if not use_two_pass(b, h, t, chunk, opts.forward):
-        run = lambda o: _forward(r, k, v, log_w, u, s0, chunk, o)  # noqa: E731
-        return _either(everywhere, run, opts), None, everywhere
-    # The span-entry states take no intra-chunk terms: computed once, outside the cond (XLA
-    # merges no pass across a conditional's branches), and kept for the backward.
-    hs, st = two_pass_states(r, k, v, log_w, s0, chunk, opts)
-    run = lambda o: two_pass_outputs(r, k, v, log_w, u, hs, chunk, o)  # noqa: E731
-    return (_either(everywhere, run, opts), st), hs, everywhere
+    """(y, final state), hs where kept else None."""
+    if keep:
+        y, st, hs = _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)
+        return (y, st), hs
+    return _forward(r, k, v, log_w, u, s0, chunk, opts), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _wkv6(r, k, v, log_w, u, s0, chunk, opts):
+    opts = _gated(log_w, chunk, opts)
     return _forward_kept(r, k, v, log_w, u, s0, chunk, opts, keep=False)[0]
 
 
 def _keeps_states(r, chunk, opts):
-    """keep_states applies when both directions are two-pass (the forward computes hs anyway);
-    decay_check="call" keeps them likewise."""
+    """keep_states applies when both directions are two-pass (the forward computes hs anyway)."""
     b, t, h, _ = r.shape
     return (
-        (opts.keep or _by_call(opts))
+        opts.keep
         and use_two_pass(b, h, t, chunk, opts.forward)
         and use_two_pass_backward(b, h, t, chunk, opts.backward)
     )
@@ -139,22 +117,20 @@ def _keeps_states(r, chunk, opts):
 
 def _wkv6_fwd(r, k, v, log_w, u, s0, chunk, opts):
     keep = _keeps_states(r, chunk, opts)
-    (y, st), hs, everywhere = _forward_kept(r, k, v, log_w, u, s0, chunk, opts, keep)
-    return (y, st), (r, k, v, log_w, u, s0, st, hs if keep else None, everywhere)
+    opts = _gated(log_w, chunk, opts)
+    (y, st), hs = _forward_kept(r, k, v, log_w, u, s0, chunk, opts, keep)
+    return (y, st), (r, k, v, log_w, u, s0, st, hs, opts.gate)
 
 
 def _wkv6_bwd(chunk, opts, res, cts):
     dy, dst = cts
-    r, k, v, log_w, u, s0, st, hs, everywhere = res
+    r, k, v, log_w, u, s0, st, hs, gate = res
     b, t, h, _ = r.shape
-
-    def run(o):
-        args = (r, k, v, log_w, u, s0, st, dy.astype(r.dtype), dst.astype(F32), chunk, o)
-        if use_two_pass_backward(b, h, t, chunk, o.backward):
-            return _backward_two_pass(*args, hs=hs)
-        return _backward_fused(*args)
-
-    return run(opts) if everywhere is None else _either(everywhere, run, opts)
+    opts = opts._replace(gate=gate)
+    args = (r, k, v, log_w, u, s0, st, dy.astype(r.dtype), dst.astype(F32), chunk, opts)
+    if use_two_pass_backward(b, h, t, chunk, opts.backward):
+        return _backward_two_pass(*args, hs=hs)
+    return _backward_fused(*args)
 
 
 _wkv6.defvjp(_wkv6_fwd, _wkv6_bwd)
@@ -265,12 +241,12 @@ def wkv6_kernel(
     (`_state_grads_and_dr`; not with a longer pass1_stride).
     `decay_check` where the factored modes check that their form is exact: "chunk" (in
     every kernel program, falling back to "loop" code there) or "call" (once, from the
-    log-decays: `factored_everywhere`; kernels without the check and the "loop" code where
-    every half-chunk's log-decays sum above -59.4, else the "chunk" kernels, by a lax.cond; the
-    two-pass span-entry states are kept for the backward). On an H200 (B8 T4096, 2026-11-28)
-    kernels without the check took the output kernel from 126 to 87 registers and 0.616 to
-    0.502 ms, the state gradients + dr 0.957 -> 0.771, dv 0.578 -> 0.510; dk 0.935 -> 0.983
-    (so the dk kernel keeps its check).
+    log-decays: `factored_everywhere`, true where every half-chunk's log-decays sum above
+    -59.4; each kernel with intra-chunk terms but dk then launches twice, without the check
+    and the "loop" code where it holds, with them where not, the other launch returning at
+    once: see _call). On an H200 (B8 T4096, 2026-11-28) kernels without the check took the
+    output kernel from 126 to 87 registers and 0.616 to 0.502 ms, the state gradients + dr
+    0.957 -> 0.771, dv 0.578 -> 0.510; dk 0.935 -> 0.983 (so the dk kernel keeps its check).
 
     Example: y, s = wkv6_kernel(r, k, v, -jnp.exp(w_raw), u, s0)
     """
@@ -340,6 +316,7 @@ def wkv6_kernel(
         state_splits,
         overlap_dr,
         decay_check,
+        None,  # gate: set inside, from log_w (decay_check="call")
     )
     batched = (True, True, True, True, False, True)  # r, k, v, log_w, u, initial_state
     kernel = per_device_rows(lambda *args: _wkv6(*args, chunk_size, opts), b, batched, 2)

@@ -35,7 +35,6 @@ from rwkv_ray.ops.wkv_kernel_intra import (
     _NT,
     _TN,
     F32,
-    UNCHECKED,
     _chunk_terms,
     _decay_factors,
     _intra_dk,
@@ -199,8 +198,15 @@ def _state_grads_and_dr(r, k, v, log_w, u, dy, dst, hs, span, chunk, opts, split
     head = pl.BlockSpec((None, n), lambda b_, h_, z: (h_, 0))
     entry = pl.BlockSpec((None, None, n, n), lambda b_, h_, z: (b_, h_, at(z), 0))
 
-    def kernel(r_s, w_s, dy_c, dst_s, k_p, v_p, w_p, u_h, dy_p, hs_e, gs_o, ds0_o, drn_o, dr_o):
-        z = pl.program_id(2)
+    # Each program's z as an input rather than pl.program_id(2): under decay_check="call" the
+    # kernel runs inside a pl.when (_call), where Pallas' interpreter cannot take program_id.
+    program = pl.BlockSpec((1,), lambda b_, h_, z: (z,))
+
+    def kernel(
+        z_p, r_s, w_s, dy_c, dst_s, k_p, v_p, w_p, u_h, dy_p, hs_e, gs_o, ds0_o, drn_o, dr_o, *,
+        mode,
+    ):  # fmt: skip
+        z = z_p[0]
 
         @pl.when(z < splits)
         def _():
@@ -210,12 +216,12 @@ def _state_grads_and_dr(r, k, v, log_w, u, dy, dst, hs, span, chunk, opts, split
         def _():
             _chunk_dr_kernel(
                 k_p, v_p, w_p, u_h, dy_p, hs_e, drn_o, dr_o, chunk=chunk, mm_dtype=mm,
-                mode=opts.mode,
+                mode=mode,
             )  # fmt: skip
 
     return _call(
-        kernel,
-        [seq, seq, cols, state, piece, piece, piece, head, piece, entry],
+        functools.partial(kernel, mode=opts.mode),
+        [program, seq, seq, cols, state, piece, piece, piece, head, piece, entry],
         [stack, state, piece, piece],
         (
             jax.ShapeDtypeStruct((b, h, n_spans * n, n), gs_dtype),
@@ -226,7 +232,7 @@ def _state_grads_and_dr(r, k, v, log_w, u, dy, dst, hs, span, chunk, opts, split
         (b, h, splits + n_spans),
         opts,
         "wkv6_bwd_state_grads_dr",
-    )(r, log_w, dy, dst, k, v, log_w, u, dy, hs)
+    )(jnp.arange(splits + n_spans, dtype=jnp.int32), r, log_w, dy, dst, k, v, log_w, u, dy, hs)
 
 
 # Pass 2 is three kernels, one per gradient family, each about as heavy as the forward's
@@ -406,11 +412,10 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
         )(*dkv_args)
     else:
         dk, dwl, tot, du = _call(
-            # The per-chunk check kept even where the caller leaves it out (UNCHECKED): on an
-            # H200 (B8 T4096, 2026-11-28) this kernel took 0.935 ms with it, 0.983 without.
-            functools.partial(dkv, parts="dk", mode=opts.mode.removesuffix(UNCHECKED)),
-            dkv_specs, dk_specs, dk_shapes, grid, opts,
-            "wkv6_bwd_chunks_dk",
+            # The per-chunk check kept under decay_check="call" too (no gate): on an H200
+            # (B8 T4096, 2026-11-28) this kernel took 0.935 ms with it, 0.983 without.
+            functools.partial(dkv, parts="dk"), dkv_specs, dk_specs, dk_shapes, grid,
+            opts._replace(gate=None), "wkv6_bwd_chunks_dk",
         )(*dkv_args)  # fmt: skip
         dv = _call(
             functools.partial(dkv, parts="dv"), dkv_specs, piece, like(v), grid, opts,
