@@ -264,7 +264,7 @@ case ${1:-} in
     step() {  # step GPU TREE NAME
       (cd "$2" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=$1 timeout 200 python3 \
         benchmarks/bench_train_gpu.py --steps 3 --first-gpu "$1" --timeout 180 \
-        --configs ours_full --out "$OUT/train_gpu$1_$3$4.json" 2>&1 | grep GPU | sed "s/^/$3 /")
+        --configs ours_full --out "$OUT/train_gpu$1_$3${4:-}.json" 2>&1 | grep GPU | sed "s/^/$3 /")
     }
     (step 1 /tmp/trees/call call; step 1 "$PWD" chunk; step 1 /tmp/trees/call call 2
       step 1 "$PWD" chunk 2) &
