@@ -118,9 +118,10 @@ def time_torch(fn, warm=3, reps=15):
 
 def ours_fns(cfg):
     chunk, warps, stages, mode, forward, backward, keep, stride, pass1, dkv, splits, overlap = cfg
-    mode, _, check = mode.partition("+")  # "factored_tf32+call": decay_check="call"
+    mode, _, check = mode.partition("+")  # "factored_tf32+chunk": decay_check="chunk"
     kw = dict(chunk_size=chunk, num_warps=warps or None, num_stages=stages or None, mode=mode)
-    kw.update(decay_check=check or "chunk")
+    if check:
+        kw.update(decay_check=check)
     kw.update(forward=forward, backward=backward, keep_states=keep, state_stride=stride or None)
     kw.update(pass1_stride=pass1 or None, merge_dk_dv=dkv, state_splits=splits or None)
     kw.update(overlap_dr=overlap)
@@ -213,7 +214,8 @@ def main():
         "default (0) stride; dkv: 'dkv' merges the backward's dk and dv kernels, or empty; "
         "splits: the sequential passes' value splits, default (0) value_splits; sep: 'sep' "
         "launches the backward's dr kernel apart from its state-gradient pass (overlap_dr="
-        "False), or empty; mode may end in '+call' (decay_check='call'); num_warps / num_stages 0: "
+        "False), or empty; mode may end in '+chunk' or '+call' (decay_check; default call); "
+        "num_warps / num_stages 0: "
         "each kernel's default, KERNEL_WARPS / KERNEL_STAGES)",
     )
     ap.add_argument("--reps", type=int, default=15)

@@ -4,15 +4,9 @@
 # soon as it has a row, so a step that runs long loses only itself.
 #
 # Next session's plan:
-# 1. decay_check="call" (landed opt-in 2026-11-28, untimed as a whole): `decay-check-kernel`
-#    (x1, ~5 min; its GPU tests, then the kernel against fla with "chunk" and "call") and
-#    `decay-check-step` (x2, ~6 min, crossed). On an H200 the kernels without the per-chunk
-#    check gave B8 T4096 back to back 0.888 / 3.360 ms against 1.000 / 3.689 (fla 1.749 /
-#    6.829 in another call: 0.51 / 0.49); a first try with the cond around the whole op
-#    ran the states pass twice (XLA merges no pass across a conditional) and lost 2.7% in
-#    the step; "call" now computes the states outside the cond. If the step gains, make
-#    "call" the default (and see whether the dk kernel should keep its check: 0.935 ->
-#    0.983 ms without it).
+# 1. The whole GPU test suite once (`gpu-tests`, x2): decay_check="call" became the default
+#    on 2026-11-28 after its 12 GPU rows passed and the crossed step (decay-check-step, since
+#    removed: a copy of the tree with the other default on the other GPU) gained 1.8%.
 # 2. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
 #    tokens/s, 1.3x fla and 1.5x state, and the kernel against fla:
 #      OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4: fla / ours full /
@@ -22,6 +16,10 @@
 #    each); with two: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
 #    the kernel against fla with the time left) gives same-run ratios on that card.
 # 3. Issue 3's decode goal on an H100 (`decode`, several processes: batch 1 spreads +-5%).
+# Done on 2026-11-28 (20:2x-21:1x, nvidia-h200-x2): decay-check-step with the lax.cond
+# version of decay_check="call" (-0.9%: XLA's GPU conditional waits on the host for its
+# predicate), decay-check-kernel, then both again with each kernel gated in the kernel
+# (two launches, one returning at once): +1.8% crossed (47.83k vs 46.98k); "call" the default.
 # Done on 2026-11-28 (17:47-18:02, nvidia-h200-x4): `x4-h200` at 43b8a1d (ours 48.54k vs fla
 # 36.54k = 1.33x, state 1.36x; the kernel vs fla back to back 0.57 / 0.54; the token-mix
 # default tile 16:4:4 the fastest of seven; forward="span_parallel" slower, removed), `dp4`
@@ -238,46 +236,13 @@ case ${1:-} in
         2>&1 | grep "ours\|kernels" | cut -c1-300
     done
     ;;
-  decay-check-step)
-    # nvidia-h200-x2 / h100-x2, ~6 min: the 1.6B full-tuning step with wkv6_kernel's
-    # decay_check="call" (a copy of this tree with that default) against this tree's "chunk",
-    # crossed: GPU 0 runs "call" then "chunk", GPU 1 the other way.
-    mkdir -p /tmp/trees/call && cp -r rwkv_ray benchmarks pyproject.toml /tmp/trees/call/
-    sed -i 's/decay_check="chunk",$/decay_check="call",/' /tmp/trees/call/rwkv_ray/ops/wkv_kernel.py
-    grep -c 'decay_check="call",$' /tmp/trees/call/rwkv_ray/ops/wkv_kernel.py
-    step() {  # step GPU TREE NAME
-      (cd "$2" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=$1 timeout 230 python3 \
-        benchmarks/bench_train_gpu.py --steps 3 --first-gpu "$1" --timeout 210 \
-        --configs ours_full --out "$OUT/train_gpu$1_$3.json" 2>&1 | grep GPU | sed "s/^/$3 /")
-    }
-    (step 0 /tmp/trees/call call; step 0 "$PWD" chunk) &
-    (step 1 "$PWD" chunk; step 1 /tmp/trees/call call) &
-    wait
-    ;;
-  decay-check-x2)
-    # nvidia-h200-x2 / h100-x2, ~7 min: decay-check-kernel on GPU 0; on GPU 1 the 1.6B
-    # full-tuning step with decay_check "call" (a copy of this tree with that default) and
-    # "chunk" alternated, twice each (the second of each from the compile cache).
-    mkdir -p /tmp/trees/call && cp -r rwkv_ray benchmarks pyproject.toml /tmp/trees/call/
-    sed -i 's/decay_check="chunk",$/decay_check="call",/' /tmp/trees/call/rwkv_ray/ops/wkv_kernel.py
-    grep -c 'decay_check="call",$' /tmp/trees/call/rwkv_ray/ops/wkv_kernel.py
-    step() {  # step GPU TREE NAME
-      (cd "$2" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=$1 timeout 200 python3 \
-        benchmarks/bench_train_gpu.py --steps 3 --first-gpu "$1" --timeout 180 \
-        --configs ours_full --out "$OUT/train_gpu$1_$3${4:-}.json" 2>&1 | grep GPU | sed "s/^/$3 /")
-    }
-    (step 1 /tmp/trees/call call; step 1 "$PWD" chunk; step 1 /tmp/trees/call call 2
-      step 1 "$PWD" chunk 2) &
-    CUDA_VISIBLE_DEVICES=0 bash "$0" decay-check-kernel
-    wait
-    ;;
   decay-check-kernel)
-    # x1, ~5 min: the GPU tests of decay_check="call", then the kernel against fla on the
-    # issue's three shapes with decay_check "chunk" (the default) and "call".
+    # x1, ~5 min: the GPU tests of decay_check="call" (the default), then the kernel against
+    # fla on the issue's three shapes with decay_check "chunk" and "call".
     JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -m gpu tests/test_wkv_kernel.py \
       -k decay_check 2>&1 | tail -2
     timeout 380 python3 benchmarks/bench_wkv.py --shapes all --reps 10 --profile \
-      --configs 16:0:0:factored_tf32,16:0:0:factored_tf32+call --out "$OUT/wkv_vs_fla.json" \
+      --configs 16:0:0:factored_tf32+chunk,16:0:0:factored_tf32 --out "$OUT/wkv_vs_fla.json" \
       2>&1 | grep -v -i warn | cut -c1-400
     ;;
   token-mix)
@@ -447,7 +412,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|x4-h200|decay-check-step|decay-check-kernel|decay-check-x2|kernel-spans|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|x4-h200|decay-check-kernel|kernel-spans|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
     exit 2
     ;;
 esac

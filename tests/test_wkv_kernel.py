@@ -233,7 +233,8 @@ def test_interpret_merged_dk_dv_kernel_matches_reference(mode):
     ins, _, _ = make_inputs(0, 1, 64, 1, 16, jnp.float32, "weak")
     loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, **options)[0])  # noqa: E731
     program = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
-    kernels = set(re.findall(r"wkv6_bwd_chunks_\w+", program))
+    # (Each also as its twin without the per-chunk check: decay_check="call".)
+    kernels = {x.removesuffix("_unchecked") for x in re.findall(r"wkv6_bwd_chunks_\w+", program)}
     assert kernels == {"wkv6_bwd_chunks_dkv"}, kernels  # dr runs with the state grads
     assert "wkv6_bwd_state_grads_dr" in program
     run = with_kernel_options(backward="two_pass", merge_dk_dv=True, state_stride=32, mode=mode)
@@ -258,7 +259,8 @@ def test_interpret_overlapped_dr_matches_reference(overlap):
     options = dict(backward="two_pass", overlap_dr=overlap, interpret=True)
     loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, **options)[0])  # noqa: E731
     program = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
-    kernels = set(re.findall(r"name=(wkv6_bwd_state_grads\w*|wkv6_bwd_chunks_dr)", program))
+    names = re.findall(r"name=(wkv6_bwd_state_grads\w*|wkv6_bwd_chunks_dr)", program)
+    kernels = {x.removesuffix("_unchecked") for x in names}  # twins: decay_check="call"
     want = (
         {"wkv6_bwd_state_grads_dr"} if overlap else {"wkv6_bwd_state_grads", "wkv6_bwd_chunks_dr"}
     )
