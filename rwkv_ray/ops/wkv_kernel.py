@@ -85,10 +85,10 @@ MAX_BLOCK = 64
 
 def _gated(log_w, chunk, opts):
     """opts with decay_check="call"'s gate for the factored modes: `factored_everywhere` as a
-    [1] int32 array (see _call), which the backward reuses."""
+    [B * H] int32 array (see _call), which the backward reuses."""
     if opts.decay_check != "call" or not opts.mode.startswith("factored"):
         return opts
-    return opts._replace(gate=factored_everywhere(log_w, chunk).astype(jnp.int32).reshape(1))
+    return opts._replace(gate=factored_everywhere(log_w, chunk).astype(jnp.int32).reshape(-1))
 
 
 def _forward_kept(r, k, v, log_w, u, s0, chunk, opts, keep):

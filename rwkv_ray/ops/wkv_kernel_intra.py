@@ -89,22 +89,22 @@ def _factors(inc, exc, chunk):
 
 # A mode with this suffix takes the factored form everywhere without the per-chunk check
 # (and without the "loop" code in the kernel: 126 -> 87 registers in the forward's output
-# kernel, 25% -> 31% occupancy on an H200). The caller chooses it only where
-# `factored_everywhere` holds.
+# kernel, 25% -> 31% occupancy on an H200). _call (wkv_kernel_call.py) launches it only for
+# the heads where `factored_everywhere` holds.
 UNCHECKED = "_unchecked"
 
 
 def factored_everywhere(log_w, chunk):
-    """Whether every chunk's factored form is exact, from the log-decays alone. `_factors`'
-    largest exponents are the sums of the clamped log-decays over each half of the chunk
-    (from the middle row to either end), so it holds where every half-chunk sums above
-    -_FACTOR_LIMIT (with 1% to spare for the cumsums' rounding): one -50 decay a half
-    passes, two do not. log_w [B, T, H, N] with T a multiple of chunk (as `_wkv6` gets it).
-    A scalar bool array (False where a log-decay is NaN)."""
+    """Whether every chunk's factored form is exact, per batch row and head, from the
+    log-decays alone. `_factors`' largest exponents are the sums of the clamped log-decays
+    over each half of the chunk (from the middle row to either end), so it holds where every
+    half-chunk sums above -_FACTOR_LIMIT (with 1% to spare for the cumsums' rounding): one
+    -50 decay a half passes, two do not. log_w [B, T, H, N] with T a multiple of chunk (as
+    `_wkv6` gets it). A [B, H] bool array (False where a log-decay is NaN)."""
     b, t, h, n = log_w.shape
     half = chunk // 2
     sums = jnp.sum(_clamp(log_w.astype(F32)).reshape(b, t // half, half, h, n), axis=2)
-    return jnp.min(sums) > -0.99 * _FACTOR_LIMIT
+    return jnp.min(sums, axis=(1, 3)) > -0.99 * _FACTOR_LIMIT
 
 
 def _checked(ok, factored, loop, mode):
