@@ -5,8 +5,10 @@
 #
 # Next session's plan:
 # 1. The whole GPU test suite once (`gpu-tests`, x2): decay_check="call" became the default
-#    on 2026-11-28 after its 12 GPU rows passed and the crossed step (decay-check-step, since
-#    removed: a copy of the tree with the other default on the other GPU) gained 1.8%.
+#    on 2026-11-28 after its 12 GPU rows passed and the crossed step gained 1.8% (a gate for
+#    the whole call); its gate is per batch row and head since (b481d17; interpret tests and
+#    sm_90a compiles only): `decay-check-kernel` (x1, ~7 min) and `decay-check-step` (x2,
+#    ~4 min) time it again.
 # 2. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
 #    tokens/s, 1.3x fla and 1.5x state, and the kernel against fla:
 #      OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4: fla / ours full /
@@ -236,6 +238,22 @@ case ${1:-} in
         2>&1 | grep "ours\|kernels" | cut -c1-300
     done
     ;;
+  decay-check-step)
+    # nvidia-h200-x2 / h100-x2, ~4 min: the 1.6B full-tuning step with wkv6_kernel's
+    # decay_check="call" (the default) against "chunk" (a copy of this tree with that
+    # default), crossed: GPU 0 runs "call" then "chunk", GPU 1 the other way.
+    mkdir -p /tmp/trees/chunk && cp -r rwkv_ray benchmarks pyproject.toml /tmp/trees/chunk/
+    sed -i 's/decay_check="call",$/decay_check="chunk",/' /tmp/trees/chunk/rwkv_ray/ops/wkv_kernel.py
+    grep -c 'decay_check="chunk",$' /tmp/trees/chunk/rwkv_ray/ops/wkv_kernel.py
+    step() {  # step GPU TREE NAME
+      (cd "$2" && PYTHONPATH=/tmp/site:$PWD CUDA_VISIBLE_DEVICES=$1 timeout 230 python3 \
+        benchmarks/bench_train_gpu.py --steps 3 --first-gpu "$1" --timeout 210 \
+        --configs ours_full --out "$OUT/train_gpu$1_$3.json" 2>&1 | grep GPU | sed "s/^/$3 /")
+    }
+    (step 0 "$PWD" call; step 0 /tmp/trees/chunk chunk) &
+    (step 1 /tmp/trees/chunk chunk; step 1 "$PWD" call) &
+    wait
+    ;;
   decay-check-kernel)
     # x1, ~5 min: the GPU tests of decay_check="call" (the default), then the kernel against
     # fla on the three shapes with decay_check "chunk" and "call".
@@ -412,7 +430,7 @@ case ${1:-} in
       --configs ours_state --out "$OUT/train_scaling.json" 2>&1 | grep GPU
     ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|x4-h200|decay-check-kernel|kernel-spans|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh decode|decode-spread|kernel|x4-h200|decay-check-step|decay-check-kernel|kernel-spans|kernel-stages|kernel-tf32|mix|x4|x2|x2-fla|gpu-tests|train-plan|train-x4|dp|dp4|dp-profile|dp-dots|scaling|generate|train" >&2
     exit 2
     ;;
 esac
