@@ -6,9 +6,9 @@
 # Next session's plan:
 # 1. The whole GPU test suite once (`gpu-tests`, x2): decay_check="call" became the default
 #    on 2026-11-28 after its 12 GPU rows passed and the crossed step gained 1.8% (a gate for
-#    the whole call); its gate is per batch row and head since (b481d17; interpret tests and
-#    sm_90a compiles only): `decay-check-kernel` (x1, ~7 min) and `decay-check-step` (x2,
-#    ~4 min) time it again.
+#    the whole call); its gate is per batch row and head since (b481d17; its GPU tests `-k
+#    "decay_check or poisoned"` passed on an H200, 16): `decay-check-kernel` (x1, ~7 min) and
+#    `decay-check-step` (x2, ~4 min) time it again.
 # 2. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
 #    tokens/s, 1.3x fla and 1.5x state, and the kernel against fla:
 #      OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4: fla / ours full /
