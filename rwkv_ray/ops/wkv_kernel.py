@@ -91,18 +91,9 @@ def _gated(log_w, chunk, opts):
     return opts._replace(gate=factored_everywhere(log_w, chunk).astype(jnp.int32).reshape(-1))
 
 
-def _forward_kept(r, k, v, log_w, u, s0, chunk, opts, keep):
-    """(y, final state), hs where kept else None."""
-    if keep:
-        y, st, hs = _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)
-        return (y, st), hs
-    return _forward(r, k, v, log_w, u, s0, chunk, opts), None
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _wkv6(r, k, v, log_w, u, s0, chunk, opts):
-    opts = _gated(log_w, chunk, opts)
-    return _forward_kept(r, k, v, log_w, u, s0, chunk, opts, keep=False)[0]
+    return _forward(r, k, v, log_w, u, s0, chunk, _gated(log_w, chunk, opts))
 
 
 def _keeps_states(r, chunk, opts):
@@ -116,9 +107,11 @@ def _keeps_states(r, chunk, opts):
 
 
 def _wkv6_fwd(r, k, v, log_w, u, s0, chunk, opts):
-    keep = _keeps_states(r, chunk, opts)
-    opts = _gated(log_w, chunk, opts)
-    (y, st), hs = _forward_kept(r, k, v, log_w, u, s0, chunk, opts, keep)
+    keep, opts = _keeps_states(r, chunk, opts), _gated(log_w, chunk, opts)
+    if keep:
+        y, st, hs = _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)
+    else:
+        (y, st), hs = _forward(r, k, v, log_w, u, s0, chunk, opts), None
     return (y, st), (r, k, v, log_w, u, s0, st, hs, opts.gate)
 
 

@@ -224,28 +224,15 @@ def _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts):
     tokens); pass 2 runs each span's chunks from it, all spans in parallel. A longer span
     means fewer sequential steps in pass 1 and less state traffic, a shorter one more
     parallel programs. hs is the two-pass backward's pass 1a too (the same spans)."""
-    hs, st = two_pass_states(r, k, v, log_w, s0, chunk, opts)
-    return two_pass_outputs(r, k, v, log_w, u, hs, chunk, opts), st, hs
-
-
-def two_pass_states(r, k, v, log_w, s0, chunk, opts):
-    """Pass 1 of the two-pass forward: (hs, final state). No intra-chunk terms, so the same
-    for every `mode`."""
     b, t, h, n = r.shape
     span = span_length(t, opts.stride)
     # Value-split like the backward's pass 1a: with equal arguments XLA merges the two calls
     # (at B1 T16384 on an H100 they were two passes of 1.97 and 1.73 ms).
     splits, hs_dtype = state_pass_splits(opts, b, h, n), stack_dtype(span, chunk, r.dtype)
-    return _entry_states(k, v, log_w, s0, span, opts, splits, hs_dtype)
-
-
-def two_pass_outputs(r, k, v, log_w, u, hs, chunk, opts):
-    """Pass 2 of the two-pass forward: y, grid (b, h, span), span c of the time axis and of
-    the entry states hs."""
-    b, t, h, n = r.shape
-    span = span_length(t, opts.stride)
+    hs, st = _entry_states(k, v, log_w, s0, span, opts, splits, hs_dtype)
+    # Pass 2: grid (b, h, span); span c of the time axis and of the entry states.
     piece, head_c, entry_c, _ = _chunk_specs(span, n)
-    return _call(
+    y = _call(
         functools.partial(_fwd_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode),
         [piece] * 4 + [head_c, entry_c],
         piece,
@@ -254,3 +241,4 @@ def two_pass_outputs(r, k, v, log_w, u, hs, chunk, opts):
         opts,
         "wkv6_fwd_output",
     )(r, k, v, log_w, u, hs)
+    return y, st, hs
