@@ -4,12 +4,7 @@
 # soon as it has a row, so a step that runs long loses only itself.
 #
 # Next session's plan:
-# 1. The whole GPU test suite once (`gpu-tests`, x2): decay_check="call" became the default
-#    on 2026-11-28 after its 12 GPU rows passed and the crossed step gained 1.8% (a gate for
-#    the whole call); its gate is per batch row and head since (b481d17; its GPU tests `-k
-#    "decay_check or poisoned"` passed on an H200, 16): `decay-check-kernel` (x1, ~7 min) and
-#    `decay-check-step` (x2, ~4 min) time it again.
-# 2. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
+# 1. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
 #    tokens/s, 1.3x fla and 1.5x state, and the kernel against fla:
 #      OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4: fla / ours full /
 #        ours full (bf16 masters, remat) / ours state + profile, one process per GPU
@@ -17,7 +12,13 @@
 #    With four H200s lent: `x4-h200` (fla, ours and the kernel against fla, one GPU
 #    each); with two: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
 #    the kernel against fla with the time left) gives same-run ratios on that card.
-# 3. Issue 3's decode goal on an H100 (`decode`, several processes: batch 1 spreads +-5%).
+# 2. Issue 3's decode goal on an H100 (`decode`, several processes: batch 1 spreads +-5%).
+# Done on 2026-11-28 (22:30-23:16, nvidia-h200 x1): `gpu-tests` at d947f49 (135 passed, the
+# token-mix GPU tests now among them; the 2-GPU test needs an x2), `decay-check-kernel` (the
+# per-head gate: B8 T4096 0.988 / 3.534 ms against fla 1.759 / 6.818), a trial `walk-gate`
+# (checked launches walking 16 spans a program; the gate from the states pass: both
+# rejected, wkv_vs_fla.json `walk_and_states_gate_trial`), `train` as fla,ours_full,ours_state
+# on one GPU (47.83k / 64.62k tokens/s; fla's autotune outran its 230 s).
 # Done on 2026-11-28 (20:2x-21:1x, nvidia-h200-x2): decay-check-step with the lax.cond
 # version of decay_check="call" (-0.9%: XLA's GPU conditional waits on the host for its
 # predicate), decay-check-kernel, then both again with each kernel gated in the kernel
@@ -254,6 +255,13 @@ case ${1:-} in
     (step 1 /tmp/trees/chunk chunk; step 1 "$PWD" call) &
     wait
     ;;
+  decay-fallback)
+    # x1, ~2 min: decay_check "call" against "chunk" where no head passes the gate
+    # (bench_wkv.py --decays fallback: channel 0 of every head at -8 a token), one process.
+    timeout 300 python3 benchmarks/bench_wkv.py --no-fla --shapes 8x4096 --reps 10 --profile \
+      --decays fallback --configs 16:0:0:factored_tf32,16:0:0:factored_tf32+chunk \
+      --out "$OUT/wkv_fallback.json" 2>&1 | grep -v -i warn | cut -c1-600
+    ;;
   decay-check-kernel)
     # x1, ~5 min: the GPU tests of decay_check="call" (the default), then the kernel against
     # fla on the issue's three shapes with decay_check "chunk" and "call".
@@ -365,7 +373,7 @@ case ${1:-} in
     run_tests 0 tests_alg_fp32.log tests/test_wkv_kernel.py -k "algorithms and fp32"
     run_tests 0 tests_alg_bf16.log tests/test_wkv_kernel.py -k "algorithms and bf16"
     run_tests $second tests_kernel.log tests/test_wkv_kernel.py -k "not algorithms"
-    run_tests $second tests_gate.log tests/test_group_norm_gate.py
+    run_tests $second tests_gate.log tests/test_group_norm_gate.py tests/test_token_mix.py
     wait
     [ "$second" = 1 ] && JAX_PLATFORMS=cuda WKV_TEST_GPU=1 timeout 120 python3 -m pytest -q \
       -m gpu -p no:cacheprovider tests/test_wkv_kernel_sharded.py >"$OUT/tests_sharded.log" 2>&1
