@@ -4,6 +4,8 @@
 # soon as it has a row, so a step that runs long loses only itself.
 #
 # Next session's plan:
+# 0. `decay-fallback` (x1, ~2 min) and `decay-check-kernel` (x1, ~7 min): the dv kernel left
+#    out of decay_check="call"'s gate (as dk) since 2026-11-28 23:3x, untimed.
 # 1. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
 #    tokens/s, 1.3x fla and 1.5x state, and the kernel against fla:
 #      OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4: fla / ours full /

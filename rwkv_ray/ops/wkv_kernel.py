@@ -235,15 +235,17 @@ def wkv6_kernel(
     `decay_check` where the factored modes check that their form is exact: "call" (the
     default: once, from the log-decays: `factored_everywhere`, per batch row and head, true
     where every half-chunk's log-decays sum above -59.4; each kernel with intra-chunk terms
-    but dk then launches twice, without the check and the "loop" code for the heads where
-    it holds, with them for the others, each program of the other launch returning at once:
-    see _call) or "chunk" (in every kernel program, falling back to "loop" code there). On
-    an H200 (B8 T4096, 2026-11-28) kernels without the check took the output kernel from
-    126 to 87 registers and 0.616 to 0.502 ms, the state gradients + dr 0.957 -> 0.771, dv
-    0.578 -> 0.510; dk 0.935 -> 0.983 (so the dk kernel keeps its check); with both launches
-    "call" took forward + backward from 3.729 to 3.521 ms back to back (the launches that
-    return at once cost about 0.04 ms each) and the 1.6B full-tuning step from 46.98k to
-    47.83k tokens/s (+1.8%, crossed on two GPUs).
+    but dk and dv then launches twice, without the check and the "loop" code for the heads
+    where it holds, with them for the others, each program of the other launch returning at
+    once: see _call) or "chunk" (in every kernel program, falling back to "loop" code
+    there). On an H200 (B8 T4096, 2026-11-28) kernels without the check took the output
+    kernel from 126 to 87 registers and 0.616 to 0.502 ms, the state gradients + dr 0.957 ->
+    0.771, dv 0.578 -> 0.510; dk 0.935 -> 0.983 (so the dk kernel keeps its check, and dv
+    too: its gain was less than the returning launch's cost, and fallen-back heads ran
+    slower behind the gate, BENCHMARKS.md); with both launches "call" took forward +
+    backward from 3.729 to 3.521 ms back to back (the launches that return at once cost
+    about 0.04 ms each) and the 1.6B full-tuning step from 46.98k to 47.83k tokens/s (+1.8%,
+    crossed on two GPUs).
 
     Example: y, s = wkv6_kernel(r, k, v, -jnp.exp(w_raw), u, s0)
     """

@@ -418,8 +418,12 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
             opts._replace(gate=None), "wkv6_bwd_chunks_dk",
         )(*dkv_args)  # fmt: skip
         dv = _call(
-            functools.partial(dkv, parts="dv"), dkv_specs, piece, like(v), grid, opts,
-            "wkv6_bwd_chunks_dv",
+            # No gate either: on an H200 (B8 T4096, 2026-11-28) its unchecked twin (0.524 ms)
+            # plus the launch returning at once (0.041) saved 0.011 ms against this kernel
+            # alone (0.575), while where no head passed the checked kernel behind its gate
+            # took 1.28 ms against 1.15 alone.
+            functools.partial(dkv, parts="dv"), dkv_specs, piece, like(v), grid,
+            opts._replace(gate=None), "wkv6_bwd_chunks_dv",
         )(*dkv_args)  # fmt: skip
     # Cross-span part of d log_w, the fused kernel's acc_w carry: for span c,
     # rowsum(dS_T * S_T) + the totals of all later spans.
