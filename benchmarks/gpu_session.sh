@@ -4,8 +4,6 @@
 # soon as it has a row, so a step that runs long loses only itself.
 #
 # Next session's plan:
-# 0. `decay-fallback` (x1, ~2 min) and `decay-check-kernel` (x1, ~7 min): the dv kernel left
-#    out of decay_check="call"'s gate (as dk) since 2026-11-28 23:3x, untimed.
 # 1. On an H100 (none was lent on 2026-11-28 after 06:40) the figures of record for 42k
 #    tokens/s, 1.3x fla and 1.5x state, and the kernel against fla:
 #      OUT=$OUT bash benchmarks/gpu_session.sh x4       # nvidia-h100-x4: fla / ours full /
@@ -15,6 +13,9 @@
 #    each); with two: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
 #    the kernel against fla with the time left) gives same-run ratios on that card.
 # 2. Issue 3's decode goal on an H100 (`decode`, several processes: batch 1 spreads +-5%).
+# Done on 2026-11-29 (00:18-00:26, nvidia-h200 x1): `decay-fallback` and `decay-check-kernel`
+# at ced9bc3 (dv out of the gate: +5.2% / +2.7% against "chunk" where no head passes, was
+# +4.5% / +4.8%; 0.58 / 0.53x fla with fla's decays; 12 GPU rows passed).
 # Done on 2026-11-28 (22:30-23:16, nvidia-h200 x1): `gpu-tests` at d947f49 (135 passed, the
 # token-mix GPU tests now among them; the 2-GPU test needs an x2), `decay-check-kernel` (the
 # per-head gate: B8 T4096 0.988 / 3.534 ms against fla 1.759 / 6.818), a trial `walk-gate`
