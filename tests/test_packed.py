@@ -10,7 +10,7 @@ import pytest
 
 from rwkv_ray.generation.engine import Engine, engine_for
 from rwkv_ray.models import RWKV6CausalLM, RWKV6Config
-from rwkv_ray.models.rwkv6_packed import ROW_LIMIT, pack_kernels, packed_matmul
+from rwkv_ray.models.rwkv6_packed import ROW_LIMIT, pack_kernels, packed_matmul, row_product
 
 
 @pytest.mark.parametrize("rows", [3, ROW_LIMIT + 1], ids=["packed", "sliced"])
@@ -43,9 +43,37 @@ def test_float32_blocks_are_not_rounded(rows):
     assert err < 2e-6, err
 
 
-def tiny_model(dtype="float32"):
+def test_row_product_equals_matmul():
+    """row_product against float64 matmuls: a [C, N] kernel (maa_w1, decay_w2) and the five
+    slots' [S, K, N] kernels against [..., S, K] (maa_w2). bf16 inputs: the products are
+    exact in float32, so only the float32 sum's rounding remains (2e-6 of the largest)."""
+    rng = np.random.default_rng(3)
+    x = jax.numpy.asarray(rng.standard_normal((2, 1, 64)), "bfloat16")
+    w = jax.numpy.asarray(rng.standard_normal((64, 40)), "bfloat16")
+    got = row_product(x, w)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    assert got.dtype == jax.numpy.float32 and got.shape == (2, 1, 40)
+    assert np.abs(np.asarray(got) - want).max() <= 2e-6 * np.abs(want).max()
+    slots = rng.standard_normal((2, 1, 5, 8)).astype(np.float32)
+    w2 = rng.standard_normal((5, 8, 64)).astype(np.float32)
+    want = np.einsum("btsd,sdc->btsc", slots.astype(np.float64), w2.astype(np.float64))
+    got = np.asarray(row_product(slots, w2))
+    assert got.shape == (2, 1, 5, 64)
+    assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+
+
+def tiny_model(dtype="float32", lora_scale=0.0):
+    """A 2-layer model; `lora_scale` > 0 draws TimeMix's LoRA matrices (zeros at init, so
+    their products would be zero whatever computes them) from a normal of that scale."""
     config = RWKV6Config(vocab_size=64, num_layers=2, hidden_size=64, head_size=16)
-    return RWKV6CausalLM.from_model_config(config, dtype=dtype)
+    model = RWKV6CausalLM.from_model_config(config, dtype=dtype)
+    rng = np.random.default_rng(4)
+    for block in model.backbone.blocks if lora_scale else ():
+        att = block.time_mix
+        for weight in (att.maa_w1, att.maa_w2, att.decay_w1, att.decay_w2):
+            value = rng.standard_normal(weight.shape) * lora_scale
+            weight.assign(value.astype(np.dtype(weight.dtype)))
+    return model
 
 
 @pytest.mark.parametrize(
@@ -53,11 +81,12 @@ def tiny_model(dtype="float32"):
     [("float32", 1e-5, True), ("bfloat16", 2e-2, True), ("mixed_bfloat16", 2e-2, False)],
 )
 def test_decode_step_with_packed_kernels_equals_the_model(dtype, tol, decay_packed):
-    """One token after a 5-token prefix, batch 3: hidden states and every state piece within
-    `tol` of the largest |value| (bf16: the packed matmul may sum in another order).
+    """One token after a 5-token prefix, batch 3, random LoRA matrices: hidden states and
+    every state piece within `tol` of the largest |value| (bf16: the packed matmul and the
+    LoRA products as multiply + sum may sum in another order).
     decay_w1 joins TimeMix's packed kernel unless it is stored in float32 under a bf16
     compute dtype (mixed_bfloat16): packing would round it."""
-    model = tiny_model(dtype)
+    model = tiny_model(dtype, lora_scale=0.5)
     backbone = model.backbone
     tokens = jax.numpy.asarray(np.random.default_rng(1).integers(1, 64, (3, 6)), "int32")
     _, state = backbone(tokens[:, :5])

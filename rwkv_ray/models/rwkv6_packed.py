@@ -20,6 +20,12 @@ compute dtype (so packing it rounds nothing): one weight read and two kernels le
 layer. That block comes back in float32 (`float32_blocks`), as the unpacked float32 matmul
 computes it: the decay must not pass through bf16.
 
+On the same path (few rows) TimeMix's LoRA products (maa_w1, maa_w2, decay_w2) are float32
+multiply + sums (`row_product`), not GEMMs: a dependent GEMM kernel in the decode loop
+costs about 4 us beyond its bytes (H200), these matrices are under 0.7 MB, and XLA fuses a
+reduction with the elementwise work around it. Batch 1 decoding of the 1.6B shape on an
+H200: 573 -> 603 tokens/s (BENCHMARKS.md).
+
 `pack_kernels(model)` builds the packed kernels from a model's current weights, in the
 compute dtype: a copy (TimeMix 4*C^2 (+ C*D) and ChannelMix (F + C)*C per layer: 1.7 GB
 for the 1.6B shape in bf16), made once per model by the generation engine.
@@ -70,6 +76,18 @@ def pack_kernels(backbone) -> list[tuple]:
 def packs(inputs) -> bool:
     """Whether these inputs ([B, T, C_in] each) are few enough rows for one packed matmul."""
     return ops.shape(inputs[0])[0] * ops.shape(inputs[0])[1] <= ROW_LIMIT
+
+
+def row_product(x, kernel):
+    """x @ kernel in float32 as a multiply + sum, for the LoRA matrices of decoding (x:
+    [..., K]; kernel [K, N], or [S, K, N] against x [..., S, K]). Those matrices are small
+    (C x 160 at most): a GEMM kernel for each costs its start and drain, not its read (on an
+    H200 each extra dependent GEMM kernel in the decode loop cost about 4 us,
+    benchmarks/bench_kernel_cost.py), while XLA fuses a multiply + sum with the elementwise
+    work around it into one reduction. The products are exact in float32, as in the GEMM;
+    only the order of the sum differs."""
+    product = ops.expand_dims(ops.cast(x, "float32"), -1) * ops.cast(kernel, "float32")
+    return ops.sum(product, axis=-2)
 
 
 def packed_matmul(inputs, kernel, widths, float32_blocks=()):

@@ -18,7 +18,7 @@ from keras import ops
 
 from rwkv_ray.models import rwkv6_init as init
 from rwkv_ray.models.rwkv6_config import RWKV6Config
-from rwkv_ray.models.rwkv6_packed import packed_matmul, packs
+from rwkv_ray.models.rwkv6_packed import packed_matmul, packs, row_product
 from rwkv_ray.ops import wkv6
 from rwkv_ray.ops.wkv import resolve_wkv_impl
 
@@ -124,10 +124,19 @@ class RWKV6TimeMix(keras.layers.Layer):
         xx = previous - a
         maa = {slot: ops.cast(w, a.dtype) for slot, w in self.maa.items()}
         xxx = a + xx * maa["x"]
-        lora = ops.tanh(ops.matmul(xxx, ops.cast(self.maa_w1, a.dtype)))
-        lora = ops.reshape(lora, (batch, steps, 5, cfg.mix_lora_size))
+        # Decoding with packed kernels (few rows): the LoRA products as multiply + sum
+        # (rwkv6_packed.row_product), not GEMMs.
+        few_rows = packed_kernel is not None and packs([a])
+        if few_rows:
+            lora = ops.cast(row_product(xxx, self.maa_w1), a.dtype)
+        else:
+            lora = ops.matmul(xxx, ops.cast(self.maa_w1, a.dtype))
+        lora = ops.reshape(ops.tanh(lora), (batch, steps, 5, cfg.mix_lora_size))
         maa_w2 = ops.cast(self.maa_w2, a.dtype)
-        if steps == 1:  # decoding: one batched matmul for the five slots
+        if few_rows:
+            lora = ops.cast(row_product(lora, maa_w2), a.dtype)
+            slots = [ops.squeeze(x, 2) for x in ops.split(lora, 5, axis=2)]
+        elif steps == 1:  # decoding: one batched matmul for the five slots
             lora = ops.einsum("btsd,sdc->btsc", lora, maa_w2)
             slots = [ops.squeeze(x, 2) for x in ops.split(lora, 5, axis=2)]
         else:
@@ -159,7 +168,7 @@ class RWKV6TimeMix(keras.layers.Layer):
             packed = packed_matmul([*inputs, mixed["w"]], packed_kernel, widths, (4,))
             r, k, v, g, decay_hidden = packed
         r, k, v = (ops.reshape(x, heads_shape) for x in (r, k, v))
-        log_w = self._log_decay(mixed["w"], decay_hidden)
+        log_w = self._log_decay(mixed["w"], decay_hidden, few_rows)
         real = ops.cast(mask, "float32")[:, :, None, None]
         # Padding: no write (k = 0) and no decay (log_w = 0) -> the state passes untouched.
         k = k * ops.cast(real, k.dtype)
@@ -189,12 +198,16 @@ class RWKV6TimeMix(keras.layers.Layer):
 
         return column_block(self.config.hidden_size) is not None
 
-    def _log_decay(self, x_w, hidden=None):
+    def _log_decay(self, x_w, hidden=None, few_rows=False):
         """log_w = -exp(w) in float32 (the decay must not pass through bf16). `hidden`: x_w @
-        decay_w1 (float32) when the packed matmul has computed it already."""
+        decay_w1 (float32) when the packed matmul has computed it already; `few_rows`: the
+        second LoRA product as multiply + sum (`row_product`)."""
         if hidden is None:
             hidden = ops.matmul(ops.cast(x_w, "float32"), self.decay_w1)
-        lora = ops.matmul(ops.tanh(hidden), self.decay_w2)
+        if few_rows:
+            lora = row_product(ops.tanh(hidden), self.decay_w2)
+        else:
+            lora = ops.matmul(ops.tanh(hidden), self.decay_w2)
         return -ops.exp(ops.cast(self.time_decay, "float32") + lora)
 
     def get_config(self):
