@@ -24,7 +24,7 @@ On the same path (few rows) TimeMix's LoRA products (maa_w1, maa_w2, decay_w2) a
 multiply + sums (`row_product`), not GEMMs: a dependent GEMM kernel in the decode loop
 costs about 4 us beyond its bytes (H200), these matrices are under 0.7 MB, and XLA fuses a
 reduction with the elementwise work around it. Batch 1 decoding of the 1.6B shape on an
-H200: 573 -> 603 tokens/s (BENCHMARKS.md).
+H200: 577 -> 603 tokens/s, means of four process pairs (BENCHMARKS.md).
 
 `pack_kernels(model)` builds the packed kernels from a model's current weights, in the
 compute dtype: a copy (TimeMix 4*C^2 (+ C*D) and ChannelMix (F + C)*C per layer: 1.7 GB
