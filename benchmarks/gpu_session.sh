@@ -12,7 +12,14 @@
 #    With four H200s lent: `x4-h200` (fla, ours and the kernel against fla, one GPU
 #    each); with two: `x2-fla` (fla on GPU 0; on GPU 1 ours_full, ours_state, then
 #    the kernel against fla with the time left) gives same-run ratios on that card.
-# 2. Issue 3's decode goal on an H100 (`decode`, several processes: batch 1 spreads +-5%).
+# 2. Issue 3's decode goal on an H100 (`decode`, then `decode-spread`: batch 1 spreads
+#    +-5% between processes). ba3b2f2 (TimeMix's LoRA products of decoding as reductions,
+#    not GEMMs) measured +4.6% at batch 1 on an H200 over four process pairs; `decode-ab`
+#    with BASELINE=<a c472dfb archive> repeats that comparison on an H100.
+# Done on 2026-11-29 (00:31-00:58, nvidia-h200 x1): bench_kernel_cost.py (a tiny kernel
+# 0.72-0.80 us in the decode loop, an extra dependent GEMM about 3.8 us), the first H200
+# decode figures (batch 1 571.6, batch 32 12.26k, prefill 61.1k) and profile, then the LoRA
+# products as reductions against c472dfb in four process pairs (576.9 -> 603.2 tok/s).
 # Done on 2026-11-29 (00:18-00:26, nvidia-h200 x1): `decay-fallback` and `decay-check-kernel`
 # at ced9bc3 (dv out of the gate: +5.2% / +2.7% against "chunk" where no head passes, was
 # +4.5% / +4.8%; 0.58 / 0.53x fla with fla's decays; 12 GPU rows passed).
@@ -196,6 +203,23 @@ case ${1:-} in
       timeout 95 python3 benchmarks/bench_generate.py --shape 1b6 --dtype bfloat16 \
         --official off --repeats 5 --batch-sizes 1,32 --pack on \
         --out "$OUT/generate_process$i.json" 2>&1 | grep '^decode_batch'
+    done
+    ;;
+  decode-ab)
+    # x1, ~8 min: batch-1 decoding of two trees in alternating processes (one process of
+    # each per pair, the order swapped every pair: single processes spread +-5%). BASELINE
+    # is the other tree (e.g. `git archive REV rwkv_ray benchmarks pyproject.toml` unpacked
+    # in an ignored folder that is carried); the working tree is the new one.
+    for pair in 1 2 3 4; do
+      trees=". $BASELINE"
+      [ $((pair % 2)) = 1 ] && trees="$BASELINE ."
+      for tree in $trees; do
+        (cd "$tree" && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 \
+          benchmarks/bench_generate.py --shape 1b6 --dtype bfloat16 --official off \
+          --repeats 5 --batch-sizes 1 --pack on \
+          --out "$OUT/decode_ab_${pair}_$(basename "$(realpath "$tree")").json" 2>&1 \
+          | grep '^decode_batch' | sed "s|^|$tree |")
+      done
     done
     ;;
   kernel) kernel ;;
