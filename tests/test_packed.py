@@ -1,8 +1,11 @@
 """Packed projection kernels (rwkv_ray/models/rwkv6_packed.py): the same numbers as one
 matmul per projection, on both of `packed_matmul`'s paths, in a decode step of the model,
-and remade by the generation engine when the weights change."""
+and remade by the generation engine when the weights change; the LoRA products of a packed
+decode step as multiply + sums."""
 
 from __future__ import annotations
+
+import re
 
 import jax
 import numpy as np
@@ -122,3 +125,26 @@ def test_engine_for_switches_packing():
     assert engine_for(model) is default and engine_for(model, pack=False) is default
     packed = engine_for(model, pack=True)
     assert packed.pack and engine_for(model) is packed
+
+
+def test_packed_decode_step_runs_no_lora_matmul():
+    """With packed kernels (few rows) the LoRA products are multiply + sums: no dot_general
+    of the lowered decode step touches a LoRA width (5 * 8 = 40 for maa_w1 and maa_w2, 24
+    for the decay), while the unpacked step has them (so the check can fail)."""
+    config = RWKV6Config(
+        vocab_size=64, num_layers=1, hidden_size=64, head_size=16, mix_lora_size=8,
+        decay_lora_size=24,
+    )  # fmt: skip
+    backbone = RWKV6CausalLM.from_model_config(config).backbone
+    tokens = jax.numpy.ones((2, 1), "int32")
+    _, state = backbone(jax.numpy.ones((2, 3), "int32"))
+
+    def lora_dots(packed):
+        step = jax.jit(lambda t, s, p: backbone(t, state=s, packed_kernels=p))
+        text = step.lower(tokens, state, packed).as_text()
+        dots = [line for line in text.splitlines() if "dot_general" in line]
+        assert dots, "no matmul found in the lowered step"
+        return [line for line in dots if re.search(r"\b(40|24|5x8)x|x(40|24)x", line)]
+
+    assert lora_dots(None)  # the unpacked step runs them as matmuls
+    assert lora_dots(pack_kernels(backbone)) == []
