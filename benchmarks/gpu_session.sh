@@ -15,7 +15,9 @@
 # 2. Issue 3's decode goal on an H100 (`decode`, then `decode-spread`: batch 1 spreads
 #    +-5% between processes). ba3b2f2 (TimeMix's LoRA products of decoding as reductions,
 #    not GEMMs) measured +4.6% at batch 1 on an H200 over four process pairs; `decode-ab`
-#    with BASELINE=<a c472dfb archive> repeats that comparison on an H100.
+#    repeats that comparison on an H100: `mkdir .base && git archive c472dfb rwkv_ray
+#    benchmarks pyproject.toml | tar -x -C .base` (.base/ in .git/info/exclude), carry
+#    [".whl", ".base"], then BASELINE=.base OUT=$OUT bash benchmarks/gpu_session.sh decode-ab.
 # Done on 2026-11-29 (00:31-00:58, nvidia-h200 x1): bench_kernel_cost.py (a tiny kernel
 # 0.72-0.80 us in the decode loop, an extra dependent GEMM about 3.8 us), the first H200
 # decode figures (batch 1 571.6, batch 32 12.26k, prefill 61.1k) and profile, then the LoRA
