@@ -127,17 +127,17 @@ class RWKV6TimeMix(keras.layers.Layer):
         # Decoding with packed kernels (few rows): the LoRA products as multiply + sum
         # (rwkv6_packed.row_product), not GEMMs.
         few_rows = packed_kernel is not None and packs([a])
+        maa_w1, maa_w2 = ops.cast(self.maa_w1, a.dtype), ops.cast(self.maa_w2, a.dtype)
         if few_rows:
-            lora = ops.cast(row_product(xxx, self.maa_w1), a.dtype)
+            lora = ops.cast(row_product(xxx, maa_w1), a.dtype)
         else:
-            lora = ops.matmul(xxx, ops.cast(self.maa_w1, a.dtype))
+            lora = ops.matmul(xxx, maa_w1)
         lora = ops.reshape(ops.tanh(lora), (batch, steps, 5, cfg.mix_lora_size))
-        maa_w2 = ops.cast(self.maa_w2, a.dtype)
-        if few_rows:
-            lora = ops.cast(row_product(lora, maa_w2), a.dtype)
-            slots = [ops.squeeze(x, 2) for x in ops.split(lora, 5, axis=2)]
-        elif steps == 1:  # decoding: one batched matmul for the five slots
-            lora = ops.einsum("btsd,sdc->btsc", lora, maa_w2)
+        if few_rows or steps == 1:  # decoding: one product for the five slots
+            if few_rows:
+                lora = ops.cast(row_product(lora, maa_w2), a.dtype)
+            else:
+                lora = ops.einsum("btsd,sdc->btsc", lora, maa_w2)
             slots = [ops.squeeze(x, 2) for x in ops.split(lora, 5, axis=2)]
         else:
             # One matmul per slot: the gradient of one batched [B, T, 5, C] product needs the
