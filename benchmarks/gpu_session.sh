@@ -212,6 +212,7 @@ case ${1:-} in
     # each per pair, the order swapped every pair: single processes spread +-5%). BASELINE
     # is the other tree (e.g. `git archive REV rwkv_ray benchmarks pyproject.toml` unpacked
     # in an ignored folder that is carried); the working tree is the new one.
+    : "${BASELINE:?decode-ab needs BASELINE=<the other tree>}"
     for pair in 1 2 3 4; do
       trees=". $BASELINE"
       [ $((pair % 2)) = 1 ] && trees="$BASELINE ."
