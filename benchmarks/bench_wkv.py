@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from rwkv_ray.ops.wkv_kernel import is_available, wkv6_kernel  # noqa: E402
 
 SHAPES = [(8, 4096, 32, 64), (1, 16384, 32, 64), (16, 1024, 32, 64)]
+KEEP = {"": None, "keep": True, "nokeep": False}  # --configs' keep field: keep_states
 
 
 def make_inputs(b, t, h, n, seed=0, decays="fla"):
@@ -211,7 +212,8 @@ def main():
         help="chunk:num_warps:num_stages:mode[:forward[:backward[:keep[:stride[:pass1[:dkv[:splits[:sep]]]]]]]]"
         " list to try on the first shape; later shapes use the best of them (forward, "
         "backward: auto, fused or two_pass; keep: 'keep' keeps the forward's chunk-entry "
-        "states for the backward, or empty; stride: the two-pass forward's state_stride, "
+        "states for the backward, 'nokeep' recomputes them there, empty: the default "
+        "(kept where the forward is fused); stride: the two-pass forward's state_stride, "
         "default (0) chunk; pass1: pass1_stride, the sequential passes' tokens per step, "
         "default (0) stride; dkv: 'dkv' merges the backward's dk and dv kernels, or empty; "
         "splits: the sequential passes' value splits, default (0) value_splits; sep: 'sep' "
@@ -248,11 +250,11 @@ def main():
         forward, backward, keep, stride, pass1, dkv, splits, sep = fields
         if sep not in ("", "sep"):
             sys.exit(f"--configs: the 12th field must be 'sep' or empty, got {sep!r} in {c!r}")
-        if keep not in ("", "keep"):
-            sys.exit(f"--configs: the 7th field must be 'keep' or empty, got {keep!r} in {c!r}")
+        if keep not in ("", "keep", "nokeep"):
+            sys.exit(f"--configs: the 7th field must be 'keep', 'nokeep' or empty, got {keep!r}")
         if dkv not in ("", "dkv"):
             sys.exit(f"--configs: the 10th field must be 'dkv' or empty, got {dkv!r} in {c!r}")
-        cfg = (int(chunk), int(warps), int(stages), mode, forward, backward, keep == "keep")
+        cfg = (int(chunk), int(warps), int(stages), mode, forward, backward, KEEP[keep])
         configs.append(cfg + (int(stride), int(pass1), dkv == "dkv", int(splits), sep != "sep"))
     shapes = (
         SHAPES
@@ -277,7 +279,10 @@ def main():
             )
         best = None
         for cfg in configs:
-            tag = "c{}w{}s{}{}-{}-bwd_{}".format(*cfg) + ("+keep" if cfg[6] else "")
+            tag = (
+                "c{}w{}s{}{}-{}-bwd_{}".format(*cfg)
+                + {None: "", True: "+keep", False: "+nokeep"}[cfg[6]]
+            )
             tag += f"-stride{cfg[7]}" + (f"-pass1_{cfg[8]}" if cfg[8] else "")
             tag += "+dkv" if cfg[9] else ""
             tag += f"-splits{cfg[10]}" if cfg[10] else ""

@@ -39,7 +39,7 @@ def ref_wkv6(r, k, v, log_w, u, s0):
     return jnp.moveaxis(ys, 0, 1), st
 
 
-def make_inputs(seed, b, t, h, n, dtype, decay):
+def make_inputs(seed, b, t, h, n, dtype, decay, log_w_dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     shp = (b, t, h, n)
     r, k, v = (rng.standard_normal(shp).astype(np.float32) for _ in range(3))
@@ -52,7 +52,7 @@ def make_inputs(seed, b, t, h, n, dtype, decay):
     s0 = rng.standard_normal((b, h, n, n)).astype(np.float32)
     dy = rng.standard_normal(shp).astype(np.float32)
     dst = rng.standard_normal((b, h, n, n)).astype(np.float32)
-    ins = [jnp.asarray(x, dtype) for x in (r, k, v)] + [jnp.asarray(lw, jnp.float32)]
+    ins = [jnp.asarray(x, dtype) for x in (r, k, v)] + [jnp.asarray(lw, log_w_dtype)]
     ins += [jnp.asarray(u, dtype), jnp.asarray(s0, jnp.float32)]
     return ins, jnp.asarray(dy), jnp.asarray(dst)
 
@@ -82,10 +82,11 @@ def reference_and_grads(ins, dy, dst):
 
 
 def check_against_reference(
-    b, t, h, n, dtype, decay, chunk=16, interpret=False, seed=0, kernel=None
-):
+    b, t, h, n, dtype, decay, chunk=16, interpret=False, seed=0, kernel=None,
+    log_w_dtype=jnp.float32,
+):  # fmt: skip
     """kernel: None for wkv6_kernel, or another function of the same signature."""
-    ins, dy, dst = make_inputs(seed, b, t, h, n, dtype, decay)
+    ins, dy, dst = make_inputs(seed, b, t, h, n, dtype, decay, log_w_dtype)
     if kernel is None:
         fn = lambda *a: wk.wkv6_kernel(*a, chunk_size=chunk, interpret=interpret)  # noqa: E731
     else:
@@ -158,6 +159,54 @@ def test_interpret_longest_spans_both_ways():
     )  # fmt: skip
     run(1, 170, 1, 16, jnp.float32, "strong", interpret=True, seed=24)
     run(1, 40, 1, 16, jnp.float32, "strong", interpret=True, seed=25)
+
+
+@pytest.mark.parametrize("decay", ["strong", "weak"])
+def test_interpret_bf16_log_decays_match_reference(decay):
+    """bf16 log-decays (fla's convention): d log_w's in-span part is stored in bf16 before the
+    cross-span sums are added (one more rounding); T=200 is 13 chunks, the last padded."""
+    check_against_reference(
+        1, 200, 2, 64, jnp.bfloat16, decay, interpret=True, seed=34, log_w_dtype=jnp.bfloat16
+    )
+
+
+def _kernel_names(options, ins):
+    """The Pallas kernels (by name) that the gradient of wkv6_kernel(**options) launches."""
+    loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, interpret=True, **options)[0])  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
+    return set(re.findall(r"name=(wkv6\w+?)(?:_unchecked)?\b", jaxpr))
+
+
+def test_auto_forward_is_fused_from_many_heads():
+    """'auto': the two-pass forward below MANY_HEADS heads (B * H) beyond one chunk, the fused
+    one from there (measured faster with two or more programs per SM) and for one chunk."""
+    assert wk.use_two_pass(4, 32, 4096, 16, "auto") and wk.use_two_pass(1, 255, 32, 16, "auto")
+    assert not wk.use_two_pass(8, 32, 4096, 16, "auto")
+    assert not wk.use_two_pass(1, 256, 32, 16, "auto")
+    assert not wk.use_two_pass(1, 8, 16, 16, "auto")
+    assert wk.value_splits(8, 32, 64) == 1 and wk.value_splits(4, 32, 64) == 2
+
+
+def test_interpret_fused_forward_keeps_chunk_states_for_the_backward():
+    """Differentiated, the fused forward stores the state entering every chunk as it goes
+    (one kernel, `wkv6_fwd_states`) and the two-pass backward takes them instead of running
+    its own states pass; keep_states=False recomputes them there. Both match the float64
+    reference, strong decay, float32 and bf16; with 2 value splits (N=32, B*H=4) the stored
+    states come from two programs per head."""
+    ins, _, _ = make_inputs(30, 2, 37, 2, 32, jnp.float32, "strong")
+    kept = _kernel_names(dict(forward="fused", backward="two_pass"), ins)
+    assert "wkv6_fwd_states" in kept and "wkv6_states" not in kept, kept
+    again = _kernel_names(dict(forward="fused", backward="two_pass", keep_states=False), ins)
+    assert "wkv6_fwd" in again and "wkv6_states" in again and "wkv6_fwd_states" not in again
+    two_pass = _kernel_names(dict(forward="two_pass", backward="two_pass"), ins)
+    assert "wkv6_fwd_states" not in two_pass and "wkv6_states" in two_pass, two_pass
+    for dtype, seed in ((jnp.float32, 31), (jnp.bfloat16, 32)):
+        with_kernel_options(forward="fused", backward="two_pass")(
+            2, 37, 2, 32, dtype, "strong", interpret=True, seed=seed
+        )
+    with_kernel_options(forward="fused", backward="two_pass", keep_states=False)(
+        1, 37, 2, 32, jnp.float32, "weak", interpret=True, seed=33
+    )
 
 
 def test_spans_are_powers_of_two():
@@ -575,12 +624,35 @@ def test_gpu_matches_reference(t, decay, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("decay", ["strong", "weak"])
+@pytest.mark.parametrize("t", [65, 4096])
+def test_gpu_bf16_log_decays_match_reference(t, decay):
+    """bf16 inputs with bf16 log-decays (fla's convention; d log_w's in-span part in bf16)."""
+    _needs_gpu()
+    check_against_reference(2, t, 2, 64, jnp.bfloat16, decay, seed=t + 7, log_w_dtype=jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("decay", ["strong", "weak"])
+@pytest.mark.parametrize("t", [65, 1024])
+def test_gpu_many_heads_matches_reference(t, decay, dtype):
+    """The defaults at MANY_HEADS heads (B64 H4): the fused forward, keeping its chunk-entry
+    states for the two-pass backward."""
+    _needs_gpu()
+    assert not wk.use_two_pass(64, 4, t, 16, "auto")
+    check_against_reference(64, t, 4, 64, dtype, decay, seed=t + 5)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("t", [1, 65, 4096])
 @pytest.mark.parametrize(
     "options",
     [
         dict(forward="fused", backward="fused"),
+        dict(forward="fused", backward="two_pass"),
+        dict(forward="fused", backward="two_pass", keep_states=False),
         dict(forward="two_pass", backward="two_pass"),
         dict(forward="two_pass", backward="two_pass", keep_states=True),
         dict(forward="two_pass", state_stride=64),
@@ -596,6 +668,8 @@ def test_gpu_matches_reference(t, decay, dtype):
     ],
     ids=[
         "fused",
+        "fused_kept",
+        "fused_recomputed",
         "two_pass",
         "two_pass_kept",
         "stride64",

@@ -25,8 +25,10 @@ in TF32 on the tensor cores for bf16 inputs ("factored_tf32", the default) from 
 4.94 ms (2026-11-28); the clamped decays with 3 pipeline stages in the sequential passes
 ("KERNEL_STAGES") from 4.92 to 4.15 ms on an H200 (2026-11-28).
 Forward, "fused": one sequential Triton program per (b, h) and value-column block
-(`value_splits`). Forward, "two_pass": a sequential kernel stores the state entering every
-span of `state_stride` tokens, then every span runs its chunks in parallel with the others.
+(`value_splits`), which also stores the state entering every chunk for the two-pass backward
+when differentiated (`_keeps_states`). Forward, "two_pass": a sequential kernel stores the
+state entering every span of `state_stride` tokens, then every span runs its chunks in
+parallel with the others.
 Backward, "fused": one forward-direction kernel recomputes S and gives dr's state part; one
 reverse-direction kernel carries dL/dS and gives dr, dk, dv, d(log_w) (a running suffix sum
 of r*dr - k*dk plus the final-state term), d(u) and the initial state's gradient.
@@ -58,7 +60,13 @@ from jax.sharding import PartitionSpec as P
 
 from rwkv_ray.ops.wkv_kernel_bwd import _backward_fused, _backward_two_pass, use_two_pass_backward
 from rwkv_ray.ops.wkv_kernel_call import _Opts
-from rwkv_ray.ops.wkv_kernel_fwd import _forward, _forward_two_pass, use_two_pass, value_splits
+from rwkv_ray.ops.wkv_kernel_fwd import (
+    _forward,
+    _forward_fused,
+    _forward_two_pass,
+    use_two_pass,
+    value_splits,
+)
 from rwkv_ray.ops.wkv_kernel_intra import F32, factored_everywhere
 from rwkv_ray.ops.wkv_kernel_step import wkv6_kernel_step
 
@@ -97,19 +105,28 @@ def _wkv6(r, k, v, log_w, u, s0, chunk, opts):
 
 
 def _keeps_states(r, chunk, opts):
-    """keep_states applies when both directions are two-pass (the forward computes hs anyway)."""
+    """Whether the forward hands its chunk-entry states to the two-pass backward (which
+    otherwise recomputes them). keep_states=None: where the forward is fused (it stores them
+    as it goes, about 0.03 ms at B8 T4096 against a 0.36 ms pass in the backward); the
+    two-pass forward computes them anyway, and when both directions are traced in one jit XLA
+    merges its pass with the backward's identical one. The fused forward stores one state
+    per chunk, so it keeps them only with one chunk per span."""
     b, t, h, _ = r.shape
-    return (
-        opts.keep
-        and use_two_pass(b, h, t, chunk, opts.forward)
-        and use_two_pass_backward(b, h, t, chunk, opts.backward)
-    )
+    two_pass = use_two_pass(b, h, t, chunk, opts.forward)
+    if opts.keep is False or not use_two_pass_backward(b, h, t, chunk, opts.backward):
+        return False
+    if two_pass:
+        return bool(opts.keep)
+    return opts.stride == chunk
 
 
 def _wkv6_fwd(r, k, v, log_w, u, s0, chunk, opts):
     keep, opts = _keeps_states(r, chunk, opts), _gated(log_w, chunk, opts)
-    if keep:
+    b, t, h, _ = r.shape
+    if keep and use_two_pass(b, h, t, chunk, opts.forward):
         y, st, hs = _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)
+    elif keep:
+        y, st, hs = _forward_fused(r, k, v, log_w, u, s0, chunk, opts, with_states=True)
     else:
         (y, st), hs = _forward(r, k, v, log_w, u, s0, chunk, opts), None
     return (y, st), (r, k, v, log_w, u, s0, st, hs, opts.gate)
@@ -190,7 +207,7 @@ def wkv6_kernel(
     mode="factored_tf32",
     forward="auto",
     backward="auto",
-    keep_states=False,
+    keep_states=None,
     state_stride=None,
     pass1_stride=None,
     merge_dk_dv=False,
@@ -213,10 +230,12 @@ def wkv6_kernel(
     states, then all spans' outputs in parallel) or "auto" (`use_two_pass`);
     `backward` likewise ("fused": two sequential kernels; "two_pass": span-entry states and
     span-exit state gradients, then all spans' gradients in parallel; "auto":
-    `use_two_pass_backward`); `keep_states=True` keeps the two-pass forward's
-    span-entry states for the two-pass backward instead of recomputing them (one sequential
-    pass less, but holds [B, H, T/span, N, N] (`stack_dtype`) from forward to backward; when
-    forward and backward are traced in one jit, XLA already merges the two identical passes);
+    `use_two_pass_backward`); `keep_states` whether the forward's span-entry states go to
+    the two-pass backward instead of being recomputed there (one sequential pass less, but
+    [B, H, T/span, N, N] in `stack_dtype` held from forward to backward): True, False, or
+    None (the default: where the forward is fused, which stores them as it goes; the two-pass
+    forward computes them anyway, and XLA merges its pass with the backward's identical one
+    when both are traced in one jit);
     `state_stride` (a power of 2 from chunk_size to MAX_BLOCK; None: chunk_size) the span of
     both two-pass directions: the tokens between the states their sequential passes store,
     and the tokens each parallel program walks chunk by chunk (see _forward_two_pass). On an

@@ -299,7 +299,8 @@ def _chunk_dkv_kernel(
             rdr = r * drn
             dd = rdr - k * dkn
             tot = jnp.sum(dd, axis=0, keepdims=True)
-            dwl_ref[sl, :] = later + tot - jnp.cumsum(dd, axis=0) + dd - rdr
+            dwl = later + tot - jnp.cumsum(dd, axis=0) + dd - rdr
+            dwl_ref[sl, :] = dwl.astype(dwl_ref.dtype)
             later, du = later + tot, du + jnp.sum(r * k * vdy, axis=0, keepdims=True)
         if dv_ref is not None:
             p = _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode)
@@ -397,7 +398,12 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
             "wkv6_bwd_chunks_dr",
         )(k, v, log_w, u, dy, hs)
     dkv = functools.partial(_chunk_dkv_kernel, **kw)
-    dk_specs, dk_shapes = [piece, piece, row, row], (like(k), seq_f32, rows, rows)
+    # d log_w's in-span part in log_w's dtype where that is narrower than float32 (bf16: one
+    # more rounding before the cross-span sums are added; half the bytes written and read
+    # back by the final sum).
+    dwl_dtype = log_w.dtype if jnp.dtype(log_w.dtype).itemsize < 4 else F32
+    dwl_shape = jax.ShapeDtypeStruct((b, t, h, n), dwl_dtype)
+    dk_specs, dk_shapes = [piece, piece, row, row], (like(k), dwl_shape, rows, rows)
     dkv_args = (r, k, v, log_w, u, dy, drn, gs)
     dkv_specs = [piece] * 4 + [head, piece, piece, entry]
     if opts.merge_dk_dv:

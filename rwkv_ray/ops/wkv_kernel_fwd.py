@@ -28,16 +28,20 @@ from rwkv_ray.ops.wkv_kernel_intra import _TN, F32, _chunk_terms, _decay_factors
 
 
 def _fwd_kernel(
-    r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, st_ref=None, *, chunk, mm_dtype, mode
+    r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, st_ref=None, hs_ref=None, *, chunk,
+    mm_dtype, mode,
 ):  # fmt: skip
     """Sequential over the chunks of its block of tokens, the state in registers: the whole
-    sequence (fused forward, st_ref the final state) or one span of the two-pass forward's
-    pass 2 (s0_ref the state entering the span, no st_ref)."""
+    sequence (fused forward, st_ref the final state; hs_ref, where given, the state entering
+    every chunk, as the two-pass forward's pass 1 stores it) or one span of the two-pass
+    forward's pass 2 (s0_ref the state entering the span, no st_ref)."""
     n_chunks = r_ref.shape[0] // chunk
     u = u_ref[...].astype(F32)
 
     def body(c, s, advance):
         base = c * chunk
+        if hs_ref is not None:
+            hs_ref[pl.ds(c * s.shape[0], s.shape[0]), :] = s.astype(hs_ref.dtype)
         sl = pl.ds(base, chunk)
         r, k, v, lw = (_load(x, sl) for x in (r_ref, k_ref, v_ref, w_ref))
         inc, exc, last = _chunk_terms(lw)
@@ -79,15 +83,21 @@ def _chunk_states_kernel(k_ref, v_ref, w_ref, s0_ref, hs_ref, st_ref=None, *, ch
 # ----------------------------------------------------------------------------- launchers
 
 
-def value_splits(b: int, h: int, n: int) -> int:
-    """How many value-column blocks the forward grid splits each head into.
+# Heads (B * H) from which a head's programs need not be split by value columns: about two
+# programs per SM on an H100 or H200 (132 SMs).
+MANY_HEADS = 256
 
-    The forward is sequential over chunks inside a program, so a small batch (prefill of one
+
+def value_splits(b: int, h: int, n: int) -> int:
+    """How many value-column blocks the sequential kernels split each head into.
+
+    They are sequential over chunks inside a program, so a small batch (prefill of one
     prompt: B*H = 32 programs) would leave most of an H100's 132 SMs idle. The value columns
     are independent given P (recomputed per block, O(C^2 N) like the rest), so split them
-    until there are >= 256 programs, keeping blocks >= 16 columns (Triton's dot minimum)."""
+    until there are >= MANY_HEADS programs, keeping blocks >= 16 columns (Triton's dot
+    minimum)."""
     splits = 1
-    while b * h * splits < 256 and n // (splits * 2) >= 16:
+    while b * h * splits < MANY_HEADS and n // (splits * 2) >= 16:
         splits *= 2
     return splits
 
@@ -100,38 +110,54 @@ def state_pass_splits(opts, b: int, h: int, n: int) -> int:
 
 
 def use_two_pass(b: int, h: int, t: int, chunk: int, forward: str) -> bool:
-    """'auto': the two-pass forward whenever there is more than one chunk. Measured on an
-    H100 (bf16, H32 N64, chunk 16; BENCHMARKS.md) it beats the fused kernel at every shape:
-    B1 T1024 0.31 vs 0.85 ms, B8 T4096 2.58 vs 3.49 ms, B1 T16384 3.0 vs 10.2 ms. Its cost is
-    a transient [B, H, T/span, N, N] buffer of span-entry states (`stack_dtype`; 0.5 GiB at
-    B8 T4096 in bf16), freed before the forward returns."""
+    """'auto': the two-pass forward for more than one chunk and fewer than MANY_HEADS heads,
+    else the fused one. Measured on an H200 (bf16, H32 N64, chunk 16, back to back,
+    2026-11-29; BENCHMARKS.md): with one program per SM or fewer the fused kernel's chain of
+    chunks is its time and the two-pass forward wins (B4 T4096 0.69 against 0.82 ms, B1
+    T16384 1.43 against 2.33); with two or more per SM the fused kernel, which reads every
+    input once and writes no states, wins (B8 T4096 0.86 against 1.01, B16 T1024 0.44
+    against 0.49). The two-pass forward's cost is a transient [B, H, T/span, N, N] buffer of
+    span-entry states (`stack_dtype`; 0.25 GiB at B4 T4096 in bf16), freed before the
+    forward returns."""
     if forward != "auto":
         return forward == "two_pass"
-    return t > chunk
+    return t > chunk and b * h < MANY_HEADS
 
 
 def _forward(r, k, v, log_w, u, s0, chunk, opts):
     b, t, h, n = r.shape
     if use_two_pass(b, h, t, chunk, opts.forward):
         return _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)[:2]
-    splits = value_splits(b, h, n)
+    return _forward_fused(r, k, v, log_w, u, s0, chunk, opts)
+
+
+def _forward_fused(r, k, v, log_w, u, s0, chunk, opts, with_states=False):
+    """(y, final state), and with_states the state entering every chunk as
+    `_forward_two_pass`'s hs (for the two-pass backward), from one sequential kernel."""
+    b, t, h, n = r.shape
+    splits = state_pass_splits(opts, b, h, n)
     bv = n // splits
     # Grid (b, h, value block): r, k, log_w whole heads; v, y and the state by value block.
-    full, cols, state, _ = _value_split_specs(t, n, bv)
+    full, cols, state, stack = _value_split_specs(t, n, bv, t // chunk)
     head = pl.BlockSpec((None, n), lambda b_, h_, j: (h_, 0))
     kern = functools.partial(_fwd_kernel, chunk=chunk, mm_dtype=_mm_dtype(r.dtype), mode=opts.mode)
     out_shape = (
         jax.ShapeDtypeStruct((b, t, h, n), r.dtype),
         jax.ShapeDtypeStruct((b, h, n, n), F32),
     )
+    out_specs = [cols, state]
+    if with_states:
+        hs_dtype = stack_dtype(chunk, chunk, r.dtype)
+        out_shape += (jax.ShapeDtypeStruct((b, h, t // chunk * n, n), hs_dtype),)
+        out_specs.append(stack)
     return _call(
         kern,
         [full, full, cols, full, head, state],
-        [cols, state],
+        out_specs,
         out_shape,
         (b, h, splits),
         opts,
-        "wkv6_fwd",
+        "wkv6_fwd_states" if with_states else "wkv6_fwd",
     )(r, k, v, log_w, u, s0)
 
 
