@@ -18,6 +18,14 @@
 #    repeats that comparison on an H100: `mkdir .base && git archive c472dfb rwkv_ray
 #    benchmarks pyproject.toml | tar -x -C .base` (.base/ in .git/info/exclude), carry
 #    [".whl", ".base"], then BASELINE=.base OUT=$OUT bash benchmarks/gpu_session.sh decode-ab.
+# 3. Kernel v11 (fa57b52) measured on an H200 only: `kernel` on an H100 gives its figure of
+#    record (the fused forward from 256 heads; the f+b was 0.505x fla on the H200). Untimed
+#    ideas for the f+b's last percent: the gate's half-chunk sums as one Pallas reduction
+#    (XLA's two passes 0.052 ms at B8 T4096, the read alone ~0.02).
+# Done on 2026-11-29 (02:0x-02:45, nvidia-h200 x1): the fused forward against the two-pass
+# one at six shapes (fused from 256 heads: B8 T4096 fwd 1.010 -> 0.857 ms), then v11 against
+# fla in one process (0.854 / 1.753 = 0.49 forward, 3.442 / 6.818 = 0.505 f+b, back to
+# back), its GPU rows (many heads, bf16 log-decays, fused_kept; none failed).
 # Done on 2026-11-29 (00:31-00:58, nvidia-h200 x1): bench_kernel_cost.py (a tiny kernel
 # 0.72-0.80 us in the decode loop, an extra dependent GEMM about 3.8 us), the first H200
 # decode figures (batch 1 571.6, batch 32 12.26k, prefill 61.1k) and profile, then the LoRA

@@ -246,8 +246,9 @@ def wkv6_kernel(
     steps where a long sequence has few programs). `merge_dk_dv=True` runs the two-pass
     backward's dk and dv kernels as one (one read of the state gradients and the shared
     loads, more live registers).
-    `state_splits` (None: `value_splits`) how many value-column blocks the two-pass
-    directions' sequential passes split each head into (more, shorter programs).
+    `state_splits` (None: `value_splits`) how many value-column blocks the sequential
+    kernels (the fused forward, both two-pass directions' passes) split each head into (more
+    programs, each recomputing the intra-chunk terms).
     `overlap_dr=True` launches the two-pass backward's dr kernel together with its
     sequential state-gradient pass, whose few programs leave most SMs idle
     (`_state_grads_and_dr`; not with a longer pass1_stride).
