@@ -21,7 +21,8 @@
 # 3. Kernel v11 (fa57b52) measured on an H200 only: `kernel` on an H100 gives its figure of
 #    record (the fused forward from 256 heads; the f+b was 0.505x fla on the H200). Untimed
 #    ideas for the f+b's last percent: the gate's half-chunk sums as one Pallas reduction
-#    (XLA's two passes 0.052 ms at B8 T4096, the read alone ~0.02).
+#    (XLA's two passes 0.052 ms at B8 T4096, the read alone ~0.02). `fused-few`: whether
+#    8 warps or 4 stages let the fused forward win at the training shape too (B4).
 # Done on 2026-11-29 (02:0x-02:45, nvidia-h200 x1): the fused forward against the two-pass
 # one at six shapes (fused from 256 heads: B8 T4096 fwd 1.010 -> 0.857 ms), then v11 against
 # fla in one process (0.854 / 1.753 = 0.49 forward, 3.442 / 6.818 = 0.505 f+b, back to
@@ -234,6 +235,18 @@ case ${1:-} in
     done
     ;;
   kernel) kernel ;;
+  fused-few)
+    # ~3 min, no fla: the fused forward with one program per SM or fewer (B4 and B2 T4096),
+    # where v11 keeps the two-pass forward (fused 0.823 against 0.693 ms at B4 on an H200):
+    # 8 warps (slower at B8, where two programs share an SM) and 4 stages might hide more
+    # of its chunk chain. Compare the forward columns ("fwd ... back to back") only: the
+    # warps / stages fields apply to every kernel of the f+b.
+    for shape in 4x4096 2x4096; do
+      timeout 150 python3 benchmarks/bench_wkv.py --no-fla --shapes $shape --reps 10 --profile \
+        --configs 16:0:0:factored_tf32,16:0:0:factored_tf32:fused,16:8:0:factored_tf32:fused,16:0:4:factored_tf32:fused,16:8:4:factored_tf32:fused \
+        --out "$OUT/wkv_fused_few_$shape.json" 2>&1 | grep "ours\|kernels" | cut -c1-300
+    done
+    ;;
   kernel-spans)
     # ~3 min, no fla: the v9 kernel's span (state_stride: tokens between stored states; each
     # program walks that many tokens chunk by chunk) at 16 (the default), 32 and 64 and the
