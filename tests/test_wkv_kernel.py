@@ -111,6 +111,14 @@ def check_against_reference(
     return errs
 
 
+def _kernel_names(options, ins):
+    """The Pallas kernels (by name) that the gradient of wkv6_kernel(**options) launches (in
+    the interpreter; a kernel's twin without the per-chunk check counted as the kernel)."""
+    loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, interpret=True, **options)[0])  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
+    return set(re.findall(r"name=(wkv6\w+?)(?:_unchecked)?\b", jaxpr))
+
+
 # ---------------------------------------------------------------- CPU (Pallas interpret mode)
 
 
@@ -168,13 +176,6 @@ def test_interpret_bf16_log_decays_match_reference(decay):
     check_against_reference(
         1, 200, 2, 64, jnp.bfloat16, decay, interpret=True, seed=34, log_w_dtype=jnp.bfloat16
     )
-
-
-def _kernel_names(options, ins):
-    """The Pallas kernels (by name) that the gradient of wkv6_kernel(**options) launches."""
-    loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, interpret=True, **options)[0])  # noqa: E731
-    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
-    return set(re.findall(r"name=(wkv6\w+?)(?:_unchecked)?\b", jaxpr))
 
 
 def test_auto_forward_is_fused_from_many_heads():
@@ -258,11 +259,10 @@ def test_interpret_coarse_pass1_matches_reference():
     """pass1_stride 64 over spans of 16: both sequential passes step over blocks of 64 tokens
     (T=128: two blocks, float32 block states), then fill in four spans per block in parallel;
     strong decay; outputs, final state and every gradient against the reference."""
-    options = dict(forward="two_pass", backward="two_pass", pass1_stride=64, interpret=True)
+    options = dict(forward="two_pass", backward="two_pass", pass1_stride=64)
     ins, _, _ = make_inputs(0, 1, 128, 1, 16, jnp.float32, "weak")
-    loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, **options)[0])  # noqa: E731
-    program = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
-    assert "wkv6_states_fill" in program and "wkv6_bwd_state_grads_fill" in program
+    names = _kernel_names(options, ins)
+    assert "wkv6_states_fill" in names and "wkv6_bwd_state_grads_fill" in names
     run = with_kernel_options(forward="two_pass", backward="two_pass", pass1_stride=64)
     run(2, 128, 2, 32, jnp.float32, "strong", interpret=True, seed=27)
 
@@ -278,14 +278,12 @@ def test_interpret_coarse_pass1_bf16_with_padding_matches_reference():
 def test_interpret_merged_dk_dv_kernel_matches_reference(mode):
     """merge_dk_dv: the two-pass backward's dk and dv kernels as one; spans of two chunks
     (T=70 pads to 96: three spans), strong decay."""
-    options = dict(backward="two_pass", merge_dk_dv=True, interpret=True, state_stride=32)
+    options = dict(backward="two_pass", merge_dk_dv=True, state_stride=32)
     ins, _, _ = make_inputs(0, 1, 64, 1, 16, jnp.float32, "weak")
-    loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, **options)[0])  # noqa: E731
-    program = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
-    # (Each also as its twin without the per-chunk check: decay_check="call".)
-    kernels = {x.removesuffix("_unchecked") for x in re.findall(r"wkv6_bwd_chunks_\w+", program)}
+    names = _kernel_names(options, ins)
+    kernels = {x for x in names if x.startswith("wkv6_bwd_chunks_")}
     assert kernels == {"wkv6_bwd_chunks_dkv"}, kernels  # dr runs with the state grads
-    assert "wkv6_bwd_state_grads_dr" in program
+    assert "wkv6_bwd_state_grads_dr" in names
     run = with_kernel_options(backward="two_pass", merge_dk_dv=True, state_stride=32, mode=mode)
     run(2, 70, 2, 32, jnp.float32, "strong", interpret=True, seed=29)
 
@@ -305,11 +303,10 @@ def test_interpret_overlapped_dr_matches_reference(overlap):
     launch (grid: 2 value splits, N=32 and B*H=2, then 3 spans of 16: T=40 pads to 48);
     False: two launches. Both against the reference, strong decay."""
     ins, _, _ = make_inputs(0, 1, 40, 2, 32, jnp.float32, "weak")
-    options = dict(backward="two_pass", overlap_dr=overlap, interpret=True)
-    loss = lambda *a: jnp.sum(wk.wkv6_kernel(*a, **options)[0])  # noqa: E731
-    program = str(jax.make_jaxpr(jax.grad(loss, argnums=range(6)))(*ins))
-    names = re.findall(r"name=(wkv6_bwd_state_grads\w*|wkv6_bwd_chunks_dr)", program)
-    kernels = {x.removesuffix("_unchecked") for x in names}  # twins: decay_check="call"
+    names = _kernel_names(dict(backward="two_pass", overlap_dr=overlap), ins)
+    kernels = {
+        x for x in names if x.startswith("wkv6_bwd_state_grads") or x == "wkv6_bwd_chunks_dr"
+    }
     want = (
         {"wkv6_bwd_state_grads_dr"} if overlap else {"wkv6_bwd_state_grads", "wkv6_bwd_chunks_dr"}
     )

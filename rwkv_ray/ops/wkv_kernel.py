@@ -112,23 +112,22 @@ def _keeps_states(r, chunk, opts):
     merges its pass with the backward's identical one. The fused forward stores one state
     per chunk, so it keeps them only with one chunk per span."""
     b, t, h, _ = r.shape
-    two_pass = use_two_pass(b, h, t, chunk, opts.forward)
     if opts.keep is False or not use_two_pass_backward(b, h, t, chunk, opts.backward):
         return False
-    if two_pass:
-        return bool(opts.keep)
+    if use_two_pass(b, h, t, chunk, opts.forward):
+        return opts.keep is True
     return opts.stride == chunk
 
 
 def _wkv6_fwd(r, k, v, log_w, u, s0, chunk, opts):
     keep, opts = _keeps_states(r, chunk, opts), _gated(log_w, chunk, opts)
     b, t, h, _ = r.shape
-    if keep and use_two_pass(b, h, t, chunk, opts.forward):
-        y, st, hs = _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)
-    elif keep:
-        y, st, hs = _forward_fused(r, k, v, log_w, u, s0, chunk, opts, with_states=True)
-    else:
+    if not keep:
         (y, st), hs = _forward(r, k, v, log_w, u, s0, chunk, opts), None
+    elif use_two_pass(b, h, t, chunk, opts.forward):
+        y, st, hs = _forward_two_pass(r, k, v, log_w, u, s0, chunk, opts)
+    else:
+        y, st, hs = _forward_fused(r, k, v, log_w, u, s0, chunk, opts, with_states=True)
     return (y, st), (r, k, v, log_w, u, s0, st, hs, opts.gate)
 
 
