@@ -235,6 +235,24 @@ case ${1:-} in
     done
     ;;
   kernel) kernel ;;
+  kernel-v12)
+    # ~9 min: v12 (the dv kernel adds d log_w's cross-span part; the decay gate as one
+    # Pallas kernel) -- its GPU tests, then B8 T4096 against fla in one process, then (with
+    # BASELINE=dir, a `git archive` of the tree before, e.g. edfc2ad) that tree's kernel
+    # and this one's again, no fla, one process each.
+    JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 python3 -m pytest -q \
+      -m gpu -p no:cacheprovider tests/test_wkv_kernel.py -k "decay_gate or poisoned or \
+      bf16_log_decays or (matches_reference and not many_heads and ${TESTS_K:-not x})" \
+      2>&1 | tail -4
+    timeout 330 python3 benchmarks/bench_wkv.py --shapes 8x4096 --reps 10 --profile \
+      --configs 16:0:0:factored_tf32 --out "$OUT/wkv_v12_vs_fla.json" 2>&1 | grep -v -i warn
+    for tree in ${BASELINE:-} .; do
+      (cd "$tree" && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 benchmarks/bench_wkv.py \
+        --no-fla --shapes 8x4096 --reps 10 --profile --configs 16:0:0:factored_tf32 \
+        --out "$OUT/wkv_v12_ab_$(basename "$(realpath "$tree")").json" 2>&1 | grep "ours\|kernels" \
+        | cut -c1-400)
+    done
+    ;;
   fused-few)
     # ~3 min, no fla: the fused forward with one program per SM or fewer (B4 and B2 T4096),
     # where v11 keeps the two-pass forward (fused 0.823 against 0.693 ms at B4 on an H200):

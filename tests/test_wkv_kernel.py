@@ -377,13 +377,22 @@ def test_blocks_must_be_powers_of_two_up_to_max_block():
         wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), state_splits=2, interpret=True)
 
 
-def test_factored_everywhere_bounds_every_chunks_exponents():
+GATES = {
+    "reference": intra.factored_everywhere,
+    "kernel": functools.partial(intra.factored_everywhere_kernel, interpret=True),
+}
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_factored_everywhere_bounds_every_chunks_exponents(gate):
     """decay_check="call" leaves the per-chunk check out where every half-chunk's clamped
-    log-decays sum above -0.99 * 60 = -59.4 (`_factors`' largest exponents)."""
+    log-decays sum above -0.99 * 60 = -59.4 (`_factors`' largest exponents); the Pallas
+    kernel that the op runs decides as the plain form does."""
+    factored_everywhere = GATES[gate]
 
     def everywhere(values, chunk=16, t=None):
         lw = jnp.asarray(values, jnp.float32).reshape(1, -1, 1, 1)
-        return bool(intra.factored_everywhere(jnp.tile(lw, (1, (t or 1), 1, 1)), chunk))
+        return bool(factored_everywhere(jnp.tile(lw, (1, (t or 1), 1, 1)), chunk))
 
     assert everywhere([-7.42] * 16) and not everywhere([-7.43] * 16)  # 8 * 7.42 = 59.36
     assert everywhere([-3.71] * 32, 32) and not everywhere([-3.72] * 32, 32)
@@ -394,11 +403,48 @@ def test_factored_everywhere_bounds_every_chunks_exponents():
     assert not everywhere([jnp.nan] + [-1.0] * 15)
     lw = jnp.full((2, 32, 3, 4), -1.0).at[1, 20:22, 2, 3].set(-60.0)  # per batch row and head
     np.testing.assert_array_equal(
-        intra.factored_everywhere(lw, 16), [[True, True, True], [True, True, False]]
+        factored_everywhere(lw, 16), [[True, True, True], [True, True, False]]
     )
     with pytest.raises(ValueError, match="decay_check must be 'chunk' or 'call', got 'row'"):
         x = jnp.zeros((1, 32, 1, 16))
         wk.wkv6_kernel(x, x, x, x, jnp.zeros((1, 16)), decay_check="row", interpret=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("t, chunk", [(16, 16), (4112, 16), (4096, 32), (96, 32)])
+def test_interpret_decay_gate_kernel_equals_plain_form(t, chunk, dtype):
+    """The gate kernel against `factored_everywhere` on random decays around the bound,
+    per batch row and head, with NaN, -inf and -1e3 decays planted; T of 1 to 257 chunks
+    (odd counts give programs of 2 half-chunks)."""
+    got, want = _decay_gates(t, chunk, dtype, interpret=True)
+    np.testing.assert_array_equal(got, want)
+    assert 0 < want.sum() < want.size  # both answers occur
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("t, chunk", [(4096, 16), (4112, 16), (96, 32)])
+def test_gpu_decay_gate_kernel_equals_plain_form(t, chunk, dtype):
+    _needs_gpu()
+    got, want = _decay_gates(t, chunk, dtype, interpret=False)
+    np.testing.assert_array_equal(got, want)
+
+
+def _decay_gates(t, chunk, dtype, interpret):
+    rng = np.random.default_rng(t + chunk)
+    b, h, n = 3, 5, 16
+    per_token = 0.99 * 60 / (chunk // 2)  # a half-chunk of these sums to the bound
+    near = np.array([0.98, 1.0, 1.02, 1.04, 1.06])[:, None]  # per head: some pass, some fail
+    lw = rng.uniform(-per_token, -per_token * 0.9, (b, t, h, n)) * near
+    lw[0, :, 0] = -1.0
+    lw[0, t // 2, 0, 3] = np.nan
+    lw[1, :, 1] = -1.0
+    lw[1, 0, 1, 5] = -np.inf
+    lw[2, :, 2] = -0.5
+    lw[2, [0, t - 1], 2, 7] = -1e3  # one in the first half-chunk, one in the last
+    lw = jnp.asarray(lw, dtype)
+    got = intra.factored_everywhere_kernel(lw, chunk, interpret=interpret)
+    return np.asarray(got), np.asarray(intra.factored_everywhere(lw, chunk))
 
 
 @pytest.mark.parametrize(

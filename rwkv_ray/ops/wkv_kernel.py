@@ -67,7 +67,7 @@ from rwkv_ray.ops.wkv_kernel_fwd import (
     use_two_pass,
     value_splits,
 )
-from rwkv_ray.ops.wkv_kernel_intra import F32, factored_everywhere
+from rwkv_ray.ops.wkv_kernel_intra import F32, factored_everywhere_kernel
 from rwkv_ray.ops.wkv_kernel_step import wkv6_kernel_step
 
 __all__ = [
@@ -96,7 +96,8 @@ def _gated(log_w, chunk, opts):
     [B * H] int32 array (see _call), which the backward reuses."""
     if opts.decay_check != "call" or not opts.mode.startswith("factored"):
         return opts
-    return opts._replace(gate=factored_everywhere(log_w, chunk).astype(jnp.int32).reshape(-1))
+    gate = factored_everywhere_kernel(log_w, chunk, opts.interpret, opts.num_warps)
+    return opts._replace(gate=gate.astype(jnp.int32).reshape(-1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))

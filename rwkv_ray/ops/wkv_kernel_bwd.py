@@ -318,6 +318,22 @@ def _chunk_dkv_kernel(
         du_ref[...] = du[0]
 
 
+def _chunk_dv_dlw_kernel(*refs, chunk, mm_dtype, mode):
+    """Pass 2c (dv) of a span, then d log_w of the span: its in-span part (from the dk
+    kernel) plus the cross-span part, one row for the whole span (`_cross_span_part`)."""
+    *dkv_refs, dwl_ref, cross_ref, dv_ref, dlw_ref = refs
+    _chunk_dkv_kernel(*dkv_refs, dv_ref, chunk=chunk, mm_dtype=mm_dtype, mode=mode, parts="dv")
+    dwl = dwl_ref[...].astype(F32) + cross_ref[...][None, :]
+    dlw_ref[...] = dwl.astype(dlw_ref.dtype)
+
+
+def _cross_span_part(tot, dst, st):
+    """d log_w's cross-span part, the fused kernel's acc_w carry: for span c,
+    rowsum(dS_T * S_T) + the totals of all later spans. [B, H, T/span, N] float32."""
+    later = lax.cumsum(tot, axis=2, reverse=True) - tot
+    return jnp.sum(dst * st, axis=-1)[:, :, None, :] + later
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -416,6 +432,9 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
             opts,
             "wkv6_bwd_chunks_dkv",
         )(*dkv_args)
+        cross = jnp.transpose(_cross_span_part(tot, dst, st), (0, 2, 1, 3))[:, :, None]
+        dlw = (dwl.reshape(b, n_spans, span, h, n) + cross).reshape(b, t, h, n)
+        dlw = dlw.astype(log_w.dtype)
     else:
         dk, dwl, tot, du = _call(
             # The per-chunk check kept under decay_check="call" too (no gate): on an H200
@@ -423,18 +442,22 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
             functools.partial(dkv, parts="dk"), dkv_specs, dk_specs, dk_shapes, grid,
             opts._replace(gate=None), "wkv6_bwd_chunks_dk",
         )(*dkv_args)  # fmt: skip
-        dv = _call(
-            # No gate either: on an H200 (B8 T4096, 2026-11-28) its unchecked twin (0.524 ms)
-            # plus the launch returning at once (0.041) saved 0.011 ms against this kernel
-            # alone (0.575), while where no head passed the checked kernel behind its gate
-            # took 1.28 ms against 1.15 alone.
-            functools.partial(dkv, parts="dv"), dkv_specs, piece, like(v), grid,
-            opts._replace(gate=None), "wkv6_bwd_chunks_dv",
-        )(*dkv_args)  # fmt: skip
-    # Cross-span part of d log_w, the fused kernel's acc_w carry: for span c,
-    # rowsum(dS_T * S_T) + the totals of all later spans.
-    later = lax.cumsum(tot, axis=2, reverse=True) - tot
-    carry = jnp.sum(dst * st, axis=-1)[:, :, None, :] + later  # [B, H, T/span, N]
-    dlw = dwl.reshape(b, n_spans, span, h, n) + jnp.transpose(carry, (0, 2, 1, 3))[:, :, None]
-    dlw = dlw.reshape(b, t, h, n).astype(log_w.dtype)
+        # The dv kernel runs after dk's and also writes d log_w: the in-span part plus the
+        # cross-span part, a row per span (into the in-span part's buffer unless the outputs
+        # are poisoned). As an XLA sum apart it read and wrote all of d log_w once more:
+        # 0.08 ms of the 3.4 ms forward + backward at B8 T4096 (bf16, an H200, 2026-11-29).
+        dv, dlw = _call(
+            # No gate either: on an H200 (B8 T4096, 2026-11-28) its unchecked twin (0.524
+            # ms) plus the launch returning at once (0.041) saved 0.011 ms against this
+            # kernel alone (0.575), while where no head passed the checked kernel behind its
+            # gate took 1.28 ms against 1.15 alone.
+            functools.partial(_chunk_dv_dlw_kernel, **kw),
+            [*dkv_specs, piece, row],
+            [piece, piece],
+            (like(v), like(log_w)),
+            grid,
+            opts._replace(gate=None),
+            "wkv6_bwd_chunks_dv",
+            aliases={len(dkv_specs): 1} if dwl.dtype == log_w.dtype else None,
+        )(*dkv_args, dwl, _cross_span_part(tot, dst, st))
     return dr, dk, dv, dlw, jnp.sum(du, axis=(0, 2)).astype(u.dtype), ds0.astype(s0.dtype)

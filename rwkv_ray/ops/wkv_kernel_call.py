@@ -99,9 +99,10 @@ def _specs(n):
     return seq, head, state
 
 
-def _call(kernel, in_specs, out_specs, out_shape, grid, opts, name):
+def _call(kernel, in_specs, out_specs, out_shape, grid, opts, name, aliases=None):
     """pallas_call; with opts.poison the outputs start NaN-filled (aliased inputs), so a test
-    sees any element the kernel leaves unwritten.
+    sees any element the kernel leaves unwritten. `aliases` ({input index: output index},
+    kernels without a gate) lets outputs take inputs' buffers; poisoned outputs do not.
 
     With opts.gate (decay_check="call": a [B * H] int32 array, 1 for the batch rows and heads
     where `factored_everywhere` holds), a kernel given as functools.partial(..., mode=a
@@ -116,10 +117,14 @@ def _call(kernel, in_specs, out_specs, out_shape, grid, opts, name):
     mode = getattr(kernel, "keywords", {}).get("mode", "")
     poisoned = lambda: tuple(jnp.full(o.shape, jnp.nan, o.dtype) for o in outs)  # noqa: E731
     if opts.gate is None or not mode.startswith("factored") or mode.endswith(UNCHECKED):
-        launch = _launch(kernel, in_specs, out_specs, out_shape, grid, opts, name, opts.poison)
+        launch = _launch(
+            kernel, in_specs, out_specs, out_shape, grid, opts, name, opts.poison, aliases
+        )
         if not opts.poison:
             return launch
         return lambda *args: launch(*args, *poisoned())
+    if aliases:
+        raise ValueError(f"{name}: a gated kernel's outputs cannot take its inputs' buffers")
     heads = grid[1]
     gated = [pl.BlockSpec((1,), lambda b_, h_, *_: (b_ * heads + h_,)), *in_specs]
     unchecked = functools.partial(kernel, mode=mode + UNCHECKED)
@@ -147,9 +152,10 @@ def _when(kernel, want):
     return gated
 
 
-def _launch(kernel, in_specs, out_specs, out_shape, grid, opts, name, aliased):
+def _launch(kernel, in_specs, out_specs, out_shape, grid, opts, name, aliased, aliases=None):
     """The pallas_call of kernel(*inputs, *outputs); with `aliased`, one more input per output
-    gives that output's buffer (its contents stay where the kernel writes nothing)."""
+    gives that output's buffer (its contents stay where the kernel writes nothing); else
+    `aliases` maps inputs to the outputs that reuse their buffers."""
     params = None
     if not opts.interpret:
         from jax.experimental.pallas import triton as plt
@@ -171,7 +177,7 @@ def _launch(kernel, in_specs, out_specs, out_shape, grid, opts, name, aliased):
         compiler_params=params,
         interpret=opts.interpret,
         name=name,
-        input_output_aliases={n_in + i: i for i in range(n_out)} if aliased else {},
+        input_output_aliases={n_in + i: i for i in range(n_out)} if aliased else aliases or {},
     )
 
 
