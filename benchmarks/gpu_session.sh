@@ -18,11 +18,13 @@
 #    repeats that comparison on an H100: `mkdir .base && git archive c472dfb rwkv_ray
 #    benchmarks pyproject.toml | tar -x -C .base` (.base/ in .git/info/exclude), carry
 #    [".whl", ".base"], then BASELINE=.base OUT=$OUT bash benchmarks/gpu_session.sh decode-ab.
-# 3. Kernel v11 (fa57b52) measured on an H200 only: `kernel` on an H100 gives its figure of
-#    record (the fused forward from 256 heads; the f+b was 0.505x fla on the H200). Untimed
-#    ideas for the f+b's last percent: the gate's half-chunk sums as one Pallas reduction
-#    (XLA's two passes 0.052 ms at B8 T4096, the read alone ~0.02). `fused-few`: whether
-#    8 warps or 4 stages let the fused forward win at the training shape too (B4).
+# 3. Kernel v12 (22a944e) measured on an H200 only: `kernel` on an H100 gives its figure of
+#    record (on the H200 0.48-0.49 forward, 0.498-0.500 f+b against fla, back to back).
+# Done on 2026-11-29 (03:44-04:12, nvidia-h200 x1): `kernel-v12` twice (28 GPU tests
+# passed each time; v11 -> v12 0.865 -> 0.847 / 3.418 -> 3.370 ms; against fla 0.48 /
+# 0.498), bench_decay_gate.py (the gate kernel's programs and warps), `fused-few` (8 warps
+# or 4 stages do not make the fused forward win at B4 or B2), v12 against fla once more
+# (0.49 / 0.500).
 # Done on 2026-11-29 (02:0x-02:45, nvidia-h200 x1): the fused forward against the two-pass
 # one at six shapes (fused from 256 heads: B8 T4096 fwd 1.010 -> 0.857 ms), then v11 against
 # fla in one process (0.854 / 1.753 = 0.49 forward, 3.442 / 6.818 = 0.505 f+b, back to

@@ -34,10 +34,11 @@ reverse-direction kernel carries dL/dS and gives dr, dk, dv, d(log_w) (a running
 of r*dr - k*dk plus the final-state term), d(u) and the initial state's gradient.
 Backward, "two_pass" (derivation in wkv_kernel_bwd.py): the states entering and
 the state gradients leaving every span (two cheap sequential kernels), then every span's
-gradients in parallel (three kernels: dr; dk, d(log_w), d(u); dv); d(log_w)'s sum over later
-spans is a reverse cumsum in plain JAX. With `pass1_stride` both sequential passes step over
-longer blocks (float32 block states) and a parallel kernel fills in every span's state from
-its block's: fewer sequential steps for a long sequence with few programs.
+gradients in parallel (three kernels: dr; dk, d(log_w)'s in-span part, d(u); dv, which also
+adds d(log_w)'s sum over later spans, a reverse cumsum of dk's span totals). With
+`pass1_stride` both sequential passes step over longer blocks (float32 block states) and a
+parallel kernel fills in every span's state from its block's: fewer sequential steps for a
+long sequence with few programs.
 
 Matmul operands are in the input dtype (bf16 -> tensor cores; float32 -> exact IEEE float32),
 accumulation and state in float32. `interpret=True` runs the same kernels on CPU.
