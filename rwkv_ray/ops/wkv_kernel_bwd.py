@@ -384,7 +384,8 @@ def use_two_pass_backward(b: int, h: int, t: int, chunk: int, backward: str) -> 
 
 def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None):
     """Passes 1a (hs, unless the forward kept it), 1b (gs) and 2, over spans of
-    `span_length` tokens (the forward's), then d log_w's cross-span sums. Transient memory:
+    `span_length` tokens (the forward's); d log_w's cross-span sums are added by the dv
+    kernel (by XLA after the merged dk + dv kernel). Transient memory:
     hs and gs, each [B, H, T/span, N, N] in `stack_dtype` (0.5 GiB each at B8 T4096 H32 N64,
     bf16, spans of 16), plus d log_w's in-span part and drn, [B, T, H, N] float32 each."""
     b, t, h, n = r.shape
@@ -416,7 +417,7 @@ def _backward_two_pass(r, k, v, log_w, u, s0, st, dy, dst, chunk, opts, hs=None)
     dkv = functools.partial(_chunk_dkv_kernel, **kw)
     # d log_w's in-span part in log_w's dtype where that is narrower than float32 (bf16: one
     # more rounding before the cross-span sums are added; half the bytes written and read
-    # back by the final sum).
+    # back by the dv kernel).
     dwl_dtype = log_w.dtype if jnp.dtype(log_w.dtype).itemsize < 4 else F32
     dwl_shape = jax.ShapeDtypeStruct((b, t, h, n), dwl_dtype)
     dk_specs, dk_shapes = [piece, piece, row, row], (like(k), dwl_shape, rows, rows)
