@@ -5,6 +5,7 @@ with its own metrics. A fake step and reader record the order of calls (no JAX, 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from rwkv_ray.train import worker
 from rwkv_ray.train.config import JobConfig
@@ -23,11 +24,13 @@ class FakeReader:
 
 
 class FakeStep:
-    """dispatch/finish as TrainStep's; the 'loss' of a step is its batch's token value."""
+    """dispatch/finish as TrainStep's; the 'loss' of a step is its batch's token value, its
+    metrics overridden for the steps in `bad` ({step: metrics})."""
 
-    def __init__(self):
+    def __init__(self, bad=None):
         self.events: list[tuple[str, int]] = []
         self.dispatched = 0
+        self.bad = bad or {}
 
     def dispatch(self, state, tokens, mask):
         self.dispatched += 1
@@ -37,7 +40,7 @@ class FakeStep:
     def finish(self, pending):
         number, value = pending
         self.events.append(("finish", number))
-        return {"loss": value, "step_time": 0.5}
+        return {"loss": value, "grad_norm": 1.0, "step_time": 0.5, **self.bad.get(number, {})}
 
 
 class FakeTracker:
@@ -89,3 +92,29 @@ def test_a_step_that_ends_the_job_or_is_checkpointed_is_waited_for_at_once(monke
     assert reports[0][2][-1] == ("finish", 2)
     assert train.events[-2:] == [("dispatch", 3), ("finish", 3)]  # the job's last step
     assert tracker.logged == [(1, 0.0), (2, 1.0), (3, 2.0)]
+
+
+@pytest.mark.parametrize(
+    "bad_step, metrics, reported",
+    [
+        (3, {"loss": float("nan")}, [2]),  # between checkpoints: found while step 4 runs
+        (4, {"loss": float("inf")}, [2]),  # a checkpoint step: found before its checkpoint
+        (2, {"grad_norm": float("nan")}, []),  # a finite loss, a NaN update
+    ],
+)
+def test_a_non_finite_step_stops_the_run_before_its_checkpoint(
+    monkeypatch, bad_step, metrics, reported
+):
+    """A NaN or infinite loss or gradient norm raises NonFiniteStepError, naming the step,
+    before any checkpoint of the weights that step left; MLflow still gets the step."""
+    config = JobConfig.from_dict(
+        {"model": MODEL, "data": {"train": "unused"}, "checkpointing": {"every_steps": 2}}
+    )
+    train, tracker = FakeStep(bad={bad_step: metrics}), FakeTracker()
+    reports = []
+    monkeypatch.setattr(worker, "report", lambda *a: reports.append(a[3]["global_step"]))
+    position = {"global_step": 0, "epoch": 0, "batch": 0, "rng": None, "extra": {}}
+    with pytest.raises(worker.NonFiniteStepError, match=f"step {bad_step}: .*latest checkpoint"):
+        run_epoch(train, 0, {}, FakeReader(), config, position, 0, 100, tracker, None)
+    assert reports == reported
+    assert [step for step, _ in tracker.logged][-1] == bad_step

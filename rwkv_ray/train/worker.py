@@ -8,6 +8,7 @@ writes checkpoints, MLflow records and the final export; every worker calls
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -33,6 +34,32 @@ from rwkv_ray.train.step import (
 
 class InjectedFailure(RuntimeError):
     """Raised by `debug.fail_at_step` (tests of fault tolerance)."""
+
+
+class NonFiniteStepError(RuntimeError):
+    """A step's loss or gradient norm was NaN or infinite: the run stops before any
+    checkpoint holds the weights that step left (`check_finite`)."""
+
+
+def check_finite(metrics: dict[str, float], step: int) -> None:
+    """Raise NonFiniteStepError where the step's loss or gradient norm is not finite.
+
+    Called on every step's metrics before a checkpoint of the state after it is written, so
+    the saved checkpoints (and the final export) keep finite weights: a finite gradient norm
+    means a finite update, and a step with a NaN loss or gradient has already updated the
+    weights with it."""
+    bad = {k: metrics[k] for k in ("loss", "grad_norm") if k in metrics}
+    bad = {k: v for k, v in bad.items() if not math.isfinite(v)}
+    if bad:
+        found = ", ".join(f"{k} {v}" for k, v in bad.items())
+        raise NonFiniteStepError(
+            f"step {step}: {found}. The run stopped before writing a checkpoint at or after "
+            "this step, so the latest checkpoint holds finite weights. Usual causes: a "
+            "learning rate too high (optimizer.lr, schedule.warmup_steps) or gradient "
+            "clipping off (optimizer.clip_norm). A resubmitted job, and a restart under "
+            "checkpointing.max_failures, resume from that checkpoint and replay the same "
+            "batches: change the settings first."
+        )
 
 
 def open_reader(config: JobConfig, rank: int):
@@ -234,6 +261,7 @@ def run_epoch(train, state, metrics, reader, config, position, rank, steps, trac
         if progress is not None:
             progress.set_description(f"{config.name} loss {done['loss']:.4f}")
             progress.update(1)
+        check_finite(done, global_step)  # logged first, so MLflow shows the step
         return done
 
     for next_batch, tokens, mask in groups:
