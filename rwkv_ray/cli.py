@@ -124,9 +124,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(chosen_command(argv)).parse_args(argv)
+    import pickle
+
+    import yaml
+
+    # The user's own mistakes (a bad path or setting, a file that is not a checkpoint, a
+    # broken YAML config): one line, exit status 2, no traceback.
+    user_errors = (OSError, ValueError, pickle.UnpicklingError, yaml.YAMLError)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except user_errors as e:
         print(f"rwkv-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

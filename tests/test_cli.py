@@ -47,3 +47,21 @@ def test_chosen_command_gets_its_full_parser():
     argv = ["generate", "--model", "m", "--prompt", "hi", "--search-mode", "topp", "--k", "0.7"]
     args = cli.build_parser(cli.chosen_command(argv)).parse_args(argv)
     assert (args.search_mode, args.k, args.func.__name__) == ("topp", 0.7, "run_generate")
+
+
+def test_user_errors_are_one_line_and_exit_status_2(tmp_path, capsys):
+    """A broken YAML config, a directory where a checkpoint file is expected, an output
+    that exists as a file: `rwkv-ray X: error: ...` and status 2, not a traceback."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("inputs: [a.jsonl,\n")
+    (tmp_path / "somedir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        ["prepare", "--config", str(broken)],
+        ["convert", str(tmp_path / "somedir"), str(tmp_path / "out")],
+        ["convert", str(broken), str(tmp_path / "afile")],
+    ]
+    for argv in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"rwkv-ray {argv[0]}: error: ") and "Traceback" not in err, err

@@ -67,6 +67,17 @@ def test_mismatch_lists_every_offending_key(tmp_path):
     assert "unexpected: blocks.0.att.extra (3,)" in message
 
 
+def test_a_blocks_key_without_a_number_is_reported_as_unexpected(tmp_path):
+    """The config reads the layer count off numbered blocks only; the extra key is then
+    listed by the loader (it was an int() error about 'extra')."""
+    sd = random_state_dict(3, **SHAPE)
+    sd["blocks.extra.note"] = np.zeros((1,), np.float32)
+    config = RWKV6Config.from_state_dict(sd)
+    assert config.num_layers == 2
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected: blocks.extra.note \(1,\)"):
+        assign_state_dict(RWKV6CausalLM.from_model_config(config), sd)
+
+
 def test_wrong_number_of_layers_is_refused(tmp_path):
     sd = random_state_dict(4, **SHAPE)
     model = RWKV6CausalLM.from_model_config(

@@ -165,6 +165,17 @@ def test_clear_errors(tmp_path):
         prepare({"inputs": [str(tmp_path / "x.csv")], "output": out, "format": "csv"})
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [("overwrite", "false"), ("progress", "no"), ("inputs", 5), ("output", 123), ("vocab_path", 7)],
+)
+def test_settings_of_the_wrong_type_are_refused_by_name(key, value):
+    """A quoted "false" is truthy: `overwrite: "false"` used to delete the dataset."""
+    values = {"inputs": ["x.jsonl"], "output": "out", key: value}
+    with pytest.raises(PrepareConfigError, match=f"^{key}: "):
+        PrepareConfig.from_dict(values)
+
+
 def test_arguments_yaml_flags_and_set(tmp_path):
     import argparse
 

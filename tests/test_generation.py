@@ -254,3 +254,23 @@ def test_top_level_api_exports_generation():
     for name in ("generate", "stream_generate", "GenerationResult", "load_state", "save_state"):
         assert getattr(rwkv_ray, name) is getattr(generation, name)
     assert "generate" in rwkv_ray.__all__
+
+
+def test_cli_generate_prints_the_library_text_without_its_stop_string(tmp_path, capsys):
+    """`rwkv-ray generate --stop S` prints the prompt and the library's text: the stop
+    string and the rest of the token holding it never reach the terminal."""
+    from rwkv_ray import cli
+
+    sd = random_state_dict(11, vocab_size=65536, num_layers=1, hidden_size=64, head_size=32)
+    path = torch_save(sd, tmp_path / "world.pth")
+    model = rwkv_ray.load_model(path)
+    free = generate(model, ["Hello"], 12, token_ban=[0])
+    stop = free.text[0][3:6]  # three characters from inside the continuation
+    want = generate(model, ["Hello"], 12, token_ban=[0], stop=stop)
+    assert want.finish_reason == ["stop"] and stop not in want.text[0]
+    argv = ["generate", "--model", str(path), "--prompt", "Hello", "--max-new-tokens", "12"]
+    argv += ["--token-ban", "0", "--stop", stop]
+    args = cli.build_parser("generate").parse_args(argv)
+    capsys.readouterr()
+    args.func(args)
+    assert capsys.readouterr().out == "Hello" + want.text[0] + "\n"

@@ -86,6 +86,28 @@ def test_temperature_to_zero_is_greedy(temperature):
     np.testing.assert_array_equal(samples, np.broadcast_to(logits.argmax(-1), samples.shape))
 
 
+@pytest.mark.parametrize(
+    "settings", [dict(search_mode="topk", k=4), dict(search_mode="topp", k=0.9)]
+)
+def test_a_subnormal_temperature_is_greedy(settings):
+    """1e-38 is subnormal in float32: logits / T overflowed to +inf for several ids and the
+    draw took the first of them; now every row takes its argmax."""
+    logits = fixed_logits(seed=5)
+    samples = draw(logits, temperature=1e-38, **settings)
+    np.testing.assert_array_equal(samples, np.broadcast_to(logits.argmax(-1), samples.shape))
+
+
+def test_integers_past_the_vocabulary_or_int32_are_clamped_and_seeds_checked():
+    """top-k past the vocabulary keeps everything (as top-k = V), a count cap past int32
+    never binds; a seed must fit 63 bits."""
+    params, _ = make_sampling_params(2, VOCAB, search_mode="topk", k=2**31)
+    np.testing.assert_array_equal(params.top_k, [VOCAB, VOCAB])
+    params, _ = make_sampling_params(1, VOCAB, search_mode="topp", k=[0.9, 2**40])
+    assert int(params.top_k[0]) == VOCAB and float(params.top_p[0]) == pytest.approx(0.9)
+    params, _ = make_sampling_params(1, VOCAB, penalty=1.2, max_penalty_range=[1, 2**40])
+    assert int(params.penalty_max_count[0]) == 2**31 - 1
+
+
 def test_plain_sampling_follows_softmax():
     """Frequencies within 0.05 of softmax probabilities (5 sigma at 400 draws is ~0.12)."""
     logits = np.array([[0.0, 1.0, 2.0] + [-30.0] * (VOCAB - 3)], np.float32)

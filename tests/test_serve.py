@@ -184,6 +184,8 @@ BAD = [
     ("no prompt", {"max_tokens": 3}, 422),
     ("token id too big", {"tokens": [VOCAB], "max_tokens": 2}, 400),
     ("bad k for topk", {"prompt": "hi", "search_mode": "topk", "k": 0.5}, 400),
+    ("k true", {"prompt": "hi", "search_mode": "topk", "k": True}, 422),
+    ("max_tokens 2.0", {"prompt": "hi", "max_tokens": 2.0}, 422),
     ("unknown state", {"prompt": "hi", "state": "nope"}, 404),
     ("state with a path", {"prompt": "hi", "state": "../tuned"}, 422),
     ("state with a slash", {"prompt": "hi", "state": "a/b"}, 422),
@@ -202,6 +204,16 @@ def test_bad_input_is_4xx(server, body, status):
     assert r.status_code == status, r.text
     assert r.json()["detail"]
     assert requests.get(f"{server}/healthz", timeout=30).status_code == 200
+
+
+def test_top_p_then_top_k_list_over_http_equals_library(server, model_files):
+    """k = [p, k] (top-k then top-p) as JSON [0.9, 40]: the 40 stays an int."""
+    body = {"tokens": [5, 6], "max_tokens": 4, "search_mode": "topp", "k": [0.9, 40], "seed": 1}
+    r = post(f"{server}/v1/generate", {**body, "token_ban": NO_PAD})
+    assert r.status_code == 200, r.text
+    want = generate(model_files[0], [[5, 6]], 4, search_mode="topp", k=[0.9, 40], seed=1,
+                    token_ban=NO_PAD)  # fmt: skip
+    assert r.json()["tokens"] == want.tokens[0]
 
 
 def test_bad_completions_are_4xx(server):
@@ -226,7 +238,7 @@ class ByteTokenizer:
 
 
 def test_text_stream_holds_back_cut_characters_and_stops():
-    from rwkv_ray.serve.app import TextStream
+    from rwkv_ray.generation.text_stream import TextStream
 
     table = {1: "é".encode()[:1], 2: "é".encode()[1:] + b"a", 3: b"bXc", 4: b"d", 0: b""}
     text = TextStream(ByteTokenizer(table), [0], None)

@@ -127,6 +127,16 @@ def test_stop_with_state_is_exact_and_continues(tiny):
     assert more.tokens == generate(model, [[]], 6, state=want.state, token_ban=NO_PAD).tokens
 
 
+def test_the_batchers_token_cap_holds_for_numpy_integers(tiny):
+    batcher = ContinuousBatcher(tiny[0], **SMALL)
+    try:
+        for count in (SMALL["max_new_tokens"] + 1, np.int64(SMALL["max_new_tokens"] + 1)):
+            with pytest.raises(ValueError, match="max_new_tokens must be <="):
+                batcher.submit([5, 6], count, token_ban=NO_PAD)
+    finally:
+        batcher.close()
+
+
 def test_cancel_frees_the_slot(tiny):
     model = tiny[0]
     batcher = ContinuousBatcher(model, **SMALL)

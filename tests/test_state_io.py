@@ -108,6 +108,11 @@ def test_mismatched_state_file_is_refused(ckpt, tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError):
         load_state(tmp_path / "junk.npz", model)
+    data = path.read_bytes()  # a copy cut short: a ValueError naming the file, not BadZipFile
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    for read in (load_state, lambda p, _: read_state_metadata(p)):
+        with pytest.raises(ValueError, match="cut.npz is not a readable state file"):
+            read(tmp_path / "cut.npz", model)
 
 
 def test_save_refuses_a_state_of_another_shape(ckpt, tmp_path):

@@ -54,6 +54,24 @@ def test_local_round_trip_and_latest(tmp_path):
         sample(2).check_fits(["a/kernel"], ["adamw/iteration", "adamw/m"])
 
 
+def test_a_cut_off_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    """A meta.json beside a cut-short or missing train_state.npz (a copy interrupted in the
+    run's storage): reading it is an IncompleteCheckpointError, and `read_newest` resumes
+    from the newest checkpoint that reads whole, naming the one it skipped."""
+    for step in (10, 20, 30):
+        ckpt_io.write_checkpoint(sample(step), tmp_path / ckpt_io.checkpoint_name(step))
+    cut = tmp_path / "checkpoint_00000030" / ckpt_io.STATE_FILE
+    cut.write_bytes(cut.read_bytes()[:100])
+    (tmp_path / "checkpoint_00000020" / ckpt_io.STATE_FILE).unlink()
+    for step in (30, 20):
+        with pytest.raises(ckpt_io.IncompleteCheckpointError, match="not a complete checkpoint"):
+            ckpt_io.read_checkpoint(tmp_path / ckpt_io.checkpoint_name(step))
+    assert_same(ckpt_io.read_newest(tmp_path), sample(10))
+    assert capsys.readouterr().err.count("skipping checkpoint") == 2
+    assert ckpt_io.read_newest(tmp_path, newer_than=10) is None  # nothing newer reads whole
+    assert ckpt_io.read_newest(tmp_path / "none") is None
+
+
 def test_s3_round_trip(tmp_path, monkeypatch):
     from moto.server import ThreadedMotoServer
 

@@ -40,9 +40,22 @@ class PrepareConfig:
         if isinstance(self.inputs, str | os.PathLike):
             object.__setattr__(self, "inputs", (str(self.inputs),))
         else:
+            paths = isinstance(self.inputs, list | tuple) and all(
+                isinstance(p, str | os.PathLike) for p in self.inputs
+            )
+            _check(paths, "inputs", f"must be a path or a list of paths, got {self.inputs!r}")
             object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
         _check(len(self.inputs) > 0, "inputs", "give at least one input file or directory")
-        _check(bool(self.output), "output", "give an output directory")
+        _check(isinstance(self.output, str | os.PathLike), "output", "must be a path")
+        _check(bool(str(self.output)), "output", "give an output directory")
+        object.__setattr__(self, "output", str(self.output))
+        for key in ("vocab_path", "s3_endpoint_url"):
+            value = getattr(self, key)
+            _check(value is None or isinstance(value, str), key, f"must be a string, got {value!r}")
+        # Booleans only: a quoted "false" is truthy, and `overwrite` deletes a dataset.
+        for key in ("overwrite", "progress"):
+            value = getattr(self, key)
+            _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
         for key in ("seq_len", "num_shards", "rows_per_task"):
             value = getattr(self, key)
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -3,6 +3,7 @@
 - `generate` / `stream_generate`: see `rwkv_ray.generation.generate`.
 - Sampling controls (the seed's and the official pipeline's): `rwkv_ray.generation.sampling`.
 - States as files and the RWKV-PEFT time_state layout: `rwkv_ray.generation.state_io`.
+- Streamed tokens -> text pieces (stop strings, cut characters): `rwkv_ray.generation.text_stream`.
 """
 
 from rwkv_ray.generation.engine import compile_counts

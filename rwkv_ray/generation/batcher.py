@@ -226,14 +226,14 @@ class ContinuousBatcher:
         unknown = set(sampling) - set(_SAMPLING_KEYS)
         if unknown:
             raise TypeError(f"unknown sampling arguments {sorted(unknown)}")
-        if isinstance(max_new_tokens, int) and max_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"max_new_tokens must be <= {self.max_new_tokens} here, got {max_new_tokens}"
-            )
         request = _prepare(
             self.model, [prompt], max_new_tokens, sampling, end_token, stop, seed, state,
             self.tokenizer,
         )  # fmt: skip
+        if int(max_new_tokens) > self.max_new_tokens:  # an int or a numpy integer by now
+            raise ValueError(
+                f"max_new_tokens must be <= {self.max_new_tokens} here, got {max_new_tokens}"
+            )
         stream = BatchStream(request, need_state, on_finish)
         if self._closed:
             raise RuntimeError("the batcher is closed")

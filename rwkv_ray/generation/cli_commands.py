@@ -58,27 +58,9 @@ def _load_state(path: str, model):
     return load_state(path, model)
 
 
-class _Printer:
-    """Writes token bytes as text, holding back an incomplete UTF-8 sequence."""
-
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.pending = tokenizer, out, b""
-
-    def write(self, token: int) -> None:
-        self.pending += self.tokenizer.decode_bytes([token])
-        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
-            try:
-                text = self.pending[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self.out.write(text)
-            self.out.flush()
-            self.pending = self.pending[cut:]
-            return
-
-    def close(self) -> None:
-        self.out.write(self.pending.decode("utf-8", errors="replace") + "\n")
-        self.out.flush()
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _sampling(args) -> dict:
@@ -103,6 +85,7 @@ def run_generate(args) -> None:
     from rwkv_ray.convert import load_model
     from rwkv_ray.generation.generate import stream_generate
     from rwkv_ray.generation.state_io import save_state
+    from rwkv_ray.generation.text_stream import TextStream
     from rwkv_ray.tokenizer import WorldTokenizer
 
     model = load_model(args.model, dtype=args.dtype)
@@ -111,22 +94,26 @@ def run_generate(args) -> None:
     chunk = args.chunk or args.max_new_tokens
     if chunk < 1:
         raise ValueError(f"--chunk must be >= 1, got {chunk}")
-    printer, left, prompt = _Printer(tokenizer), args.max_new_tokens, args.prompt
+    left, prompt = args.max_new_tokens, args.prompt
     while left > 0:
         stream = stream_generate(
             model, [prompt], min(chunk, left), state=state, tokenizer=tokenizer, **_sampling(args)
         )
-        sys.stdout.write(prompt if prompt else "")  # after validation
+        _write(prompt if prompt else "")  # after validation
+        # What is printed is the result's text: a cut character or the start of a possible
+        # stop string waits for the tokens after it, and a stop string is never printed.
+        text = TextStream(tokenizer, stream.request.end_tokens, args.stop)
         for tokens in stream:
             if tokens[0] is not None:
-                printer.write(tokens[0])
+                _write(text.push(tokens[0]))
         result, left, prompt = stream.result, left - len(stream.result.tokens[0]), []
+        _write(text.finish(result.text[0]))
         state = result.state
         if result.finish_reason[0] != "length":
             break
         if args.chunk and left > 0:
             print(f"\n[chunk: continuing from the state, {left} tokens left]", file=sys.stderr)
-    printer.close()
+    _write("\n")
     if args.save_state:
         print(f"wrote {save_state(state, args.save_state, model)}", file=sys.stderr)
 

@@ -153,8 +153,8 @@ def _prepare(
     stop = _stop_strings(stop)
     if seed is None:
         seed = secrets.randbits(31)
-    elif isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+    elif isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
     if state is not None:
         check_state(model.config, state, len(ids))
     empty = [b for b, row in enumerate(ids) if not row]

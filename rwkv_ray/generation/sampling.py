@@ -104,6 +104,10 @@ class PenaltyState(NamedTuple):
 # ---- validation and parameter arrays -----------------------------------------------------
 
 
+INT32_MAX = 2**31 - 1
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
+
+
 def _number(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.number):
         raise ValueError(f"{name} must be a number, got {value!r}")
@@ -170,6 +174,8 @@ def make_sampling_params(
     temperature = _number("temperature", temperature, 0, math.inf)
     if search_mode == "greedy":
         temperature = 0.0
+    elif 0 < temperature < FLOAT32_TINY:  # subnormal in float32 (flushed to 0 on CPUs)
+        temperature = FLOAT32_TINY
     penalty = _number("penalty", penalty, 0, math.inf, lo_open=True)
     if penalty_window is not None:
         penalty_window = _integer("penalty_window", penalty_window, 1)
@@ -185,6 +191,10 @@ def make_sampling_params(
     if isinstance(token_ban, int | str):
         raise ValueError(f"token_ban must be a sequence of ids, got {token_ban!r}")
     ban = _ban_mask(token_ban, vocab_size)
+
+    # Past the vocabulary a top-k keeps everything and a count cap never binds: clamped so
+    # that any valid int fits the int32 arrays.
+    top_k, lo, hi = min(top_k, vocab_size), min(lo, INT32_MAX), min(hi, INT32_MAX)
 
     def row(value, dtype):
         return np.full((batch_size,), value, dtype)
@@ -274,7 +284,12 @@ def sample_tokens(key, logits, params: SamplingParams, f: SamplerFeatures):
     if not f.sample:
         return greedy
     temperature = params.temperature[:, None]
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    # Less the row's largest logit first: a tiny temperature then sends the others to -inf
+    # and keeps the largest at 0 (logits / 1e-38 overflowed to +inf for several ids, and
+    # the draw took the first of them, not the argmax).
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    scaled = (logits - top) / jnp.where(temperature > 0, temperature, 1.0)
+    scaled = jnp.where(logits == top, 0.0, scaled)  # also where top is +inf (inf - inf)
     keep = jnp.ones(logits.shape, bool)
     if f.top_k:
         keep &= top_k_mask(scaled, params.top_k)

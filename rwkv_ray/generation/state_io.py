@@ -27,6 +27,8 @@ import hashlib
 import json
 import os
 import re
+import zipfile
+import zlib
 from pathlib import Path
 
 import ml_dtypes
@@ -101,11 +103,21 @@ def save_state(state, path: str | os.PathLike, model_or_config, row: int | None 
     return path
 
 
+def _read_npz(path, names: list[str], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The named arrays of a state file (`optional` ones where present), read at once; a
+    file that is not a whole .npz (a cut-off copy, another format) is a ValueError."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [name for name in names if name not in data.files]
+            if missing:
+                raise ValueError(f"{path} is not an rwkv_ray state file (no {', '.join(missing)})")
+            return {n: np.asarray(data[n]) for n in [*names, *optional] if n in data.files}
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path} is not a readable state file ({e})") from e
+
+
 def read_state_metadata(path: str | os.PathLike) -> dict:
-    with np.load(path, allow_pickle=False) as data:
-        if "__metadata__" not in data.files:
-            raise ValueError(f"{path} is not an rwkv_ray state file (no metadata)")
-        meta = json.loads(str(data["__metadata__"]))
+    meta = json.loads(str(_read_npz(path, ["__metadata__"])["__metadata__"]))
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(
             f"{path}: unknown state format {meta.get('format')!r} v{meta.get('version')}"
@@ -130,9 +142,9 @@ def _refuse_other_config(path, meta: dict, config: RWKV6Config) -> None:
 def load_state(path: str | os.PathLike, model_or_config=None) -> GenerationState:
     """Read a state file; with a model or config, refuse it unless it fits that model."""
     meta = read_state_metadata(path)
-    with np.load(path, allow_pickle=False) as data:
-        pieces = [np.asarray(data[name], np.float32) for name in PIECES]
-        logits = np.asarray(data["logits"], np.float32) if "logits" in data.files else None
+    arrays = _read_npz(path, list(PIECES), optional=("logits",))
+    pieces = [arrays[name].astype(np.float32) for name in PIECES]
+    logits = arrays["logits"].astype(np.float32) if "logits" in arrays else None
     state = GenerationState(*pieces, logits=logits)
     if model_or_config is not None:
         config = _config(model_or_config)

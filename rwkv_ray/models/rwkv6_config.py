@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -165,7 +166,9 @@ class RWKV6Config:
 
         vocab_size, hidden_size = shape("emb.weight")
         num_heads, head_size = shape("blocks.0.att.time_faaaa")
-        layer_ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
+        # Numbered blocks only: another "blocks.x" key is left to the loader to report.
+        numbered = (re.match(r"blocks\.(\d+)\.", key) for key in state_dict)
+        layer_ids = {int(m.group(1)) for m in numbered if m}
         num_layers = max(layer_ids) + 1
         missing_layers = sorted(set(range(num_layers)) - layer_ids)
         if missing_layers:

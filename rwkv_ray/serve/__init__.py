@@ -5,7 +5,6 @@
 - `rwkv_ray.serve.sessions`: the server-side session state cache (LRU by bytes, expiry).
 - `rwkv_ray.serve.states`: the tuned-state registry (a directory of state files).
 - `rwkv_ray.serve.mlflow_states`: tuned states logged to MLflow (runs:/..., models:/...@alias).
-- `rwkv_ray.serve.text_stream`: streamed tokens -> text pieces (stop strings, cut characters).
 
 Requests are decoded together by `rwkv_ray.generation.batcher.ContinuousBatcher`.
 

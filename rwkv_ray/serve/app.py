@@ -47,6 +47,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
+from rwkv_ray.generation.text_stream import TextStream
 from rwkv_ray.serve.schemas import (
     MAX_NEW_TOKENS,
     CompletionRequest,
@@ -56,7 +57,6 @@ from rwkv_ray.serve.schemas import (
 )
 from rwkv_ray.serve.sessions import SessionCache
 from rwkv_ray.serve.states import StateRegistry, UnknownStateError, check_name
-from rwkv_ray.serve.text_stream import TextStream
 
 TOKEN_ENV = "RWKV_RAY_API_TOKEN"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -24,7 +24,8 @@ MAX_STOP = 4
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no coercion (JSON true is not an int, 40.0 not a top-k), except ints as floats.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class GenerateRequest(_Strict):
@@ -34,7 +35,7 @@ class GenerateRequest(_Strict):
     tokens: list[int] | None = Field(None, max_length=100_000)
     max_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
     search_mode: Literal["greedy", "topk", "topp"] = "greedy"
-    k: int | float | list[float] | None = None
+    k: int | float | list[int | float] | None = None
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     penalty: float = Field(1.0, gt=0.0, le=10.0)
     penalty_window: int | None = Field(None, ge=1)

@@ -10,7 +10,9 @@ official init). Written by rank 0 only (the caller decides); read by every worke
 Atomicity: locally the files go to a temporary sibling directory that is renamed into
 place; on s3:// (boto3) meta.json is uploaded last and a checkpoint without it does not
 exist for `read_checkpoint`/`latest_checkpoint`. Under Ray Train the directory is handed to
-`ray.train.report`, which persists it to the run's storage (local or s3://).
+`ray.train.report`, which persists it to the run's storage (local or s3://) in its own way:
+a copy cut off there can hold a meta.json beside a missing or partial train_state.npz, so
+`read_newest` falls back to the newest checkpoint that reads whole.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,10 @@ FORMAT = 1
 STATE_FILE = "train_state.npz"
 META_FILE = "meta.json"
 PREFIX = "checkpoint_"
+
+
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint directory whose files are missing, cut short or unreadable."""
 
 
 @dataclasses.dataclass
@@ -95,10 +104,15 @@ def read_local(directory: str | os.PathLike) -> TrainCheckpoint:
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.pop("format", None) != FORMAT:
         raise ValueError(f"{meta_path}: unsupported checkpoint format")
-    with np.load(directory / STATE_FILE) as npz:
-        trainable = [npz[f"trainable/{i}"] for i in range(len(meta["trainable_paths"]))]
-        optimizer = [npz[f"optimizer/{i}"] for i in range(len(meta["optimizer_paths"]))]
-        rng = npz["rng"]
+    try:
+        with np.load(directory / STATE_FILE) as npz:
+            trainable = [npz[f"trainable/{i}"] for i in range(len(meta["trainable_paths"]))]
+            optimizer = [npz[f"optimizer/{i}"] for i in range(len(meta["optimizer_paths"]))]
+            rng = npz["rng"]
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, KeyError) as e:
+        raise IncompleteCheckpointError(
+            f"{directory} is not a complete checkpoint ({STATE_FILE}: {e})"
+        ) from e
     return TrainCheckpoint(trainable=trainable, optimizer=optimizer, rng=rng, **meta)
 
 
@@ -174,16 +188,37 @@ def read_meta(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
     return json.loads(body.read())
 
 
-def latest_checkpoint(root: str | os.PathLike, endpoint_url: str | None = None) -> str | None:
-    """The complete checkpoint with the highest global_step under `root`, or None."""
+def checkpoints_newest_first(
+    root: str | os.PathLike, endpoint_url: str | None = None
+) -> list[tuple[int, str]]:
+    """(global_step, uri) of the checkpoints with a readable meta.json under `root`."""
     root = str(root).rstrip("/")
-    best, best_step = None, -1
+    found = []
     for name in _complete_names(root, endpoint_url):
         uri = f"{root}/{name}"
         try:
-            step = int(read_meta(uri, endpoint_url)["global_step"])
+            found.append((int(read_meta(uri, endpoint_url)["global_step"]), uri))
         except (OSError, ValueError, KeyError):
             continue  # not one of ours, or unreadable
-        if step > best_step:
-            best, best_step = uri, step
-    return best
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(root: str | os.PathLike, endpoint_url: str | None = None) -> str | None:
+    """The checkpoint with the highest global_step under `root` (by its meta.json), or None."""
+    found = checkpoints_newest_first(root, endpoint_url)
+    return found[0][1] if found else None
+
+
+def read_newest(
+    root: str | os.PathLike, endpoint_url: str | None = None, newer_than: int = -1
+) -> TrainCheckpoint | None:
+    """The newest checkpoint under `root` past step `newer_than` that reads whole, or None;
+    each one skipped (cut short, files missing) is named on stderr."""
+    for step, uri in checkpoints_newest_first(root, endpoint_url):
+        if step <= newer_than:
+            return None
+        try:
+            return read_checkpoint(uri, endpoint_url)
+        except (IncompleteCheckpointError, FileNotFoundError) as e:
+            print(f"skipping checkpoint {uri}: {e}", file=sys.stderr)
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -111,16 +112,18 @@ def latest_saved(config: JobConfig) -> ckpt_io.TrainCheckpoint | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            saved = ckpt_io.read_local(directory)
+            try:
+                saved = ckpt_io.read_local(directory)
+            except (ckpt_io.IncompleteCheckpointError, FileNotFoundError) as e:
+                print(f"skipping Ray's latest checkpoint: {e}", file=sys.stderr)
     from rwkv_ray.train.trainer import run_storage_uri
 
-    uri = ckpt_io.latest_checkpoint(run_storage_uri(config), config.s3_endpoint_url)
-    if uri is not None and (
-        saved is None
-        or ckpt_io.read_meta(uri, config.s3_endpoint_url)["global_step"] > saved.global_step
-    ):
-        saved = ckpt_io.read_checkpoint(uri, config.s3_endpoint_url)
-    return saved
+    newer = ckpt_io.read_newest(
+        run_storage_uri(config),
+        config.s3_endpoint_url,
+        newer_than=-1 if saved is None else saved.global_step,
+    )
+    return newer or saved
 
 
 def restore(train: TrainStep, config: JobConfig) -> tuple[TrainState, dict[str, Any]]:
