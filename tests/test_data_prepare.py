@@ -101,6 +101,30 @@ def test_jsonl_with_prompt_response_and_loss_mask(tmp_path, tok):
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
 
 
+def test_rows_with_nothing_to_learn_from_are_skipped_and_counted_empty():
+    """A response cut off entirely by truncation, an empty response, a row with no text
+    field: no record, counted as empty, none of their tokens in the counts (they were kept
+    with zero loss tokens, or stopped the whole job); a block of such rows only is fine."""
+    from rwkv_ray.data.prepare import encode_batch
+
+    settings = dict(seq_len=8, text_field="text", prompt_field="prompt",
+                    response_field="response", vocab_path=None)  # fmt: skip
+    rows = pa.table({"prompt": ["word " * 20, "Q: hi\nA:", "Q"], "response": [" x", "", " yes"]})
+    out = encode_batch(rows, settings, with_mask=True).to_pydict()
+    assert out["empty"] == [True, True, False]
+    assert [len(r) > 0 for r in out["record"]] == [False, False, True]
+    assert out["tokens"][:2] == [0, 0] and out["loss_tokens"] == [0, 0, 1]
+    assert out["truncated"] == [False, False, False]
+    only_skipped = encode_batch(rows.slice(0, 2), settings, with_mask=True).to_pydict()
+    assert only_skipped["empty"] == [True, True] and only_skipped["record"] == [b"", b""]
+    texts = pa.table({"text": ["hello", None, ""], "id": [1, 2, 3]})
+    out = encode_batch(texts, settings, with_mask=False).to_pydict()
+    assert out["empty"] == [False, True, True] and out["tokens"][1:] == [0, 0]
+    with pytest.raises(ValueError, match="field 'text' holds text that is not UTF-8"):
+        raw = pa.array([b"ok", b"bad \xff"], pa.binary()).view(pa.string())  # as a jsonl reads
+        encode_batch(pa.table({"text": raw}), settings, with_mask=False)
+
+
 def _job_main():
     """`main` of jobs/prepare_data.py (the same arguments as `rwkv-ray prepare`)."""
     import importlib.util

@@ -172,3 +172,28 @@ def test_corrupt_shard_is_named(dataset, tmp_path, edit):
     with pytest.raises(CorruptShardError, match=victim.name) as e:  # tf.data DataLossError
         list(reader.batches(0))
     assert e.value.path == str(victim)
+
+
+def test_shards_shorter_than_their_manifest_stop_the_epoch_with_an_error(tmp_path):
+    """Counts in the manifest above what the (checksum-valid) shards hold: the stream that
+    runs out raises, naming the step, instead of ending its epoch early (workers would then
+    run different numbers of steps and stall each other)."""
+    import hashlib
+    import json
+
+    out = tmp_path / "ds"
+    records.write_dataset(out, np.arange(1, 49).reshape(12, 4), num_shards=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for shard, rows in zip(manifest["shards"], (4, 8), strict=True):
+        path = out / shard["path"]
+        records.write_shard(path, np.arange(1, rows * 4 + 1).reshape(rows, 4))
+        data = path.read_bytes()
+        shard.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), examples=12)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    reader = ShardReader(str(out), 2, seed=0, streams=[0], num_streams=2)
+    assert reader.steps_per_epoch == 6
+    got = []
+    with pytest.raises(ValueError, match=r"streams \[0\] ran out after 2 of 6 batches"):
+        for batch in reader.batches(0):
+            got.append(batch)
+    assert len(got) == 2

@@ -46,6 +46,15 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         ("model.master_weights=bfloat16", "model.master_weights"),  # needs dtype bfloat16
         ("scaling.compilation_cache_dir=5", "scaling.compilation_cache_dir"),
         ("scaling.compilation_cache_dir=' '", "scaling.compilation_cache_dir"),
+        ("data.num_streams=0", "data.num_streams"),
+        ("data.num_streams=-1", "data.num_streams"),
+        ("data.seed=-1", "data.seed"),
+        ("scaling.gpus_per_worker=0", "scaling.gpus_per_worker"),
+        ("scaling.cpus_per_worker=-2", "scaling.cpus_per_worker"),
+        ("optimizer.beta_1=1.5", "optimizer.beta_1"),
+        ("optimizer.epsilon=-1", "optimizer.epsilon"),
+        ("optimizer.lr=.inf", "optimizer.lr"),
+        ("optimizer=0", "optimizer: must be a mapping"),  # not "the defaults"
     ],
 )
 def test_bad_settings_name_the_key(override, named):
@@ -105,3 +114,11 @@ def test_split_optimizer_needs_one_worker():
         load_job_config(
             path, ["scaling.shard_optimizer=true", "scaling.num_workers=2", "data.num_streams=2"]
         )
+
+
+def test_a_job_without_training_data_stops_before_ray():
+    from rwkv_ray.train.trainer import run_job
+
+    path = Path(__file__).parents[1] / "jobs/configs/full/tiny.yaml"
+    with pytest.raises(JobConfigError, match=r"data\.train: give the prepared training"):
+        run_job(load_job_config(path, ["data.train=''"]))

@@ -12,8 +12,10 @@ Every example is ``seq_len`` tokens: a longer text is **truncated keeping its be
 with 0. Rows with a ``prompt`` and ``response`` are encoded as prompt tokens followed by
 response tokens (no separator is added: put it in the data) and get a ``loss_mask`` of 1 on
 the response tokens; when the input has those columns every record carries a ``loss_mask``
-(plain-text rows: 1 on every real token). Rows that encode to no token are skipped and
-counted as ``empty``. Order is preserved, so the same inputs give byte-identical shards.
+(plain-text rows: 1 on every real token). Rows that leave nothing to learn from are skipped
+and counted as ``empty``: no text (an empty or null field, or none of the fields), or a
+response that is empty or that truncation cut off entirely. Order is preserved, so the same
+inputs give byte-identical shards.
 The driver never loops over examples; all work runs in Ray tasks.
 """
 
@@ -113,7 +115,10 @@ def _tokenizer(vocab_path: str | None):
 def _column(table, name: str) -> list | None:
     if name not in table.column_names:
         return None
-    values = table.column(name).to_pylist()
+    try:
+        values = table.column(name).to_pylist()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"field {name!r} holds text that is not UTF-8 ({e})") from e
     bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
     if bad is not None:
         raise PrepareConfigError(f"field {name!r} must hold strings, got {type(bad).__name__}")
@@ -134,6 +139,9 @@ def tokenize_rows(table, settings: Mapping[str, Any], with_mask: bool):
         response = responses[i] if responses is not None else None
         if text is not None and prompt is None and response is None:
             ids.append(tok.encode(text))
+            masks.append(None)
+        elif text is None and prompt is None and response is None:  # a row with no text
+            ids.append([])
             masks.append(None)
         elif text is None and prompt is not None and response is not None and with_mask:
             p, r = tok.encode(prompt), tok.encode(response)
@@ -167,16 +175,18 @@ def encode_batch(table, settings: Mapping[str, Any], with_mask: bool):
         if row:
             tokens[i, seq_len - len(row) :] = row
             loss[i, seq_len - len(row) :] = 1 if mask is None else mask[:seq_len]
-    keep = lengths > 0
-    payloads = records.encode_examples(tokens[keep], loss[keep] if with_mask else None)
+    keep = (loss.sum(axis=1) > 0) if with_mask else lengths > 0  # something to learn from
+    payloads = []  # a batch of skipped rows only has no record to encode
+    if keep.any():
+        payloads = records.encode_examples(tokens[keep], loss[keep] if with_mask else None)
     framed = iter(records.frame_each(payloads))
     out = [next(framed) if k else b"" for k in keep.tolist()]
     return pa.table(
         {
-            "record": pa.array(out, pa.large_binary()),
-            "tokens": lengths,
-            "loss_tokens": loss.sum(axis=1) if with_mask else lengths,
-            "truncated": truncated,
+            "record": pa.array(out, pa.large_binary()),  # the counts: written examples only
+            "tokens": np.where(keep, lengths, 0),
+            "loss_tokens": np.where(keep, loss.sum(axis=1) if with_mask else lengths, 0),
+            "truncated": truncated & keep,
             "empty": ~keep,
         }
     )

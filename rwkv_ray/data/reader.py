@@ -221,11 +221,15 @@ class ShardReader:
         parts = tuple(self._stream_dataset(s, epoch, start_step) for s in self.streams)
         ds = tf.data.Dataset.zip(parts).prefetch(2)
         it = iter(ds.as_numpy_iterator())
-        while True:
+        for step in range(start_step, self.steps_per_epoch):
             try:
                 per_stream = next(it)
-            except StopIteration:
-                return
+            except StopIteration:  # the shards hold fewer examples than the manifest says
+                raise ValueError(
+                    f"streams {list(self.streams)} ran out after {step} of "
+                    f"{self.steps_per_epoch} batches of epoch {epoch}: the shards hold fewer "
+                    "examples than their manifest counts (prepare the dataset again)"
+                ) from None
             except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
                 raise self._corrupt_error(e) from e
             yield {

@@ -11,6 +11,7 @@ is checked where it is read, so a bad job fails on the driver before Ray starts 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -203,7 +204,14 @@ def validate(c: JobConfig) -> None:
         "model.master_weights",
         "bfloat16 master weights need model.dtype bfloat16",
     )
-    _check(c.data.batch_size_per_stream >= 1, "data.batch_size_per_stream", "must be >= 1")
+    d = c.data
+    _check(d.batch_size_per_stream >= 1, "data.batch_size_per_stream", "must be >= 1")
+    _check(
+        d.num_streams is None or d.num_streams >= 1,
+        "data.num_streams",
+        f"must be >= 1 or null (one stream per worker), got {d.num_streams}",
+    )
+    _check(d.seed >= 0, "data.seed", f"must be >= 0, got {d.seed}")
     cache = c.scaling.compilation_cache_dir
     _check(
         cache is None or (isinstance(cache, str) and cache.strip() != ""),
@@ -214,6 +222,9 @@ def validate(c: JobConfig) -> None:
     _check(0 < fraction <= 1, "scaling.gpu_memory_fraction", f"must be in (0, 1], got {fraction}")
     workers = c.scaling.num_workers
     _check(workers >= 1, "scaling.num_workers", "must be >= 1")
+    cpus, gpus = c.scaling.cpus_per_worker, c.scaling.gpus_per_worker
+    _check(0 < cpus < math.inf, "scaling.cpus_per_worker", f"must be > 0, got {cpus}")
+    _check(gpus >= 1, "scaling.gpus_per_worker", f"must be >= 1, got {gpus}")
     _check(
         not (c.scaling.shard_optimizer and workers > 1),
         "scaling.shard_optimizer",
@@ -226,10 +237,18 @@ def validate(c: JobConfig) -> None:
         f"must be a multiple of scaling.num_workers ({workers}), got {c.num_streams}",
     )
     o = c.optimizer
-    _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
-    _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    _check(0 < o.lr < math.inf, "optimizer.lr", f"must be > 0 and finite, got {o.lr}")
+    _check(0 <= o.weight_decay < math.inf, "optimizer.weight_decay", "must be >= 0, finite")
+    for name in ("beta_1", "beta_2"):
+        beta = getattr(o, name)
+        _check(0 <= beta < 1, f"optimizer.{name}", f"must be in [0, 1), got {beta}")
+    _check(0 < o.epsilon < math.inf, "optimizer.epsilon", f"must be > 0, got {o.epsilon}")
     _check(o.grad_accum >= 1, "optimizer.grad_accum", "must be >= 1")
-    _check(o.clip_norm is None or o.clip_norm > 0, "optimizer.clip_norm", "must be > 0 or null")
+    _check(
+        o.clip_norm is None or 0 < o.clip_norm < math.inf,
+        "optimizer.clip_norm",
+        "must be > 0 and finite, or null",
+    )
     s = c.schedule
     _check(s.epochs >= 1, "schedule.epochs", "must be >= 1")
     _check(s.max_steps is None or s.max_steps >= 1, "schedule.max_steps", "must be >= 1")
@@ -260,8 +279,8 @@ def _build(cls, values: Any, prefix: str):
     kwargs = {}
     for name, value in values.items():
         kind = types_[name]
-        if dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(kind, value or {}, f"{prefix}{name}.")
+        if dataclasses.is_dataclass(kind):  # a section: null means its defaults
+            kwargs[name] = _build(kind, {} if value is None else value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, kind, prefix + name)
     return cls(**kwargs)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rwkv_ray.train.config import JobConfig
+from rwkv_ray.train.config import JobConfig, JobConfigError
 from rwkv_ray.train.tracking import REPO_ROOT, tracking_uri
 
 FORWARDED_ENV = (
@@ -111,4 +111,8 @@ def build_trainer(config: JobConfig):
 
 def run_job(config: JobConfig):
     """Train (or resume) the job on the connected Ray cluster; returns the Ray `Result`."""
+    if not config.data.train:
+        raise JobConfigError(
+            "data.train: give the prepared training dataset (a directory or s3://)"
+        )
     return build_trainer(config).fit()
