@@ -190,3 +190,25 @@ def test_model_tuned_state_exports(ckpt, tmp_path):
     path = export_peft_state(model, tmp_path / "model_state.pth")
     back = import_peft_state(path, model)
     np.testing.assert_array_equal(back.wkv, np.asarray(model.initial_state(1).wkv))
+
+
+def test_state_rows_by_index_and_refused_outside_the_batch():
+    """row(-1) is the last row (with its logits); a row outside the batch is an IndexError
+    naming it (row(5) of a batch of 2 was an empty state)."""
+    from rwkv_ray.generation.state import GenerationState
+
+    rng = np.random.default_rng(0)
+    pieces = [
+        rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 8), (2, 3, 2, 4, 4), (2, 3, 8))
+    ]
+    state = GenerationState(*pieces, logits=rng.standard_normal((3, 11)).astype(np.float32))
+    last = state.row(-1)
+    np.testing.assert_array_equal(last.wkv, pieces[1][:, 2:3])
+    np.testing.assert_array_equal(last.logits, state.logits[2:3])
+    for bad in (3, -4):
+        with pytest.raises(IndexError, match=f"row {bad} is outside this state's batch of 3"):
+            state.row(bad)
+        with pytest.raises(IndexError, match=f"row {bad} is outside"):
+            state.to_official(bad)
+    pairs = zip(state.to_official(-1), state.to_official(2), strict=True)
+    assert all(np.array_equal(a, b) for a, b in pairs)

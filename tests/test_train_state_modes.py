@@ -93,6 +93,26 @@ def test_evaluate_base_vs_tuned_perplexity(tuned, base_pth, tmp_path):
     assert report["tuned"]["perplexity"] < 0.8 * report["base"]["perplexity"], report
 
 
+def test_perplexity_scores_every_example_whatever_the_batch_size(tuned, tmp_path):
+    """10 held-out rows in batches of 8 (a padded last batch), of 5, and 3 rows in a batch
+    of 8: the same loss and target count as one row at a time, to float rounding."""
+    from rwkv_ray.train.evaluate import perplexity
+
+    model = tuned[0]
+    tokens = pattern_tokens(10, SEQ, VOCAB, seed=11)
+    ten = write_dataset(tmp_path / "ten", tokens, num_shards=1)
+    one = perplexity(model, str(ten), batch_size=1)
+    for size in (8, 5):
+        got = perplexity(model, str(ten), batch_size=size)
+        assert got["tokens"] == one["tokens"] and abs(got["loss"] - one["loss"]) < 1e-5, got
+    three = write_dataset(tmp_path / "three", tokens[:3], num_shards=1)
+    assert (
+        perplexity(model, str(three), batch_size=8)["tokens"]
+        == perplexity(model, str(three), batch_size=1)["tokens"]
+    )
+    assert perplexity(model, str(ten), batch_size=4, max_batches=1)["tokens"] < one["tokens"]
+
+
 def test_peft_state_runs_in_the_official_package(tuned, base_pth, tmp_path):
     model, _, _, _ = tuned
     # A wkv-only state (PEFT's layout has no shift states): zero the tuned shifts.

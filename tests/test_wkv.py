@@ -389,3 +389,19 @@ def test_pure_impls_under_other_keras_backends(backend):
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_an_empty_sequence_passes_the_state_through():
+    """T = 0: no output, the initial state comes back (both pure paths raised IndexError)."""
+    from rwkv_ray.ops.wkv import wkv6
+
+    rng = np.random.default_rng(0)
+    x = np.zeros((2, 0, 1, 8), np.float32)
+    u = rng.standard_normal((1, 8)).astype(np.float32)
+    s0 = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    for impl in ("scan", "chunked"):
+        y, state = wkv6(x, x, x, x, u, s0, impl=impl)
+        assert tuple(y.shape) == (2, 0, 1, 8)
+        np.testing.assert_array_equal(np.asarray(state), s0)
+        _, zeros = wkv6(x, x, x, x, u, impl=impl)
+        np.testing.assert_array_equal(np.asarray(zeros), np.zeros_like(s0))

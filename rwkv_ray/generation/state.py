@@ -31,8 +31,9 @@ class GenerationState(RWKV6State):
         return self
 
     def row(self, index: int) -> GenerationState:
-        logits = None if self.logits is None else self.logits[index : index + 1]
-        return GenerationState(*RWKV6State.row(self, index), logits=logits)
+        i = self._row_index(index)
+        logits = None if self.logits is None else self.logits[i : i + 1]
+        return GenerationState(*RWKV6State.row(self, i), logits=logits)
 
     def plain(self) -> RWKV6State:
         return RWKV6State(*self)

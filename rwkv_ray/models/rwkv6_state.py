@@ -40,8 +40,15 @@ class RWKV6State(NamedTuple):
         )
 
     def row(self, index: int) -> RWKV6State:
-        """One batch row, kept as a batch of 1."""
-        return RWKV6State(*(piece[:, index : index + 1] for piece in self))
+        """One batch row (negative counts from the end), kept as a batch of 1."""
+        i = self._row_index(index)
+        return RWKV6State(*(piece[:, i : i + 1] for piece in self))
+
+    def _row_index(self, index: int) -> int:
+        batch = self.att_shift.shape[1]
+        if not -batch <= index < batch:
+            raise IndexError(f"row {index} is outside this state's batch of {batch}")
+        return index % batch
 
     def numpy(self) -> RWKV6State:
         return RWKV6State(*(np.asarray(ops.convert_to_numpy(piece)) for piece in self))
@@ -49,7 +56,7 @@ class RWKV6State(NamedTuple):
     # ---- the official `rwkv` package's list layout ----------------------------------------
     def to_official(self, row: int = 0) -> list[np.ndarray]:
         """The `rwkv` package's state list (3 float32 arrays per layer) for one batch row."""
-        state = self.numpy()
+        state, row = self.numpy(), self._row_index(row)
         out: list[np.ndarray] = []
         for layer in range(self.num_layers):
             out += [

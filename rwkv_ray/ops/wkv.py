@@ -72,6 +72,10 @@ def wkv6(
     """
     check_shapes(r, k, v, log_w, u, initial_state)
     chosen, _ = resolve_wkv_impl(impl)
+    if r.shape[1] == 0:  # an empty sequence: no output, the state passes through
+        b, _, h, n = r.shape
+        state = keras.ops.zeros((b, h, n, n), "float32") if initial_state is None else initial_state
+        return keras.ops.zeros(r.shape, r.dtype), keras.ops.cast(state, "float32")
     gated_norm = group_norm is not None and output_gate is not None
     fuse_gate = chosen == "kernel" and r.shape[1] > 1 and gated_norm
     if output_gate is not None and output_gate_silu and not fuse_gate:

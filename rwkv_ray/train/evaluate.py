@@ -27,27 +27,45 @@ def perplexity(
     max_batches: int | None = None,
     s3_endpoint_url: str | None = None,
 ) -> dict[str, float]:
-    """Token-weighted mean next-token loss (nats) and its exp over a prepared dataset."""
+    """Token-weighted mean next-token loss (nats) and its exp over a prepared dataset: every
+    example, in batches of `batch_size` (the last one filled with padding rows, which have
+    no target), so the figure does not depend on the batch size."""
     from rwkv_ray.data.reader import ShardReader
 
+    # One example per reader step: the training reader drops a stream's last partial batch.
     reader = ShardReader(
-        dataset_uri, batch_size, seed=0, streams=[0], num_streams=1, s3_endpoint_url=s3_endpoint_url
+        dataset_uri, 1, seed=0, streams=[0], num_streams=1, s3_endpoint_url=s3_endpoint_url
     )
-
     score = jax.jit(summed_loss_fn(model))  # the training step's loss, never whole logits
-
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
-    total, count = 0.0, 0.0
-    for i, batch in enumerate(reader.batches(0)):
-        if max_batches is not None and i >= max_batches:
+    total, count, done = 0.0, 0.0, 0
+
+    def add(rows: list[dict]) -> None:
+        nonlocal total, count, done
+        tokens = np.concatenate([r["tokens"] for r in rows])
+        mask = np.concatenate([r["loss_mask"] for r in rows])
+        pad = batch_size - len(rows)  # one compiled shape: padding rows, all zero
+        tokens = np.pad(tokens, ((0, pad), (0, 0)))
+        mask = np.pad(mask, ((0, pad), (0, 0)))
+        s, c = score(trainable, non_trainable, tokens, mask)
+        total, count, done = total + float(s), count + float(c), done + 1
+
+    rows: list[dict] = []
+    for row in reader.batches(0):
+        if max_batches is not None and done >= max_batches:
             break
-        s, c = score(trainable, non_trainable, batch["tokens"], batch["loss_mask"])
-        total, count = total + float(s), count + float(c)
+        rows.append(row)
+        if len(rows) == batch_size:
+            add(rows)
+            rows = []
+    if rows and (max_batches is None or done < max_batches):
+        add(rows)
     if count == 0:
         raise ValueError(f"{dataset_uri}: no target tokens to evaluate")
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    # exp overflows float64 past ~709 nats (a diverged model): its perplexity is inf.
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 709 else math.inf, "tokens": count}
 
 
 def apply_export(model: RWKV6CausalLM, config: JobConfig, export_dir: str | Path):
