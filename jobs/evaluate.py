@@ -17,7 +17,12 @@ def main(argv=None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--tuned", default=None, help="export folder (default: latest run's)")
     parser.add_argument("--data", default=None, help="held-out dataset (default: data.eval)")
-    parser.add_argument("--max-batches", type=int, default=None)
+    parser.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        help="score at most this many batches of the held-out set (default: all of it)",
+    )
     args = parser.parse_args(argv)
     try:
         evaluate(args)

@@ -212,3 +212,26 @@ def test_state_rows_by_index_and_refused_outside_the_batch():
             state.to_official(bad)
     pairs = zip(state.to_official(-1), state.to_official(2), strict=True)
     assert all(np.array_equal(a, b) for a, b in pairs)
+
+
+def test_official_state_lists_are_checked_piece_by_piece():
+    """from_official names the state, layer and piece of a wrong shape (pieces out of order,
+    a [H, N, 3] wkv, an empty list, rows with other layer counts were taken or failed in
+    numpy)."""
+    from rwkv_ray.models import RWKV6State
+
+    rng = np.random.default_rng(1)
+    state = RWKV6State(*(rng.standard_normal(s).astype(np.float32)
+                         for s in ((2, 1, 8), (2, 1, 2, 4, 4), (2, 1, 8))))  # fmt: skip
+    rows = state.to_official(0)
+    back = RWKV6State.from_official(rows)
+    np.testing.assert_array_equal(back.wkv, state.wkv)
+    cases = [
+        ([rows[1], rows[0], rows[2]] * 2, r"state 0, layer 0: piece 0 has shape \(2, 4, 4\)"),
+        ([p[..., :3] if i % 3 == 1 else p for i, p in enumerate(rows)], r"layer 0: piece 1"),
+        ([], "3 arrays per layer"),
+        ([rows, rows[:3]], "state 1 has 1 layers, state 0 2"),
+    ]
+    for states, message in cases:
+        with pytest.raises(ValueError, match=message):
+            RWKV6State.from_official(states)

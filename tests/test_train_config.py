@@ -122,3 +122,11 @@ def test_a_job_without_training_data_stops_before_ray():
     path = Path(__file__).parents[1] / "jobs/configs/full/tiny.yaml"
     with pytest.raises(JobConfigError, match=r"data\.train: give the prepared training"):
         run_job(load_job_config(path, ["data.train=''"]))
+
+
+def test_long_params_are_cut_at_mlflows_limit_with_a_mark():
+    from rwkv_ray.train.tracking import CUT_MARK, MAX_PARAM_LENGTH, flatten
+
+    flat = flatten({"model": {"path": "p" * 716, "long": "x" * 7000}})
+    assert flat["model.path"] == "p" * 716  # was cut at 500 without a word
+    assert len(flat["model.long"]) == MAX_PARAM_LENGTH and flat["model.long"].endswith(CUT_MARK)

@@ -72,8 +72,20 @@ class RWKV6State(NamedTuple):
         if states and not isinstance(states[0], (list, tuple)):
             states = [states]
         rows = [[np.asarray(piece, dtype=np.float32) for piece in s] for s in states]
-        if any(len(s) % 3 for s in rows):
-            raise ValueError("an official state list holds 3 arrays per layer")
+        if not rows or not rows[0] or any(len(s) % 3 for s in rows):
+            raise ValueError("an official state list holds 3 arrays per layer (at least one)")
+        c = rows[0][0].shape[-1] if rows[0][0].ndim == 1 else -1
+        h, n = rows[0][1].shape[:2] if rows[0][1].ndim == 3 else (-1, -1)
+        want = ((c,), (h, n, n), (c,))
+        for r, s in enumerate(rows):
+            if len(s) != len(rows[0]):
+                raise ValueError(f"state {r} has {len(s) // 3} layers, state 0 {len(rows[0]) // 3}")
+            for i, piece in enumerate(s):
+                if piece.shape != want[i % 3] or c != h * n:
+                    raise ValueError(
+                        f"state {r}, layer {i // 3}: piece {i % 3} has shape {piece.shape}; the "
+                        "layout is [C] (att shift), [H, N, N] (wkv), [C] (ffn shift), C = H * N"
+                    )
         return cls(
             att_shift=np.stack([np.stack(s[0::3]) for s in rows], axis=1),
             wkv=np.stack([np.stack(s[1::3]) for s in rows], axis=1),

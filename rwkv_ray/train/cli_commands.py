@@ -52,5 +52,10 @@ def add_finetune_command(subparsers) -> None:
     add_config_arguments(p)
     p.add_argument("--tuned", default=None, help="export folder (default: the latest run's)")
     p.add_argument("--data", default=None, help="held-out dataset (default: data.eval)")
-    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        help="score at most this many batches of the held-out set (default: all of it)",
+    )
     p.set_defaults(func=evaluate)

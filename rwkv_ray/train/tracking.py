@@ -47,13 +47,20 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH (MLflow 3)
+CUT_MARK = "...[cut]"
+
+
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in values.items():
         if isinstance(value, dict) and value and prefix.count(".") < 1:
             out.update(flatten(value, f"{prefix}{key}."))
         else:
-            out[prefix + key] = str(value)[:500]
+            text = str(value)
+            # MLflow's limit on a param's length; a cut value says so.
+            limit = MAX_PARAM_LENGTH - len(CUT_MARK)
+            out[prefix + key] = text if len(text) <= MAX_PARAM_LENGTH else text[:limit] + CUT_MARK
     return out
 
 
