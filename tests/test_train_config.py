@@ -130,3 +130,26 @@ def test_long_params_are_cut_at_mlflows_limit_with_a_mark():
     flat = flatten({"model": {"path": "p" * 716, "long": "x" * 7000}})
     assert flat["model.path"] == "p" * 716  # was cut at 500 without a word
     assert len(flat["model.long"]) == MAX_PARAM_LENGTH and flat["model.long"].endswith(CUT_MARK)
+
+
+def test_an_unreachable_tracking_server_is_reported_before_the_job_starts():
+    """Nothing listening: a ValueError at once (MLflow's client retried for minutes on
+    rank 0); an HTTP reply of any status passes; sqlite needs no server."""
+    import http.server
+    import socket
+    import threading
+
+    from rwkv_ray.train.tracking import check_tracking_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(ValueError, match="no MLflow server answers there"):
+        check_tracking_server(f"http://127.0.0.1:{free}", timeout_s=5)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_tracking_server(f"http://127.0.0.1:{server.server_port}")  # 501: an answer
+    finally:
+        server.shutdown()
+    check_tracking_server("sqlite:///nowhere/mlflow.db")

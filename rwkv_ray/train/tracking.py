@@ -39,6 +39,28 @@ def tracking_uri(configured: str | None = None) -> str:
     )
 
 
+def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
+    """For an http(s) tracking URI: ValueError where nothing answers there (any HTTP reply,
+    even an auth error, counts as an answer). Run on the driver before the job starts:
+    MLflow's client retries an unreachable server for minutes, and on rank 0 that is after
+    the model is built."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # a server answered
+    except (urllib.error.URLError, OSError) as e:
+        raise ValueError(
+            f"mlflow.tracking_uri {uri}: no MLflow server answers there ({e}); start it, fix "
+            "the URI (or MLFLOW_TRACKING_URI), or set mlflow.enabled: false"
+        ) from e
+
+
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a sqlite store go next to the database (mlartifacts/), never into the
     working directory of whichever process created the experiment (a Ray worker's)."""

@@ -115,4 +115,8 @@ def run_job(config: JobConfig):
         raise JobConfigError(
             "data.train: give the prepared training dataset (a directory or s3://)"
         )
+    if config.mlflow.enabled:
+        from rwkv_ray.train.tracking import check_tracking_server, tracking_uri
+
+        check_tracking_server(tracking_uri(config.mlflow.tracking_uri))
     return build_trainer(config).fit()
