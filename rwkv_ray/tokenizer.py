@@ -315,5 +315,12 @@ class WorldTokenizer:
                     raise ValueError(f"row {i} has {len(row)} tokens > length {length}")
                 row = row[len(row) - length :]
             if row:
-                out[i, length - len(row) :] = row
+                ids = np.asarray(row)
+                if ids.dtype.kind not in "iu":  # floats would be truncated, bools taken as 0/1
+                    raise TypeError(f"row {i}: token ids must be integers, got {ids.dtype}")
+                low, high = int(ids.min()), int(ids.max())
+                if low < 0 or high > np.iinfo(np.int32).max:
+                    bad = low if low < 0 else high
+                    raise ValueError(f"row {i}: token id {bad} is outside 0..2**31-1")
+                out[i, length - len(row) :] = ids
         return out

@@ -211,6 +211,19 @@ def test_pad_left_explicit_length_and_truncation(tok):
     assert tok.pad_left([[1, 2]], 2, truncate="error").tolist() == [[1, 2]]
 
 
+def test_pad_left_refuses_ids_that_are_not_token_ids(tok):
+    # Before, 1.7 became id 1, True id 1 and 2**40 wrapped around in the int32 array.
+    with pytest.raises(TypeError, match=r"row 1: token ids must be integers, got float64"):
+        tok.pad_left([[1, 2], [1.7, 3]])
+    with pytest.raises(TypeError, match=r"row 0: token ids must be integers, got bool"):
+        tok.pad_left([[True, False]])
+    with pytest.raises(ValueError, match=r"row 0: token id -1 is outside"):
+        tok.pad_left([[5, -1]])
+    with pytest.raises(ValueError, match=r"row 1: token id 1099511627776 is outside"):
+        tok.pad_left([[5], [2**40]])
+    assert tok.pad_left([np.array([7, 8], np.uint16)], 3).tolist() == [[0, 7, 8]]
+
+
 def test_pad_left_edge_cases(tok):
     assert tok.pad_left([]).shape == (0, 0)
     assert tok.pad_left([[], []]).shape == (2, 0)

@@ -405,3 +405,14 @@ def test_an_empty_sequence_passes_the_state_through():
         np.testing.assert_array_equal(np.asarray(state), s0)
         _, zeros = wkv6(x, x, x, x, u, impl=impl)
         np.testing.assert_array_equal(np.asarray(zeros), np.zeros_like(s0))
+
+
+@pytest.mark.parametrize("impl", ["scan", "chunked"])
+@pytest.mark.parametrize("chunk_size", [0, -2, 2.5, "16", True])
+def test_a_bad_chunk_size_is_refused_by_every_implementation(impl, chunk_size):
+    """The scan and the one-token step take no chunks; a bad value still fails where it is
+    written (the scan ignored chunk_size=-2 before, so the error came only on a change of
+    implementation)."""
+    for t in (1, 5):
+        with pytest.raises(ValueError, match=r"chunk_size must be a positive integer"):
+            wkv6(*make_case(1, t, 2, 8, "weak"), impl=impl, chunk_size=chunk_size)

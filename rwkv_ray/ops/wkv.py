@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import numbers
 import os
 
 import keras
@@ -72,6 +73,11 @@ def wkv6(
     """
     check_shapes(r, k, v, log_w, u, initial_state)
     chosen, _ = resolve_wkv_impl(impl)
+    whole = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
+    if chunk_size is not None and not (whole and chunk_size >= 1):
+        # Checked whatever runs (the scan and single steps take no chunks), so a bad value
+        # fails where it is written rather than when the sequence or machine changes.
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     if r.shape[1] == 0:  # an empty sequence: no output, the state passes through
         b, _, h, n = r.shape
         state = keras.ops.zeros((b, h, n, n), "float32") if initial_state is None else initial_state
