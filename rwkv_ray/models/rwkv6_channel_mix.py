@@ -49,7 +49,7 @@ class RWKV6ChannelMix(keras.layers.Layer):
             (c,), init.token_shift_mix("ffn_r", i, L, c), name="time_maa_r"
         )
         self.initial_shift = self.add_weight(
-            (c,), "zeros", name="initial_shift", trainable=False, dtype="float32"
+            (c,), "zeros", name="initial_shift", trainable=False, dtype="float32", autocast=False
         )
         self.key.build((None, None, c))
         self.receptance.build((None, None, c))

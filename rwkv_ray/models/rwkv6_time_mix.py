@@ -83,28 +83,31 @@ class RWKV6TimeMix(keras.layers.Layer):
         self.maa_w2 = self.add_weight(
             (5, cfg.mix_lora_size, c), init.small_uniform(self.init_weights), name="time_maa_w2"
         )
-        # Decay, bonus and GroupNorm parameters stay float32 under any dtype policy.
+        # Decay, bonus and GroupNorm parameters stay float32 under any dtype policy; not
+        # autocast either (under "mixed_bfloat16" Keras would read them as bf16 in call).
         self.time_decay = self.add_weight(
-            (c,), init.time_decay(i, L, c), name="time_decay", dtype="float32"
+            (c,), init.time_decay(i, L, c), name="time_decay", dtype="float32", autocast=False
         )
         self.decay_w1 = self.add_weight((c, cfg.decay_lora_size), "zeros", name="time_decay_w1")
         self.decay_w2 = self.add_weight(
             (cfg.decay_lora_size, c), init.small_uniform(self.init_weights), name="time_decay_w2"
         )
         self.time_faaaa = self.add_weight(
-            (h, n), init.time_faaaa(i, L, h, n), name="time_faaaa", dtype="float32"
+            (h, n), init.time_faaaa(i, L, h, n), name="time_faaaa", dtype="float32", autocast=False
         )
         self.ln_x_gamma = self.add_weight(
-            (c,), init.group_norm_scale(i, L), name="ln_x_gamma", dtype="float32"
+            (c,), init.group_norm_scale(i, L), name="ln_x_gamma", dtype="float32", autocast=False
         )
-        self.ln_x_beta = self.add_weight((c,), "zeros", name="ln_x_beta", dtype="float32")
+        self.ln_x_beta = self.add_weight(
+            (c,), "zeros", name="ln_x_beta", dtype="float32", autocast=False
+        )
         # The initial state of this layer: zeros unless a tuned state is loaded. State
         # tuning makes these trainable (shared over the batch).
         self.initial_wkv = self.add_weight(
-            (h, n, n), "zeros", name="initial_wkv", trainable=False, dtype="float32"
+            (h, n, n), "zeros", name="initial_wkv", trainable=False, dtype="float32", autocast=False
         )
         self.initial_shift = self.add_weight(
-            (c,), "zeros", name="initial_shift", trainable=False, dtype="float32"
+            (c,), "zeros", name="initial_shift", trainable=False, dtype="float32", autocast=False
         )
         for dense in (self.receptance, self.key, self.value, self.gate):
             dense.build((None, None, c))
