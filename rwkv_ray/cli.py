@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -51,12 +52,14 @@ def _export(args) -> None:
 
 
 def _info(args) -> None:
-    from rwkv_ray.convert import load_model
+    from rwkv_ray.convert import load_model, official_weight_table
 
     model = load_model(args.model)
     info = model.config.to_dict()
     info["num_heads"] = model.config.num_heads
-    info["parameters"] = int(sum(int(w.numpy().size) for w in model.weights))
+    # The checkpoint's weights: not the initial states (zeros unless tuned; not weights).
+    weights = [w.variable for w in official_weight_table(model) if not w.optional]
+    info["parameters"] = int(sum(math.prod(w.shape) for w in weights))
     print(json.dumps(info, indent=2))
 
 

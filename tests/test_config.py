@@ -36,6 +36,36 @@ def test_reads_seed_config_names():
     )
     with pytest.raises(ConfigError, match="num_attention_heads"):
         RWKV6Config.from_dict({**seed, "num_attention_heads": 16})
+    # Both names for one field: which won depended on the keys' order (5 or 24 layers).
+    for mixed in ({**seed, "num_layers": 5}, {"num_layers": 5, **seed}):
+        with pytest.raises(ConfigError, match=r"num_hidden_layers / num_layers"):
+            RWKV6Config.from_dict(mixed)
+
+
+def test_checkpoint_dtype_from_the_state_dict():
+    import numpy as np
+
+    from rwkv_ray.models.rwkv6_config import CHECKPOINT_DTYPES
+
+    class TorchLike:  # a torch tensor's dtype prints as "torch.float16"
+        def __init__(self, shape, dtype):
+            self.shape, self.dtype = shape, dtype
+
+    def state_dict(emb):
+        return {
+            "emb.weight": emb,
+            "blocks.0.att.time_faaaa": np.zeros((2, 64)),
+            "blocks.0.att.time_maa_w1": np.zeros((128, 160)),
+            "blocks.0.att.time_decay_w1": np.zeros((128, 64)),
+            "blocks.0.ffn.key.weight": np.zeros((448, 128)),
+        }
+
+    torch_half = TorchLike((300, 128), "torch.float16")
+    assert RWKV6Config.from_state_dict(state_dict(torch_half)).checkpoint_dtype == "float16"
+    for dtype, expected in (("float64", "float32"), ("float16", "float16")):
+        emb = np.zeros((300, 128), dtype)
+        assert RWKV6Config.from_state_dict(state_dict(emb)).checkpoint_dtype == expected
+    assert "float64" not in CHECKPOINT_DTYPES  # a float64 file is computed in float32
 
 
 @pytest.mark.parametrize(

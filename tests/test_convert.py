@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from official import random_state_dict, torch_save
+from official import OfficialModel, random_state_dict, torch_save
 
 import rwkv_ray
 from rwkv_ray.cli import main as cli_main
@@ -38,6 +38,18 @@ def test_round_trip_is_exact(tmp_path, dtype, time_state):
     for key, tensor in original.items():
         assert back[key].dtype == tensor.dtype, key
         assert torch.equal(back[key], tensor), key
+
+
+def test_a_float64_pth_loads_like_the_official_package(tmp_path):
+    """The official package runs a float64 file; ours refused it (checkpoint_dtype). It is
+    computed, and exported, in float32. Tolerance: 1e-4 of the largest |logit|."""
+    source = torch_save(random_state_dict(4, **SHAPE), tmp_path / "f64.pth", dtype="float64")
+    model = rwkv_ray.load_model(source)
+    assert model.config.checkpoint_dtype == "float32"
+    tokens = TOKENS[0, 2:].tolist()
+    expected, _ = OfficialModel(source).forward(tokens)
+    logits = np.asarray(model.forward(np.array([tokens]))[0])[0]
+    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
 def test_converted_directory_and_pth_give_identical_logits(tmp_path):
@@ -163,3 +175,16 @@ def test_build_transformer_model_seed_compat(tmp_path):
     assert len(built.causal_lm.trainable_weights) == 2 * 3
     with pytest.raises(ValueError, match="rwkv7"):
         build_transformer_model(tmp_path / "seed.json", model="rwkv7")
+
+
+def test_info_counts_the_checkpoints_parameters(tmp_path, capsys):
+    """`rwkv-ray info`: the sizes, and as parameters the elements the .pth holds (it
+    counted the zero initial states too: L * (H * N * N + 2 C) more)."""
+    import json
+
+    sd = random_state_dict(5, **SHAPE)
+    source = torch_save(sd, tmp_path / "m.pth")
+    assert cli_main(["info", str(source)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == sum(np.asarray(v).size for v in sd.values())
+    assert (info["num_layers"], info["hidden_size"], info["num_heads"]) == (2, 128, 2)

@@ -117,6 +117,41 @@ def test_padding_leaves_state_untouched(checkpoint):
         np.testing.assert_array_equal(before_piece, after_piece)
 
 
+@pytest.mark.parametrize("impl", ["scan", "chunked"])
+def test_padding_with_an_infinite_log_decay_leaves_state_untouched(checkpoint, impl):
+    """time_decay 100 in one channel: log_w = -exp(100) = -inf in float32 (that channel
+    forgets at once). The pad mask multiplied log_w by 0 (NaN into the state); now it
+    selects. Left padding and pad steps must still change nothing."""
+    path, sd, _, _ = checkpoint
+    model = rwkv_ray.load_model(path, wkv_impl=impl)
+    decay = model.backbone.blocks[0].time_mix.time_decay
+    decay.assign(np.concatenate([[100.0], np.asarray(decay.value)[1:]]).astype(np.float32))
+    tokens = tokens_for(sd["emb.weight"].shape[0], 9, seed=4)
+    logits, state = model.forward(np.array([tokens]))
+    assert np.isfinite(np.asarray(logits)).all()
+    padded_logits, padded = model.forward(np.array([[0, 0, 0] + tokens]))
+    np.testing.assert_allclose(np.asarray(padded_logits)[0, 3:], np.asarray(logits)[0], atol=1e-5)
+    for a, b in zip(padded.numpy(), state.numpy(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    _, after = model.forward(np.zeros((1, 2), np.int32), state)
+    for a, b in zip(after.numpy(), state.numpy(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_forward_refuses_ids_outside_the_vocabulary(checkpoint):
+    """The official package raises IndexError; ours returned NaN logits and a NaN state
+    (the embedding's gather fills rows it cannot index)."""
+    _, sd, _, ours = checkpoint
+    vocab = sd["emb.weight"].shape[0]
+    for bad in (vocab, vocab + 1000, -1):
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside the vocabulary"):
+            ours.forward(np.array([[5, bad]]))
+    with pytest.raises(TypeError, match="token_ids must be integers, got float"):
+        ours.forward(np.array([[5.0, 1.5]]))
+    logits, _ = ours.forward(np.array([[5, vocab - 1]], np.int64))  # the last id is fine
+    assert np.isfinite(np.asarray(logits)).all()
+
+
 def test_initial_state_is_time_state(checkpoint):
     _, sd, _, ours = checkpoint
     state = ours.initial_state(2).numpy()

@@ -328,6 +328,7 @@ def test_auto_and_kernel_use_an_available_kernel(clean_env):
         is_available=lambda: (True, "fake GPU"),
         wkv6_kernel=lambda *args, **options: calls.append(options) or ("y", "state"),
         wkv6_kernel_step=lambda *args, **norm: calls.append(("step", norm)) or ("y1", "state1"),
+        check_chunk_size=lambda size: calls.append(("check", size)),
     )
     clean_env.setitem(sys.modules, wkv_module.KERNEL_MODULE, fake)
     args = make_case(1, 4, 1, 8, "weak")
@@ -337,12 +338,24 @@ def test_auto_and_kernel_use_an_available_kernel(clean_env):
     one_token = [x[:, :1] if i < 4 else x for i, x in enumerate(args)]
     assert wkv6(*one_token) == ("y1", "state1")  # decoding: the kernel's one-step form
     # ... which also norms y when asked (the model's ln_x).
-    assert wkv6(*one_token, group_norm=("g", "b", 1e-5)) == ("y1", "state1")
-    normed = ("step", {"group_norm": ("g", "b", 1e-5)})
+    norm = (np.ones((1, 8), np.float32), np.zeros((1, 8), np.float32), 1e-5)
+    assert wkv6(*one_token, group_norm=norm) == ("y1", "state1")
+    normed = ("step", {"group_norm": norm})
     # ... and gates it (the model's silu(g)).
-    assert wkv6(*one_token, group_norm=("g", "b", 1e-5), output_gate="gate") == ("y1", "state1")
-    gated = ("step", {"group_norm": ("g", "b", 1e-5), "output_gate": "gate"})
-    assert calls == [{}, {"chunk_size": 32}, ("step", {}), normed, gated]
+    gate = np.ones((1, 1, 1, 8), np.float32)
+    assert wkv6(*one_token, group_norm=norm, output_gate=gate) == ("y1", "state1")
+    gated = ("step", {"group_norm": norm, "output_gate": gate})
+    # The kernel's chunk-size rule is checked for every T (also a one-token step).
+    assert wkv6(*one_token, impl="kernel", chunk_size=16) == ("y1", "state1")
+    expected = [{}, ("check", 32), {"chunk_size": 32}, ("step", {}), normed, gated]
+    expected += [("check", 16), ("step", {})]
+    assert len(calls) == len(expected)
+    for got, want in zip(calls, expected, strict=True):
+        if isinstance(want, tuple) and want[0] == "step" and want[1]:
+            assert got[0] == "step" and got[1].keys() == want[1].keys()
+            assert all(got[1][key] is want[1][key] for key in want[1])
+        else:
+            assert got == want
 
 
 @pytest.mark.parametrize(
@@ -361,6 +374,29 @@ def test_shape_errors_name_the_shapes(change, message):
     change(args)
     with pytest.raises(ValueError, match=message):
         wkv6(*args, impl="scan")
+
+
+@pytest.mark.parametrize("impl", ["scan", "chunked"])
+def test_norm_gate_and_dtype_errors_on_the_plain_paths(impl):
+    """The fused kernels refused these; the plain paths broadcast a wrong gamma or gate and
+    returned an integer y for integer inputs."""
+    args = make_case(2, 5, 2, 8, "weak")
+    heads = np.ones((2, 8), np.float32)
+    with pytest.raises(
+        ValueError, match=r"group_norm's gamma must be \[H,N\] = \(2, 8\), got \(8,\)"
+    ):
+        wkv6(*args, impl=impl, group_norm=(heads[0], heads, 1e-5))
+    with pytest.raises(ValueError, match=r"group_norm's beta must be"):
+        wkv6(*args, impl=impl, group_norm=(heads, heads[None], 1e-5))
+    with pytest.raises(
+        ValueError, match=r"output_gate must have r's shape \(2, 5, 2, 8\), got \(1, 5, 2, 8\)"
+    ):
+        wkv6(*args, impl=impl, output_gate=np.ones((1, 5, 2, 8), np.float32))
+    for i, name in enumerate(("r", "k", "v", "log_w", "u")):
+        bad = list(args)
+        bad[i] = np.asarray(bad[i]).astype(np.int32)
+        with pytest.raises(TypeError, match=rf"{name} must be floating point, got int32"):
+            wkv6(*bad, impl=impl)
 
 
 # --- other Keras backends ---------------------------------------------------------------------

@@ -68,9 +68,17 @@ class RWKV6CausalLM(keras.Model):
         `state=None` starts from the model's initial state (zeros, or a tuned state).
         On JAX this runs compiled: T is left-padded with id 0 up to a bucket (exact, since
         padding never changes a state) so that new lengths rarely recompile."""
-        token_ids = np.asarray(ops.convert_to_numpy(token_ids), np.int32)
+        token_ids = np.asarray(ops.convert_to_numpy(token_ids))
         if token_ids.ndim != 2:
             raise ValueError(f"token_ids must be [batch, time], got shape {token_ids.shape}")
+        if token_ids.size and token_ids.dtype.kind not in "iu":
+            raise TypeError(f"token_ids must be integers, got {token_ids.dtype}")
+        vocab = self.backbone.config.vocab_size
+        if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocab):
+            # The embedding's gather would fill NaN rows instead (NaN logits and state).
+            bad = token_ids.min() if token_ids.min() < 0 else token_ids.max()
+            raise ValueError(f"token id {bad} is outside the vocabulary 0..{vocab - 1}")
+        token_ids = token_ids.astype(np.int32)
         if keras.backend.backend() != "jax":
             # `call`, not `self(...)`: on the torch backend Keras routes `__call__` through
             # torch's Module.forward, which this method overrides.

@@ -179,7 +179,11 @@ class RWKV6Config:
                 f"blocks.0.att.time_maa_w1 has width {mix_width}, not a multiple of 5"
             )
         if checkpoint_dtype is None:
-            checkpoint_dtype = str(getattr(state_dict["emb.weight"], "dtype", "float32"))
+            # numpy's "float32" or torch's "torch.float32"; other float widths (a float64
+            # file, which the official package also runs) load and export as float32.
+            found = str(getattr(state_dict["emb.weight"], "dtype", "float32"))
+            found = found.removeprefix("torch.")
+            checkpoint_dtype = found if found in CHECKPOINT_DTYPES else "float32"
         return cls(
             vocab_size=vocab_size,
             num_layers=num_layers,
@@ -194,6 +198,11 @@ class RWKV6Config:
 
 def _from_seed_names(values: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    both = sorted(f"{seed} / {ours}" for seed, ours in SEED_FIELD_NAMES.items()
+                  if seed != ours and seed in values and ours in values)  # fmt: skip
+    if both:
+        # Which one won depended on the keys' order.
+        raise ConfigError(f"config gives both the seed's and our name for {both}: keep one")
     for key, value in values.items():
         if key in SEED_FIELD_NAMES:
             out[SEED_FIELD_NAMES[key]] = value

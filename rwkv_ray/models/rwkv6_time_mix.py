@@ -172,10 +172,12 @@ class RWKV6TimeMix(keras.layers.Layer):
             r, k, v, g, decay_hidden = packed
         r, k, v = (ops.reshape(x, heads_shape) for x in (r, k, v))
         log_w = self._log_decay(mixed["w"], decay_hidden, few_rows)
-        real = ops.cast(mask, "float32")[:, :, None, None]
+        real = mask[:, :, None, None]
         # Padding: no write (k = 0) and no decay (log_w = 0) -> the state passes untouched.
-        k = k * ops.cast(real, k.dtype)
-        log_w = ops.reshape(log_w, heads_shape) * real
+        # Selected, not multiplied by the mask: a log-decay of -inf (w past 88.7) times 0
+        # would be NaN and reach the state.
+        k = ops.where(real, k, ops.zeros((), k.dtype))
+        log_w = ops.where(real, ops.reshape(log_w, heads_shape), 0.0)
         heads = (cfg.num_heads, cfg.head_size)
         # ln_x (one group per head) and the gate in the WKV op: the decode kernel fuses them.
         group_norm = (

@@ -54,7 +54,9 @@ def wkv6(
         initial_state: [B,H,N,N] [key, value] float32, or None for zeros.
         impl: one of WKV_IMPLS, or None for the environment's choice.
         chunk_size: steps per chunk for 'chunked' / 'kernel'; None: the implementation's
-            default (chunked: `wkv_chunked.DEFAULT_CHUNK_SIZE`, measured on CPU).
+            default (chunked: `wkv_chunked.DEFAULT_CHUNK_SIZE`, measured on CPU). The
+            kernel takes powers of 2 in [16, 64]: under 'auto' a size must suit the one
+            that runs (a GPU's kernel refuses 4, the CPU's chunked form takes it).
         group_norm: None, or (gamma [H,N], beta [H,N], eps): y comes back GroupNorm'd per
             head (RWKV6's ln_x; `group_norm_heads`, float32 statistics). The kernel's
             decoding step does it in the same kernel (from its float32 output); with the
@@ -71,13 +73,16 @@ def wkv6(
     Example:
         y, state = wkv6(r, k, v, -keras.ops.exp(w_raw), u, state, impl="chunked")
     """
-    check_shapes(r, k, v, log_w, u, initial_state)
+    check_shapes(r, k, v, log_w, u, initial_state, group_norm, output_gate)
     chosen, _ = resolve_wkv_impl(impl)
     whole = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
     if chunk_size is not None and not (whole and chunk_size >= 1):
         # Checked whatever runs (the scan and single steps take no chunks), so a bad value
         # fails where it is written rather than when the sequence or machine changes.
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if chunk_size is not None and chosen == "kernel":
+        # The kernel's own rule, checked for every T (its one-token step takes no chunks).
+        importlib.import_module(KERNEL_MODULE).check_chunk_size(chunk_size)
     if r.shape[1] == 0:  # an empty sequence: no output, the state passes through
         b, _, h, n = r.shape
         state = keras.ops.zeros((b, h, n, n), "float32") if initial_state is None else initial_state
@@ -194,9 +199,14 @@ def _log_fallback_once(reason: str) -> None:
         logger.warning("WKV impl 'auto' uses 'chunked': %s", reason)
 
 
-def check_shapes(r, k, v, log_w, u, initial_state=None) -> None:
+def check_shapes(r, k, v, log_w, u, initial_state=None, group_norm=None, output_gate=None) -> None:
     """ValueError naming the offending shapes unless r, k, v, log_w are one [B,T,H,N] shape,
-    u is [H,N] and initial_state (if given) is [B,H,N,N]. Unknown (None) sizes match."""
+    u is [H,N], initial_state (if given) [B,H,N,N], group_norm's gamma and beta [H,N] and
+    output_gate r's shape. Unknown (None) sizes match. TypeError unless r, k, v, log_w, u
+    are floating point (an integer r gave an integer y)."""
+    for name, x in (("r", r), ("k", k), ("v", v), ("log_w", log_w), ("u", u)):
+        if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(x.dtype)):
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
     shape = tuple(r.shape)
     if len(shape) != 4:
         raise ValueError(f"r must be [B,T,H,N], got shape {shape}")
@@ -213,6 +223,15 @@ def check_shapes(r, k, v, log_w, u, initial_state=None) -> None:
             f"initial_state must be [B,H,N,N] = {(b, h, n, n)} for r of shape {shape}, got "
             f"{tuple(initial_state.shape)}"
         )
+    # The fused kernels check these; the plain paths would broadcast a wrong shape.
+    if group_norm is not None:
+        for name, x in zip(("gamma", "beta"), group_norm[:2], strict=True):
+            if not _same_shape(x.shape, (h, n)):
+                raise ValueError(
+                    f"group_norm's {name} must be [H,N] = {(h, n)}, got {tuple(x.shape)}"
+                )
+    if output_gate is not None and not _same_shape(output_gate.shape, shape):
+        raise ValueError(f"output_gate must have r's shape {shape}, got {tuple(output_gate.shape)}")
 
 
 def _same_shape(got, want) -> bool:

@@ -172,6 +172,12 @@ def is_available() -> tuple[bool, str]:
     return True, f"CUDA GPU {gpus[0].device_kind} (sm{str(cc).replace('.', '')})"
 
 
+def check_chunk_size(chunk_size: int) -> None:
+    """ValueError unless chunk_size is one the kernel tiles: a power of 2 in [16, MAX_BLOCK]."""
+    if chunk_size < 16 or chunk_size > MAX_BLOCK or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of 2 in [16, {MAX_BLOCK}], got {chunk_size}")
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -276,8 +282,7 @@ def wkv6_kernel(
             raise ValueError(f"{name} has shape {x.shape}, expected r's {r.shape}")
     if u.shape != (h, n):
         raise ValueError(f"u has shape {u.shape}, expected {(h, n)}")
-    if chunk_size < 16 or chunk_size > MAX_BLOCK or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of 2 in [16, {MAX_BLOCK}], got {chunk_size}")
+    check_chunk_size(chunk_size)
     modes = ("loop", "3d", "factored", "factored_tf32")
     if mode not in modes:
         raise ValueError(f"mode must be one of {', '.join(map(repr, modes))}, got {mode!r}")
