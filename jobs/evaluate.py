@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when not installed
 
+from rwkv_ray.cli import USER_ERRORS
 from rwkv_ray.train.cli_commands import add_config_arguments, evaluate
 
 
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         evaluate(args)
-    except (ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:  # a bad setting or path: one line, status 2
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,9 +1,11 @@
 """Fine-tune an RWKV6 on Ray Train.
 
-    ray job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/state/tiny.yaml
     python jobs/finetune.py --config jobs/configs/full/tiny.yaml --set optimizer.lr=1e-4
+    ray job submit --working-dir . -- python jobs/finetune.py --config CONFIG --set ...
 
-Set MLFLOW_TRACKING_URI for submitted jobs (the working dir is a temporary copy).
+Relative paths are taken from the directory the job starts in. A submitted job starts in
+Ray's temporary copy of its working dir: give it absolute (or s3://) data and storage
+paths and a tracking URI (mlflow.tracking_uri or MLFLOW_TRACKING_URI).
 """
 
 import argparse
@@ -12,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when not installed
 
+from rwkv_ray.cli import USER_ERRORS
 from rwkv_ray.train.cli_commands import add_config_arguments, finetune
 
 
@@ -24,7 +27,7 @@ def main(argv=None) -> int:
         parser.error("--config (or --set) is required")
     try:
         finetune(args)
-    except ValueError as e:  # JobConfigError names the key
+    except USER_ERRORS as e:  # a bad setting or path: one line, status 2
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
     return 0

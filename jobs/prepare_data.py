@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root (working_dir)
 
+from rwkv_ray.cli import USER_ERRORS  # noqa: E402
 from rwkv_ray.data.cli_commands import add_prepare_arguments, run_prepare  # noqa: E402
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_prepare(args)
-    except (FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:  # a bad setting or path: one line, status 2
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2
     return 0

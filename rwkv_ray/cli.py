@@ -6,8 +6,11 @@ import argparse
 import importlib
 import json
 import math
+import pickle
 import sys
 from pathlib import Path
+
+import yaml
 
 from rwkv_ray.data.cli_commands import add_prepare_command
 from rwkv_ray.serve.cli_commands import add_serve_command
@@ -35,6 +38,11 @@ EPILOG = """examples:
   rwkv-ray serve --model models/1b6 --states-dir states    # HTTP API on a local Ray Serve
   rwkv-ray demo                                             # the whole service, locally
 """
+
+
+# The user's own mistakes (a bad path or setting, a file that is not a checkpoint, a broken
+# YAML config): one line, exit status 2, no traceback (here and in jobs/).
+USER_ERRORS = (OSError, ValueError, pickle.UnpicklingError, yaml.YAMLError)
 
 
 def _convert(args) -> None:
@@ -127,16 +135,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(chosen_command(argv)).parse_args(argv)
-    import pickle
-
-    import yaml
-
-    # The user's own mistakes (a bad path or setting, a file that is not a checkpoint, a
-    # broken YAML config): one line, exit status 2, no traceback.
-    user_errors = (OSError, ValueError, pickle.UnpicklingError, yaml.YAMLError)
     try:
         args.func(args)
-    except user_errors as e:
+    except USER_ERRORS as e:
         print(f"rwkv-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -54,6 +54,11 @@ def run_serve(args) -> None:
     for key in ("model_name", "dtype", "mlflow_tracking_uri"):
         if getattr(args, key):
             app_args[key] = getattr(args, key)
+    if not args.mlflow_tracking_uri:
+        from rwkv_ray.train.tracking import tracking_uri
+
+        # Resolved here: a replica's working directory is not this one (./mlflow.db).
+        app_args["mlflow_tracking_uri"] = tracking_uri()
     print(f"serving {args.model} on http://{args.host}:{args.port} (Ctrl-C stops)")
     serve.run(app_builder(app_args), blocking=True)
 

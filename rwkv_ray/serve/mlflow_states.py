@@ -44,7 +44,7 @@ class MlflowStates:
         model: the served model (states are checked against it).
         tracking_uri: the MLflow tracking (and registry) URI; None = the training job's
             default (`rwkv_ray.train.tracking.tracking_uri`: env MLFLOW_TRACKING_URI, else
-            the repository's sqlite file).
+            mlflow.db in the working directory).
         cache_dir: where artifacts are downloaded (None = a fresh temporary directory).
         alias_ttl_s: how long a resolved `models:/<name>@<alias>` is reused.
     """

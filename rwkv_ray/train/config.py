@@ -103,7 +103,7 @@ class ScalingSettings:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
-    storage_path: str = "runs"  # local dir (relative = repo root) or s3://bucket/prefix
+    storage_path: str = "runs"  # local dir (relative: to the working dir) or s3://bucket/prefix
     every_steps: int = 100
     keep: int = 2  # checkpoints kept by Ray
     max_failures: int = 0  # worker-group restarts from the last checkpoint
@@ -112,7 +112,7 @@ class CheckpointSettings:
 @dataclasses.dataclass(frozen=True)
 class MlflowSettings:
     enabled: bool = True
-    tracking_uri: str | None = None  # None = env MLFLOW_TRACKING_URI or sqlite at repo root
+    tracking_uri: str | None = None  # None: env MLFLOW_TRACKING_URI, else ./mlflow.db (sqlite)
     experiment: str = "rwkv_ray"
     registered_model: str | None = None  # None = the job name; "" = do not register
     alias: str = "candidate"  # MLflow reserves "latest"

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 from rwkv_ray.train.config import JobConfig
-from rwkv_ray.train.tracking import REPO_ROOT, tracking_uri
+from rwkv_ray.train.tracking import tracking_uri
 
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the demo corpus ships with the repository
 CORPUS = REPO_ROOT / "data" / "demo_corpus.jsonl"
 EVAL = REPO_ROOT / "data" / "demo_eval.jsonl"
 SEQ_LEN = 48
@@ -29,6 +30,12 @@ TINY = {"vocab_size": 65536, "num_layers": 2, "hidden_size": 128, "checkpoint_dt
 def prepare_demo_data(out_dir: Path) -> tuple[str, str]:
     from rwkv_ray.data.prepare import prepare
 
+    missing = [str(path) for path in (CORPUS, EVAL) if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the demo's corpus is not here ({', '.join(missing)}): it ships with the "
+            "repository, not the package; run the demo from a clone (make demo)"
+        )
     paths = []
     for name, source in (("train", CORPUS), ("eval", EVAL)):
         output = out_dir / "data" / name

@@ -11,8 +11,8 @@
 - A registered model version (source = the run's export/ folder) with an alias.
 
 The tracking URI: `mlflow.tracking_uri`, else env MLFLOW_TRACKING_URI, else
-sqlite:///<repo root>/mlflow.db. Under `ray job submit --working-dir .` the repo root is a
-temporary copy: set MLFLOW_TRACKING_URI to keep the runs.
+sqlite:///<working directory>/mlflow.db. Under `ray job submit --working-dir .` the working
+directory is a temporary copy: a job there must set one of the two (job_paths.py).
 """
 
 from __future__ import annotations
@@ -26,17 +26,13 @@ import yaml
 
 from rwkv_ray.models import RWKV6CausalLM
 from rwkv_ray.train.config import JobConfig
+from rwkv_ray.train.job_paths import default_tracking_uri
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time", "tokens", "data_checksum")
 
 
 def tracking_uri(configured: str | None = None) -> str:
-    return (
-        configured
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
-    )
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:

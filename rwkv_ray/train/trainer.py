@@ -7,10 +7,11 @@
   env JAX_PLATFORMS=cpu. With use_gpu=False the JaxConfig would skip jax.distributed and
   every worker would train alone; use_gpu=True only picks the "initialize" branch, and the
   env var keeps JAX on the CPU (Ray 2.60, verified by tests/test_train_ray.py).
-- Storage: `checkpointing.storage_path`, local (relative paths are taken from the repo
-  root) or s3://bucket/prefix (pyarrow S3; the job's `s3_endpoint_url` or env
-  AWS_ENDPOINT_URL for an S3-compatible server). Resubmitting the same `name` with the same
-  storage resumes from the run's latest checkpoint.
+- Storage: `checkpointing.storage_path`, local (a relative path is taken from the driver's
+  working directory: `job_paths.resolve_job_paths`) or s3://bucket/prefix (pyarrow S3; the
+  job's `s3_endpoint_url` or env AWS_ENDPOINT_URL for an S3-compatible server).
+  Resubmitting the same `name` with the same storage resumes from the run's latest
+  checkpoint.
 - FailureConfig(max_failures): a failed worker group restarts from the latest checkpoint.
 """
 
@@ -20,7 +21,7 @@ import os
 from pathlib import Path
 
 from rwkv_ray.train.config import JobConfig, JobConfigError
-from rwkv_ray.train.tracking import REPO_ROOT, tracking_uri
+from rwkv_ray.train.tracking import tracking_uri
 
 FORWARDED_ENV = (
     "AWS_ACCESS_KEY_ID",
@@ -38,7 +39,7 @@ def storage(config: JobConfig) -> tuple[str, object | None]:
     path = config.checkpointing.storage_path
     if not path.startswith("s3://"):
         local = Path(path)
-        return str(local if local.is_absolute() else REPO_ROOT / local), None
+        return str(local if local.is_absolute() else Path.cwd() / local), None
     endpoint = config.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint is None:
         return path, None
@@ -115,8 +116,29 @@ def run_job(config: JobConfig):
         raise JobConfigError(
             "data.train: give the prepared training dataset (a directory or s3://)"
         )
+    from rwkv_ray.train.job_paths import resolve_job_paths
+
+    config = resolve_job_paths(config)  # the workers get absolute paths
     if config.mlflow.enabled:
-        from rwkv_ray.train.tracking import check_tracking_server, tracking_uri
+        from rwkv_ray.train.tracking import check_tracking_server
 
         check_tracking_server(tracking_uri(config.mlflow.tracking_uri))
-    return build_trainer(config).fit()
+    result = build_trainer(config).fit()
+    if result.checkpoint is not None:
+        link_latest(config, result.checkpoint.path)
+    return result
+
+
+def link_latest(config: JobConfig, checkpoint_path: str) -> None:
+    """<storage>/<name>/latest -> the run's final checkpoint (local storage only): a path
+    that stays the same from run to run, for the next job's model.path (state tuning of a
+    full run's export: `.../latest/export/model`)."""
+    if config.checkpointing.storage_path.startswith("s3://"):
+        return
+    run_dir, checkpoint = Path(run_storage_uri(config)), Path(checkpoint_path)
+    if checkpoint.parent != run_dir:
+        return
+    temporary = run_dir / f".latest-{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(checkpoint.name)  # relative: the run folder may be moved
+    os.replace(temporary, run_dir / "latest")

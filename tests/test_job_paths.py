@@ -1,0 +1,115 @@
+"""A job's relative paths: taken from the driver's working directory, absolute for the
+workers; refused where they would be lost (a `ray job submit --working-dir` job runs in
+Ray's temporary copy of the upload) or where an input is not there. Also the `latest` link
+to a run's final checkpoint, and the job scripts' one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rwkv_ray.train.config import JobConfig, JobConfigError
+from rwkv_ray.train.job_paths import RAY_JOB_CONFIG_ENV, resolve_job_paths, submitted_working_dir
+from rwkv_ray.train.trainer import link_latest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def job(**sections) -> JobConfig:
+    values = {"name": "paths", "model": {"config": {"vocab_size": 64, "num_layers": 1}}}
+    values.update(sections)
+    return JobConfig.from_dict(values)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(RAY_JOB_CONFIG_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    return tmp_path
+
+
+def submitted(monkeypatch) -> None:
+    runtime_env = {"working_dir": "gcs://_ray_pkg_0123abcd.zip"}
+    monkeypatch.setenv(RAY_JOB_CONFIG_ENV, json.dumps({"runtime_env": runtime_env}))
+
+
+def test_relative_paths_become_absolute_from_the_working_directory(in_tmp):
+    config = resolve_job_paths(job(data={"train": "data/train"}))
+    assert config.data.train == str(in_tmp / "data" / "train")
+    assert config.checkpointing.storage_path == str(in_tmp / "runs")
+    assert config.mlflow.tracking_uri == f"sqlite:///{in_tmp / 'mlflow.db'}"
+    # Absolute paths and URIs are passed as given (they may exist on the workers only).
+    given = job(
+        data={"train": "s3://bucket/train", "eval": "/elsewhere/eval"},
+        checkpointing={"storage_path": "/shared/runs"},
+        mlflow={"tracking_uri": "http://mlflow:5000"},
+    )
+    same = resolve_job_paths(given)
+    assert (same.data, same.checkpointing, same.mlflow) == (
+        given.data,
+        given.checkpointing,
+        given.mlflow,
+    )
+    relative_sqlite = job(data={"train": "data/train"}, mlflow={"tracking_uri": "sqlite:///t.db"})
+    assert resolve_job_paths(relative_sqlite).mlflow.tracking_uri == f"sqlite:///{in_tmp / 't.db'}"
+
+
+def test_a_missing_relative_input_is_named(in_tmp):
+    with pytest.raises(JobConfigError, match=r"data.eval: 'out/eval' is not in .*absolute path"):
+        resolve_job_paths(job(data={"train": "data/train", "eval": "out/eval"}))
+    with pytest.raises(JobConfigError, match=r"model.path: 'runs/x/latest/export/model' is not"):
+        resolve_job_paths(job(model={"path": "runs/x/latest/export/model"}, data={"train": "a"}))
+
+
+def test_a_submitted_job_refuses_outputs_ray_would_delete(in_tmp, monkeypatch):
+    submitted(monkeypatch)
+    assert submitted_working_dir() == "gcs://_ray_pkg_0123abcd.zip"
+    with pytest.raises(JobConfigError, match=r"checkpointing.storage_path: 'runs' is relative"):
+        resolve_job_paths(job(data={"train": "data/train"}))
+    absolute_storage = {"storage_path": str(in_tmp / "runs")}
+    with pytest.raises(JobConfigError, match=r"mlflow.tracking_uri: not set"):
+        resolve_job_paths(job(data={"train": "data/train"}, checkpointing=absolute_storage))
+    with pytest.raises(JobConfigError, match=r"data.train: 'out/train' is not in .*\.gitignore"):
+        resolve_job_paths(job(data={"train": "out/train"}, checkpointing=absolute_storage))
+    # With MLflow off, absolute storage and data in the upload, the job goes ahead.
+    config = resolve_job_paths(
+        job(data={"train": "data/train"}, checkpointing=absolute_storage, mlflow={"enabled": False})
+    )
+    assert config.data.train == str(in_tmp / "data" / "train")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    config = resolve_job_paths(job(data={"train": "data/train"}, checkpointing=absolute_storage))
+    assert config.mlflow.tracking_uri == "http://mlflow:5000"
+
+
+def test_latest_links_the_final_checkpoint(in_tmp):
+    config = resolve_job_paths(job(data={"train": "data/train"}))
+    run = in_tmp / "runs" / "paths"
+    for stamp in ("2026-01-01_00-00-00", "2026-01-02_00-00-00"):
+        (run / f"checkpoint_{stamp}" / "export").mkdir(parents=True)
+        link_latest(config, str(run / f"checkpoint_{stamp}"))
+        assert (run / "latest").resolve() == run / f"checkpoint_{stamp}"
+        assert (run / "latest" / "export").is_dir()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    link_latest(job(checkpointing={"storage_path": "s3://b/runs"}), "s3://b/runs/paths/c")
+
+
+@pytest.mark.parametrize("script", ["finetune.py", "evaluate.py"])
+def test_job_scripts_report_a_bad_config_in_one_line(script, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    for config, message in ((tmp_path / "none.yaml", "No such file"), (broken, "")):
+        done = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / script), "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        assert done.stderr.startswith(f"{script[:-3]}: error: ") and message in done.stderr
