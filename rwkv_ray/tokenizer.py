@@ -260,6 +260,8 @@ class WorldTokenizer:
 
     def decode_bytes(self, ids: Iterable[int] | np.ndarray) -> bytes:
         """Concatenated bytes of ``ids`` (pad id 0 decodes to nothing)."""
+        if not isinstance(ids, np.ndarray) and hasattr(ids, "__array__"):
+            ids = np.asarray(ids)  # a JAX / torch / TF array of ids
         if isinstance(ids, np.ndarray):
             if ids.dtype.kind not in "iu":
                 raise TypeError(f"decode expects integer ids, got an array of {ids.dtype}")

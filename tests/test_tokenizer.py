@@ -175,6 +175,9 @@ def test_decode_inputs(tok):
     assert tok.decode([np.int64(i) for i in ids]) == "pad me"
     assert tok.decode([]) == "" and tok.decode_bytes([]) == b""
     assert tok.decode(261) == "\n\n"
+    import jax.numpy as jnp  # a device array of ids (generation's output): TypeError before
+
+    assert tok.decode(jnp.asarray([0, *ids], jnp.int32)) == "pad me"
 
 
 def test_decode_errors(tok):
