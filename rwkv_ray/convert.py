@@ -149,10 +149,18 @@ def assign_state_dict(model: RWKV6CausalLM, state_dict: Mapping[str, np.ndarray]
         )
     for w in table:
         if w.key in state_dict:
-            value = w.from_official(np.asarray(state_dict[w.key]).astype(np.float32))
+            value = w.from_official(as_float32(state_dict[w.key]))
         else:  # an absent optional tensor (time_state) means zeros
             value = np.zeros(w.variable.shape, np.float32)
         w.variable.assign(value.astype(w.variable.dtype))
+
+
+def as_float32(tensor) -> np.ndarray:
+    """A numpy array (ml_dtypes bf16 included) or a torch tensor as float32 numpy (numpy
+    cannot read torch's bfloat16 directly)."""
+    if hasattr(tensor, "detach"):  # torch, without importing it
+        tensor = tensor.detach().float().cpu().numpy()
+    return np.asarray(tensor).astype(np.float32)
 
 
 def model_state_dict(

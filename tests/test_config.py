@@ -66,6 +66,9 @@ def test_checkpoint_dtype_from_the_state_dict():
         emb = np.zeros((300, 128), dtype)
         assert RWKV6Config.from_state_dict(state_dict(emb)).checkpoint_dtype == expected
     assert "float64" not in CHECKPOINT_DTYPES  # a float64 file is computed in float32
+    for dtype in ("int8", "complex64"):  # not weights: refused, not cast
+        with pytest.raises(ConfigError, match=rf"checkpoint_dtype must be one of .*{dtype}"):
+            RWKV6Config.from_state_dict(state_dict(np.zeros((300, 128), dtype)))
 
 
 @pytest.mark.parametrize(

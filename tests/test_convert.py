@@ -188,3 +188,16 @@ def test_info_counts_the_checkpoints_parameters(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] == sum(np.asarray(v).size for v in sd.values())
     assert (info["num_layers"], info["hidden_size"], info["num_heads"]) == (2, 128, 2)
+
+
+def test_a_torch_bf16_state_dict_assigns_like_its_file(tmp_path):
+    """A state dict of torch tensors (torch.load's result) in bfloat16: numpy cannot read
+    torch's bf16, so assign_state_dict failed deep inside with a TypeError."""
+    source = torch_save(random_state_dict(6, **SHAPE), tmp_path / "m.pth", dtype="bfloat16")
+    tensors = torch_tensors(source)
+    config = RWKV6Config.from_state_dict(tensors)
+    assert config.checkpoint_dtype == "bfloat16"
+    model = RWKV6CausalLM.from_model_config(config)
+    assign_state_dict(model, tensors)
+    expected = np.asarray(rwkv_ray.load_model(source).forward(TOKENS)[0])
+    np.testing.assert_array_equal(np.asarray(model.forward(TOKENS)[0]), expected)

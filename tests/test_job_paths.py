@@ -61,10 +61,28 @@ def test_relative_paths_become_absolute_from_the_working_directory(in_tmp):
 
 
 def test_a_missing_relative_input_is_named(in_tmp):
-    with pytest.raises(JobConfigError, match=r"data.eval: 'out/eval' is not in .*absolute path"):
-        resolve_job_paths(job(data={"train": "data/train", "eval": "out/eval"}))
+    with pytest.raises(JobConfigError, match=r"data.train: 'out/train' is not in .*absolute path"):
+        resolve_job_paths(job(data={"train": "out/train"}))
     with pytest.raises(JobConfigError, match=r"model.path: 'runs/x/latest/export/model' is not"):
         resolve_job_paths(job(model={"path": "runs/x/latest/export/model"}, data={"train": "a"}))
+    # data.eval is read by evaluate only: training goes ahead without it (made absolute).
+    config = resolve_job_paths(job(data={"train": "data/train", "eval": "out/eval"}))
+    assert config.data.eval == str(in_tmp / "out" / "eval")
+
+
+def test_model_path_is_pinned_through_links_and_needs_its_weights(in_tmp):
+    """A state run of runs/<name>/latest/export/model keeps the checkpoint it started from:
+    a restart or resubmission reloads the base weights from model.path."""
+    first = in_tmp / "runs" / "full" / "checkpoint_1" / "export" / "model"
+    first.mkdir(parents=True)
+    (first / "model.weights.h5").write_bytes(b"")
+    (in_tmp / "runs" / "full" / "latest").symlink_to("checkpoint_1")
+    given = {"path": "runs/full/latest/export/model"}
+    config = resolve_job_paths(job(model=given, data={"train": "data/train"}))
+    assert config.model.path == str(first)
+    (first / "model.weights.h5").unlink()  # e.g. an upload that left *.h5 out
+    with pytest.raises(JobConfigError, match=r"model.path: .* has no model.weights.h5"):
+        resolve_job_paths(job(model=given, data={"train": "data/train"}))
 
 
 def test_a_submitted_job_refuses_outputs_ray_would_delete(in_tmp, monkeypatch):
@@ -82,6 +100,12 @@ def test_a_submitted_job_refuses_outputs_ray_would_delete(in_tmp, monkeypatch):
         job(data={"train": "data/train"}, checkpointing=absolute_storage, mlflow={"enabled": False})
     )
     assert config.data.train == str(in_tmp / "data" / "train")
+    # MLflow off: its URI is not used, so not checked (a relative sqlite one included).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    off = job(
+        data={"train": "data/train"}, checkpointing=absolute_storage, mlflow={"enabled": False}
+    )
+    assert resolve_job_paths(off).mlflow.tracking_uri is None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     config = resolve_job_paths(job(data={"train": "data/train"}, checkpointing=absolute_storage))
     assert config.mlflow.tracking_uri == "http://mlflow:5000"

@@ -179,11 +179,12 @@ class RWKV6Config:
                 f"blocks.0.att.time_maa_w1 has width {mix_width}, not a multiple of 5"
             )
         if checkpoint_dtype is None:
-            # numpy's "float32" or torch's "torch.float32"; other float widths (a float64
-            # file, which the official package also runs) load and export as float32.
+            # numpy's "float32" or torch's "torch.float32". A float64 file (the official
+            # package runs one) loads and exports as float32; other dtypes (int8, complex)
+            # are refused by the check of checkpoint_dtype.
             found = str(getattr(state_dict["emb.weight"], "dtype", "float32"))
             found = found.removeprefix("torch.")
-            checkpoint_dtype = found if found in CHECKPOINT_DTYPES else "float32"
+            checkpoint_dtype = "float32" if found == "float64" else found
         return cls(
             vocab_size=vocab_size,
             num_layers=num_layers,

@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from rwkv_ray.convert import WEIGHTS_FILE
 from rwkv_ray.train.config import JobConfig, JobConfigError
 
 # Set by Ray's job supervisor for the driver of a submitted job (Ray 2.x): the job's
@@ -55,14 +56,30 @@ def resolve_job_paths(config: JobConfig) -> JobConfig:
             ".gitignore leaves out, such as out/ and runs/)"
         )
 
-    def input_path(key: str, path: str | None) -> str | None:
+    def input_path(key: str, path: str | None, needed: bool = True) -> str | None:
         if not path or not is_local(path) or Path(path).is_absolute():
             return path
-        if not (cwd / path).exists():
+        if needed and not (cwd / path).exists():
             raise JobConfigError(
                 f"{key}: {path!r} is not {where()}; give an absolute path or an s3:// uri"
             )
         return str(cwd / path)
+
+    def model_path(path: str | None) -> str | None:
+        path = input_path("model.path", path)
+        if not path or not is_local(path):
+            return path
+        # Pinned: base weights are not in the checkpoints, a restart or resubmission reloads
+        # them from model.path, so a link that moves (runs/<name>/latest) must not.
+        path = str(Path(path).resolve())
+        weights = Path(path) / WEIGHTS_FILE
+        if Path(path).is_dir() and not weights.exists():
+            raise JobConfigError(
+                f"model.path: {path} has no {WEIGHTS_FILE} (a converted model: "
+                "`rwkv-ray convert`; an upload leaves *.h5 out: give the model's absolute path "
+                "on the nodes)"
+            )
+        return path
 
     def output_path(key: str, path: str) -> str:
         if upload is not None:
@@ -72,9 +89,9 @@ def resolve_job_paths(config: JobConfig) -> JobConfig:
             )
         return str(cwd / path)
 
-    model_path = input_path("model.path", config.model.path)
+    model = model_path(config.model.path)
     train = input_path("data.train", config.data.train)
-    eval_ = input_path("data.eval", config.data.eval)
+    eval_ = input_path("data.eval", config.data.eval, needed=False)  # read by evaluate only
     storage = config.checkpointing.storage_path
     if is_local(storage) and not Path(storage).is_absolute():
         storage = output_path("checkpointing.storage_path", storage)
@@ -86,11 +103,13 @@ def resolve_job_paths(config: JobConfig) -> JobConfig:
                 f"sqlite file would be {where()}, which Ray deletes: set either"
             )
         uri = default_tracking_uri()
+    elif not config.mlflow.enabled:
+        uri = config.mlflow.tracking_uri  # not used: left as given
     elif uri is not None and uri.startswith(SQLITE) and not Path(uri[len(SQLITE) :]).is_absolute():
         uri = SQLITE + output_path("mlflow.tracking_uri", uri[len(SQLITE) :])
     return dataclasses.replace(
         config,
-        model=dataclasses.replace(config.model, path=model_path),
+        model=dataclasses.replace(config.model, path=model),
         data=dataclasses.replace(config.data, train=train, eval=eval_),
         checkpointing=dataclasses.replace(config.checkpointing, storage_path=storage),
         mlflow=dataclasses.replace(config.mlflow, tracking_uri=uri),
