@@ -123,8 +123,8 @@ def run_demo(
     report["tuned"] = perplexity(tuned, eval_, 8)
     sample = generate_sample(tuned)
     print(
-        f"[4/4] held-out perplexity {report['base']['perplexity']:.2f} (full-tuned) -> "
-        f"{report['tuned']['perplexity']:.2f} (+ tuned state); sample: {sample!r}"
+        f"[4/4] held-out perplexity {report['base']['perplexity']:.3f} (full-tuned) -> "
+        f"{report['tuned']['perplexity']:.3f} (+ tuned state); sample: {sample!r}"
     )
     uri = tracking_uri()
     print(f"done in {time.perf_counter() - started:.0f} s")
