@@ -24,6 +24,10 @@ max|y| instead of 3e-7). The intra-chunk and diagonal terms and the decayed r, k
 for all chunks at once; the C chunk steps read y = r' @ S then write S <- decay * S + k'^T v
 in one `keras.ops.scan`, each a small matmul.
 
+Non-finite inputs: a NaN or inf in v or k at step s makes every output of its chunk NaN,
+also before s (the masked pairs are multiplied by 0, and 0 * inf is NaN), where the scan
+spoils only steps >= s. Such inputs are failures either way (training stops on the NaN loss).
+
 Memory (XLA temporaries measured for B=8 T=256 H=4 N=64, L=4; size(r) = B*T*H*N floats):
 forward ~15 * size(r), forward+backward ~50 * size(r) (the scan alone: 4 and 200). It grows
 with L through the [B,H,C,L,L,N] pairwise tensor (L * size(r) each) and with N / L through
