@@ -9,6 +9,8 @@ us, an ordinary embedding row for the official model.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -218,6 +220,47 @@ def test_seeded_sampling_with_every_control_is_reproducible(ckpt):
     c = generate(model, prompts, 12, seed=2, **settings)
     assert a.tokens == b.tokens and a.tokens != c.tokens
     assert all(5 not in row and 0 not in row for row in a.tokens + c.tokens)
+
+
+def test_seeds_past_32_bits_draw_their_own_streams(ckpt):
+    """jax.random.key kept the low 32 bits: 2**32 drew seed 0's tokens, 2**32 + 1 seed 1's."""
+    _, _, _, model = ckpt
+    rows = [prompt(4, 72)]
+
+    def tokens(seed):
+        return generate(
+            model, rows, 16, search_mode="topp", k=0.99, temperature=2.0, seed=seed
+        ).tokens
+
+    zero, one = tokens(0), tokens(1)
+    assert tokens(2**32) != zero and tokens(2**32 + 1) != one and tokens(2**40) != zero
+    assert tokens(2**40) == tokens(2**40)  # still reproducible
+
+
+def test_a_window_past_the_sequence_is_no_window(ckpt, monkeypatch):
+    """penalty_window W with 2 W >= prompt bucket + new tokens: every position's window
+    starts at 0, so the same tokens as no window, without the [B, W] history (2**27 took
+    2 GB of memory for 8 tokens; 2**31 - 1 raised OverflowError)."""
+    generate_module = sys.modules[
+        "rwkv_ray.generation.generate"
+    ]  # the package exports the function
+    _, _, _, model = ckpt
+    rows = [prompt(6, 73), prompt(2, 74)]
+    settings = dict(penalty=1.5, max_penalty_range=[1, 3])
+    expected = generate(model, rows, 8, **settings).tokens
+    seen = []
+    original = generate_module._penalties
+    monkeypatch.setattr(
+        generate_module,
+        "_penalties",
+        lambda engine, request, vocab: (
+            seen.append(request.features.penalty_window) or original(engine, request, vocab)
+        ),
+    )
+    for window in (2**27, 2**31 - 1, 2**40):
+        assert generate(model, rows, 8, penalty_window=window, **settings).tokens == expected
+    assert generate(model, rows, 8, penalty_window=2, **settings).tokens != expected
+    assert seen == [None, None, None, 2]
 
 
 @pytest.mark.parametrize(

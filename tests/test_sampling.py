@@ -124,6 +124,30 @@ def test_token_ban_is_never_sampled():
     assert not set(samples.ravel().tolist()) & set(banned)
 
 
+@pytest.mark.parametrize("penalty", [1e-30, 1e-46, 1e30])
+def test_token_ban_holds_whatever_the_penalty(penalty):
+    """The ban came first and a penalty ** count of 0 or inf then turned its -inf into NaN
+    (argmax picks NaN): a banned id was generated."""
+    logits = jnp.asarray(LOGITS)
+    banned = [3, 5]  # the largest logit and one at 0.0, both with counts
+    params, features = make_sampling_params(
+        1, LOGITS.shape[1], penalty=penalty, max_penalty_range=[1, 3], token_ban=banned
+    )
+    penalties = PenaltyState(jnp.asarray(COUNTS), None, None, None, None)
+    processed = np.asarray(process_logits(logits, params, penalties, features))
+    assert np.all(processed[0, banned] == -np.inf)
+    assert np.all(np.isfinite(np.delete(processed[0], banned)))
+    assert int(np.argmax(processed[0])) not in banned
+
+
+def test_a_temperature_past_float32_is_a_uniform_draw_not_nan():
+    """1e39 became inf in float32 and -inf / inf = NaN: every draw was id 0 (banned)."""
+    logits = fixed_logits(batch=2, seed=7)
+    samples = draw(logits, search_mode="topk", k=VOCAB, temperature=1e39, token_ban=[0, 1])
+    assert not set(samples.ravel().tolist()) & {0, 1}
+    assert len(set(samples[:, 0].tolist())) > VOCAB // 2  # spread over the vocabulary
+
+
 # ---- the seed's repetition penalty ----------------------------------------------------
 
 LOGITS = np.array([[2.0, -1.0, 0.5, 3.0, -2.0, 0.0]], np.float32)

@@ -8,7 +8,8 @@ rwkv-ray generate --model m.pth --prompt "Once upon a time" --max-new-tokens 60 
 --state takes one of our state files (.npz, see `rwkv_ray.generation.state_io`) or an
 RWKV-PEFT time_state .pth. --chunk N generates N tokens at a time, each chunk continuing
 from the previous chunk's state with an empty prompt (exactly what one pass would give in
-greedy mode); chunk boundaries are marked on stderr. --save-state writes the final state.
+greedy mode without penalties: the penalties count per call, so they restart each chunk);
+chunk boundaries are marked on stderr. --save-state writes the final state.
 """
 
 from __future__ import annotations

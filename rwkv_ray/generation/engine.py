@@ -231,8 +231,16 @@ def new_carry(state, logits, new_bucket: int, penalties, seed: int, done) -> Dec
         done=jnp.asarray(done),
         ended=jnp.zeros((batch,), bool),
         penalties=penalties,
-        key=jax.random.key(seed),
+        key=seed_key(seed),
     )
+
+
+def seed_key(seed: int):
+    """The PRNG key of a seed in [0, 2**63). jax.random.key keeps only the low 32 bits
+    (2**32 drew what 0 draws): the high half is folded in, so smaller seeds keep their
+    streams."""
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    return key if seed < 2**32 else jax.random.fold_in(key, seed >> 32)
 
 
 __all__ = [

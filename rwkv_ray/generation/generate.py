@@ -14,8 +14,11 @@ Semantics:
 - `end_token` (an id or a list of ids) ends a row; id 0 (end of text in the World
   vocabulary, padding here) always does. The end token is the last entry of `.tokens`
   and is fed to the model (so the state covers it: a chat can continue after "\\n\\n");
-  `.text` leaves it out. `stop` (str or list of str) ends a row when its text contains
-  one; `.text` is cut before it (this path checks on the host after every token).
+  `.text` leaves it out. Id 0 is the exception: padding to this model, it is not fed, so a
+  row that ended on it keeps the state and logits from before it (continuing it with an
+  empty prompt ends on 0 again at once: give it a prompt). `stop` (str or list of str)
+  ends a row when its text contains one; `.text` is cut before it (this path checks on
+  the host after every token).
 - `.state` (a `GenerationState`) covers the prompt and every token in `.tokens`, and
   carries the next-token logits, so `generate([[]], n2, state=r1.state)` continues exactly
   where `generate(p, n1)` stopped: greedy chunks equal one pass of n1 + n2 tokens.
@@ -149,6 +152,14 @@ def _prepare(
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     batch = eng.bucket_batch(len(ids))
     params, features = make_sampling_params(batch, vocab, **sampling)
+    if features.penalty_window is not None:
+        longest = eng.bucket_prompt(max(1, *map(len, ids))) + eng.bucket_new_tokens(
+            int(max_new_tokens)
+        )
+        if 2 * features.penalty_window >= longest:
+            # Every position's window then starts at 0: the same penalties as no window,
+            # without the [B, W] history a window keeps (it grew with W: 2**27 took 2 GB).
+            features = dataclasses.replace(features, penalty_window=None)
     end_mask, end_tokens = _end_mask(end_token, vocab)
     stop = _stop_strings(stop)
     if seed is None:

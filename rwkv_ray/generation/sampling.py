@@ -2,8 +2,7 @@
 
 Order of operations for one decoding step (each row b has its own settings):
 
-1. token_ban: banned ids get logit -inf.
-2. The seed's repetition penalty (bert4keras3 `Search`, `penalty != 1`). For every token
+1. The seed's repetition penalty (bert4keras3 `Search`, `penalty != 1`). For every token
    id v that occurs in row b's *window*, with n = its count there:
        logit > 0  ->  logit / penalty ** m        logit <= 0  ->  logit * penalty ** m
    where m = 1 without `max_penalty_range`; with `max_penalty_range=[lo, hi]`, m = n if
@@ -13,12 +12,13 @@ Order of operations for one decoding step (each row b has its own settings):
    `penalty_window=W` the sequence is cut into blocks of W positions and the token at
    position p sees the current block plus the previous one, i.e. positions
    [max(0, (p // W - 1) * W), p). Id 0 (padding / end of text) never counts.
-3. The official `rwkv.utils.PIPELINE` penalties (GPT-3 style): for each id v generated so
+2. The official `rwkv.utils.PIPELINE` penalties (GPT-3 style): for each id v generated so
    far in this call, logit -= alpha_presence + alpha_frequency * f[v], where f[v] adds 1 per
    occurrence and every f is multiplied by alpha_decay after each step (the official order:
    penalise, sample, decay all counts, then count the new token). Prompt tokens do not count
    (as in the official pipeline). Difference: the official pipeline counts whitespace and
    digit tokens with weight 0 (a tokenizer-dependent rule); here every token counts 1.
+3. token_ban: banned ids get logit -inf (after the penalties: none can undo it).
 4. temperature: rows with temperature 0 are greedy (argmax of the step-3 logits);
    otherwise logits / temperature.
 5. top-k: keep the ids whose logit is >= the k-th largest (k = 0: off).
@@ -106,6 +106,8 @@ class PenaltyState(NamedTuple):
 
 INT32_MAX = 2**31 - 1
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+TEMPERATURE_MAX = 1e30
 
 
 def _number(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -176,9 +178,14 @@ def make_sampling_params(
         temperature = 0.0
     elif 0 < temperature < FLOAT32_TINY:  # subnormal in float32 (flushed to 0 on CPUs)
         temperature = FLOAT32_TINY
+    # Past ~1e38 it would be inf in float32, and past ~8e37 its reciprocal (XLA divides by
+    # multiplying) is subnormal, flushed to 0: -inf * 0 = NaN for the banned ids. Every
+    # temperature this large is a uniform draw.
+    temperature = min(temperature, TEMPERATURE_MAX)
     penalty = _number("penalty", penalty, 0, math.inf, lo_open=True)
     if penalty_window is not None:
-        penalty_window = _integer("penalty_window", penalty_window, 1)
+        # Capped: a window past any sequence is no window (generate drops it then).
+        penalty_window = min(_integer("penalty_window", penalty_window, 1), INT32_MAX)
     lo, hi = 1, 1
     if max_penalty_range is not None:
         if isinstance(max_penalty_range, str) or len(max_penalty_range) != 2:
@@ -226,7 +233,9 @@ def apply_repetition_penalty(logits, counts, penalty, min_count, max_count):
     counts = counts.astype(jnp.int32)
     exponent = jnp.where(counts >= min_count[:, None], jnp.minimum(counts, max_count[:, None]), 0)
     exponent = jnp.where(counts > 0, exponent, 0).astype(jnp.float32)
-    factor = jnp.power(penalty[:, None], exponent)
+    # Kept finite: a tiny penalty ** m underflowed to 0 (logit / 0 = inf) and a huge one
+    # overflowed (0 * inf = NaN, which argmax picks).
+    factor = jnp.clip(jnp.power(penalty[:, None], exponent), FLOAT32_TINY, FLOAT32_MAX)
     return jnp.where(logits > 0, logits / factor, logits * factor)
 
 
@@ -257,8 +266,6 @@ def top_p_mask(logits, top_p):
 def process_logits(logits, params: SamplingParams, penalties: PenaltyState, f: SamplerFeatures):
     """Steps 1-3 of the module docstring: ban and penalties. [B,V] float32 -> [B,V]."""
     logits = logits.astype(jnp.float32)
-    if f.ban:
-        logits = apply_token_ban(logits, params.ban)
     if f.penalty:
         logits = apply_repetition_penalty(
             logits,
@@ -275,6 +282,8 @@ def process_logits(logits, params: SamplingParams, penalties: PenaltyState, f: S
             params.alpha_frequency,
             params.alpha_presence,
         )
+    if f.ban:  # last: no penalty can turn a banned id's -inf into NaN or a finite value
+        logits = apply_token_ban(logits, params.ban)
     return logits
 
 

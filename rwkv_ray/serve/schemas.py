@@ -38,7 +38,7 @@ class GenerateRequest(_Strict):
     k: int | float | list[int | float] | None = None
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     penalty: float = Field(1.0, gt=0.0, le=10.0)
-    penalty_window: int | None = Field(None, ge=1)
+    penalty_window: int | None = Field(None, ge=1, le=2**31 - 1)
     max_penalty_range: list[int] | None = Field(None, min_length=2, max_length=2)
     alpha_frequency: float = Field(0.0, ge=-10.0, le=10.0)
     alpha_presence: float = Field(0.0, ge=-10.0, le=10.0)
