@@ -329,6 +329,7 @@ def test_auto_and_kernel_use_an_available_kernel(clean_env):
         wkv6_kernel=lambda *args, **options: calls.append(options) or ("y", "state"),
         wkv6_kernel_step=lambda *args, **norm: calls.append(("step", norm)) or ("y1", "state1"),
         check_chunk_size=lambda size: calls.append(("check", size)),
+        head_size_reason=lambda n: None,
     )
     clean_env.setitem(sys.modules, wkv_module.KERNEL_MODULE, fake)
     args = make_case(1, 4, 1, 8, "weak")
@@ -452,3 +453,29 @@ def test_a_bad_chunk_size_is_refused_by_every_implementation(impl, chunk_size):
     for t in (1, 5):
         with pytest.raises(ValueError, match=r"chunk_size must be a positive integer"):
             wkv6(*make_case(1, t, 2, 8, "weak"), impl=impl, chunk_size=chunk_size)
+
+
+def test_auto_falls_back_for_a_head_size_the_kernel_cannot_tile(clean_env, caplog):
+    """On a GPU 'auto' chose the kernel for any head size, which then raised for N = 48
+    (the model allows any N dividing its width): now 'chunked', said once; an explicit
+    'kernel' raises the reason up front."""
+    from rwkv_ray.ops import wkv_kernel
+
+    fake = types.SimpleNamespace(
+        is_available=lambda: (True, "fake GPU"),
+        head_size_reason=wkv_kernel.head_size_reason,
+        wkv6_kernel=lambda *args, **options: pytest.fail("the kernel ran for N = 24"),
+        wkv6_kernel_step=lambda *args, **options: pytest.fail("the step kernel ran for N = 24"),
+    )
+    clean_env.setitem(sys.modules, wkv_module.KERNEL_MODULE, fake)
+    clean_env.setattr(wkv_module, "_fallback_logged", False)
+    for t in (1, 7):
+        args = make_case(2, t, 2, 24, "mixed", seed=t)
+        y, state = wkv6(*args)
+        y_ref, state_ref = wkv6(*args, impl="scan")
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(state), np.asarray(state_ref), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"'kernel' cannot run this shape: head size N must"):
+            wkv6(*args, impl="kernel")
+    records = [rec for rec in caplog.records if rec.name == "rwkv_ray.ops"]
+    assert len(records) == 1 and "got 24" in records[0].getMessage()

@@ -80,9 +80,17 @@ def wkv6(
         # Checked whatever runs (the scan and single steps take no chunks), so a bad value
         # fails where it is written rather than when the sequence or machine changes.
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if chosen == "kernel":
+        kernel = importlib.import_module(KERNEL_MODULE)
+        reason = kernel.head_size_reason(r.shape[-1])
+        if reason and _requested_impl(impl)[0] == "kernel":
+            raise ValueError(f"WKV impl 'kernel' cannot run this shape: {reason}")
+        if reason:  # 'auto': the model allows any head size that divides its width
+            _log_fallback_once(reason)
+            chosen = "chunked"
     if chunk_size is not None and chosen == "kernel":
         # The kernel's own rule, checked for every T (its one-token step takes no chunks).
-        importlib.import_module(KERNEL_MODULE).check_chunk_size(chunk_size)
+        kernel.check_chunk_size(chunk_size)
     if r.shape[1] == 0:  # an empty sequence: no output, the state passes through
         b, _, h, n = r.shape
         state = keras.ops.zeros((b, h, n, n), "float32") if initial_state is None else initial_state

@@ -172,6 +172,13 @@ def is_available() -> tuple[bool, str]:
     return True, f"CUDA GPU {gpus[0].device_kind} (sm{str(cc).replace('.', '')})"
 
 
+def head_size_reason(n: int) -> str | None:
+    """Why the kernels cannot tile head size n (None: they can): powers of 2 from 16."""
+    if n < 16 or n & (n - 1):
+        return f"head size N must be a power of 2 >= 16, got {n}"
+    return None
+
+
 def check_chunk_size(chunk_size: int) -> None:
     """ValueError unless chunk_size is one the kernel tiles: a power of 2 in [16, MAX_BLOCK]."""
     if chunk_size < 16 or chunk_size > MAX_BLOCK or chunk_size & (chunk_size - 1):
@@ -305,8 +312,8 @@ def wkv6_kernel(
             f"pass1_stride must be a multiple of state_stride {state_stride} up to {MAX_BLOCK}, "
             f"got {pass1_stride}"
         )
-    if n < 16 or n & (n - 1):
-        raise ValueError(f"head size N must be a power of 2 >= 16, got {n}")
+    if head_size_reason(n):
+        raise ValueError(head_size_reason(n))
     if state_splits is not None and (state_splits < 1 or state_splits & (state_splits - 1)
                                      or n // state_splits < 16):  # fmt: skip
         raise ValueError(
@@ -316,8 +323,16 @@ def wkv6_kernel(
         initial_state = jnp.zeros((b, h, n, n), F32)
     elif initial_state.shape != (b, h, n, n):
         raise ValueError(f"initial_state has shape {initial_state.shape}, expected {(b, h, n, n)}")
-    dt = r.dtype
-    k, v = k.astype(dt), v.astype(dt)
+    if t == 0:  # an empty sequence: no output, the state passes through
+        return jnp.zeros(r.shape, r.dtype), initial_state.astype(F32)
+    # One matmul dtype for r, k, v: their promotion (a float32 k or v beside a bf16 r is
+    # not rounded to bf16); float16 runs as float32 (the kernels' operands are bf16 or
+    # float32, and bf16 would drop float16's 3 extra mantissa bits). y comes back in r's.
+    out_dtype = r.dtype
+    dt = jnp.result_type(r.dtype, k.dtype, v.dtype)
+    if dt == jnp.float16:
+        dt = jnp.dtype(F32)
+    r, k, v = (x.astype(dt) for x in (r, k, v))
     if mode == "factored_tf32" and dt == jnp.float32:
         mode = "factored"  # float32 inputs keep IEEE float32 contractions (1e-4 bounds)
     # Whole chunks; beyond one span of the two-pass algorithms, whole spans. Padded steps have
@@ -346,7 +361,7 @@ def wkv6_kernel(
     batched = (True, True, True, True, False, True)  # r, k, v, log_w, u, initial_state
     kernel = per_device_rows(lambda *args: _wkv6(*args, chunk_size, opts), b, batched, 2)
     y, st = kernel(r, k, v, log_w, u, initial_state.astype(F32))
-    return y[:, :t], st
+    return y[:, :t].astype(out_dtype), st
 
 
 def per_device_rows(fn, batch: int, batched: tuple, outputs: int):
