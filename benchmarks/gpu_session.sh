@@ -18,6 +18,11 @@
 #    repeats that comparison on an H100: `mkdir .base && git archive c472dfb rwkv_ray
 #    benchmarks pyproject.toml | tar -x -C .base` (.base/ in .git/info/exclude), carry
 #    [".whl", ".base"], then BASELINE=.base OUT=$OUT bash benchmarks/gpu_session.sh decode-ab.
+# 2b. On any GPU: 453f22a casts r, k, v to their promoted dtype (float16 as float32) and
+#    returns y in r's dtype, checked only in the interpreter: run `gpu-tests` once, plus a
+#    float16 call of wkv6_kernel against the reference. Then the d log_w accuracy with every
+#    log_w near -12 (5.9e-3 relative RMS on the default path in the interpreter, 7.4e-4 with
+#    mode "3d"): form _intra_dr's and _intra_dk's decay factors from the same sums.
 # 3. Kernel v12 (22a944e) measured on an H200 only: `kernel` on an H100 gives its figure of
 #    record (on the H200 0.48-0.49 forward, 0.498-0.500 f+b against fla, back to back).
 # Done on 2026-11-29 (06:02-07:01, nvidia-h200 x1): `gpu-tests` at 9b8ca3d (TEST_LIMIT=500:
