@@ -74,9 +74,10 @@ class RWKV6CausalLM(keras.Model):
         if token_ids.size and token_ids.dtype.kind not in "iu":
             raise TypeError(f"token_ids must be integers, got {token_ids.dtype}")
         vocab = self.backbone.config.vocab_size
-        if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocab):
+        low, high = (int(token_ids.min()), int(token_ids.max())) if token_ids.size else (0, 0)
+        if low < 0 or high >= vocab:
             # The embedding's gather would fill NaN rows instead (NaN logits and state).
-            bad = token_ids.min() if token_ids.min() < 0 else token_ids.max()
+            bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary 0..{vocab - 1}")
         token_ids = token_ids.astype(np.int32)
         if keras.backend.backend() != "jax":

@@ -312,8 +312,9 @@ def wkv6_kernel(
             f"pass1_stride must be a multiple of state_stride {state_stride} up to {MAX_BLOCK}, "
             f"got {pass1_stride}"
         )
-    if head_size_reason(n):
-        raise ValueError(head_size_reason(n))
+    unsupported = head_size_reason(n)
+    if unsupported:
+        raise ValueError(unsupported)
     if state_splits is not None and (state_splits < 1 or state_splits & (state_splits - 1)
                                      or n // state_splits < 16):  # fmt: skip
         raise ValueError(
