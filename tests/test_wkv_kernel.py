@@ -815,12 +815,22 @@ def test_interpret_poisoned_outputs_all_written():
 
 
 def test_interpret_empty_sequence_float16_and_mixed_dtypes():
+    _check_empty_float16_and_mixed(interpret=True)
+
+
+@pytest.mark.gpu
+def test_gpu_empty_sequence_float16_and_mixed_dtypes():
+    _needs_gpu()
+    _check_empty_float16_and_mixed(interpret=False)
+
+
+def _check_empty_float16_and_mixed(interpret):
     """T = 0 passes the state through (a min over no decays raised); float16 runs as
     float32 (it ran as bf16: state 2e-3 off); a float32 k, v beside a bf16 r is not
     rounded to bf16 (state 2e-3 off). Bounds: relative RMS against the float64 reference
     of the same values; y in r's dtype."""
     ins, _, _ = make_inputs(31, 1, 0, 1, 16, jnp.float32, "weak")
-    y, st = wk.wkv6_kernel(*ins, interpret=True)
+    y, st = wk.wkv6_kernel(*ins, interpret=interpret)
     assert y.shape == (1, 0, 1, 16)
     np.testing.assert_array_equal(np.asarray(st), np.asarray(ins[5]))
 
@@ -828,12 +838,12 @@ def test_interpret_empty_sequence_float16_and_mixed_dtypes():
     half = [x.astype(jnp.float16) for x in ins[:3]] + ins[3:]
     exact = [x.astype(jnp.float32) for x in half]  # the float16 values, exactly
     y_ref, st_ref = ref_wkv6(*exact)
-    y, st = wk.wkv6_kernel(*half, interpret=True)
+    y, st = wk.wkv6_kernel(*half, interpret=interpret)
     assert y.dtype == jnp.float16 and st.dtype == jnp.float32
     assert rel_rms(st, st_ref) < 1e-5 and rel_rms(y, y_ref) < 1e-3  # y: float16 rounding
 
     mixed = [ins[0].astype(jnp.bfloat16), *ins[1:]]
     y_ref, st_ref = ref_wkv6(*[x.astype(jnp.float32) for x in mixed])
-    y, st = wk.wkv6_kernel(*mixed, interpret=True)
+    y, st = wk.wkv6_kernel(*mixed, interpret=interpret)
     assert y.dtype == jnp.bfloat16
     assert rel_rms(st, st_ref) < 1e-5 and rel_rms(y, y_ref) < 1e-2
