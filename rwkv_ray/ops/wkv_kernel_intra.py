@@ -197,9 +197,9 @@ def _intra_p(r, k, inc, exc, k_ref, w_ref, base, chunk, mode):
 # cancel, so where every log-decay is strong and the true d(log_w) tiny, its relative error is
 # large though its absolute error is not: every log_w near -12, chunk 16, float32, 5.1e-3
 # relative RMS on an H200 (2026-11-29; other gradients <= 4e-6). Taking dr's and dk's
-# exponents from the same cumsums in "loop" brought it to 7.5e-4 in the interpreter but left
-# it at 5.1e-3 on the GPU (presumably the two kernels round their cumsums differently) and cost the
-# fallback path 9% (B8 T4096 f+b 7.17 -> 7.83 ms): not kept.
+# exponents from the same cumsums in "loop" brought it to 7.5e-4 in the interpreter, but on
+# the GPU it stayed at 5.1e-3 (presumably the two kernels round their cumsums differently)
+# and the fallback path took 9% longer (B8 T4096 f+b 7.17 -> 7.83 ms): not kept.
 def _intra_dr(d, k, inc, exc, k_ref, w_ref, base, chunk, mode):
     """out[t, i] = sum_s D[t, s] k_s[i] M[t, s, i]."""
     if mode.startswith("factored"):
