@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -63,6 +64,11 @@ def test_a_cut_off_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
     cut = tmp_path / "checkpoint_00000030" / ckpt_io.STATE_FILE
     cut.write_bytes(cut.read_bytes()[:100])
     (tmp_path / "checkpoint_00000020" / ckpt_io.STATE_FILE).unlink()
+    ckpt_io.write_checkpoint(sample(40), tmp_path / "ray_checkpoint")  # Ray's copy ...
+    meta = tmp_path / "ray_checkpoint" / ckpt_io.META_FILE
+    meta.write_bytes(meta.read_bytes()[:50])  # ... cut off in meta.json: not listed either
+    with pytest.raises(ckpt_io.IncompleteCheckpointError, match="not a complete checkpoint"):
+        ckpt_io.read_checkpoint(tmp_path / "ray_checkpoint")
     for step in (30, 20):
         with pytest.raises(ckpt_io.IncompleteCheckpointError, match="not a complete checkpoint"):
             ckpt_io.read_checkpoint(tmp_path / ckpt_io.checkpoint_name(step))
@@ -70,6 +76,18 @@ def test_a_cut_off_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
     assert capsys.readouterr().err.count("skipping checkpoint") == 2
     assert ckpt_io.read_newest(tmp_path, newer_than=10) is None  # nothing newer reads whole
     assert ckpt_io.read_newest(tmp_path / "none") is None
+
+
+def test_bfloat16_arrays_come_back_as_bfloat16(tmp_path):
+    """bf16 master weights and moments (np.savez alone gives them back as raw 'V2' bytes,
+    which the resumed step could not place on a device)."""
+    ckpt = sample(3)
+    ckpt.trainable[0] = ckpt.trainable[0].astype(ml_dtypes.bfloat16)
+    ckpt.optimizer[1] = ckpt.optimizer[1].astype(ml_dtypes.bfloat16)
+    ckpt_io.write_checkpoint(ckpt, tmp_path / "c")
+    back = ckpt_io.read_checkpoint(tmp_path / "c")
+    assert back.trainable[0].dtype == back.optimizer[1].dtype == ml_dtypes.bfloat16
+    assert_same(back, ckpt)
 
 
 def test_s3_round_trip(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ example configs in jobs/configs/ all load."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -55,12 +56,24 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         ("optimizer.epsilon=-1", "optimizer.epsilon"),
         ("optimizer.lr=.inf", "optimizer.lr"),
         ("optimizer=0", "optimizer: must be a mapping"),  # not "the defaults"
+        # Checked by the worker or by MLflow after all the training, before:
+        ("model.wkv_impl=bogus", "model.wkv_impl"),
+        ("model.init_seed=-1", "model.init_seed"),
+        ("mlflow.alias=v1", "mlflow.alias: Version alias name 'v1' is reserved"),
+        ("mlflow.alias=''", "mlflow.alias: Registered model alias name cannot be empty"),
+        ("mlflow.alias=Latest", "mlflow.alias"),
+        ("name=ft:v2", "name (the registered model's name): Invalid model name 'ft:v2'"),
+        ("mlflow.registered_model=a/b", "mlflow.registered_model"),
+        ("mlflow.experiment=' '", "mlflow.experiment"),
+        # 8 rows over a worker's 3 GPUs: the first step would refuse them, after Ray started
+        (("scaling.use_gpu=true", "scaling.gpus_per_worker=3"), "data.batch_size_per_stream"),
     ],
 )
 def test_bad_settings_name_the_key(override, named):
     path = Path(__file__).parents[1] / "jobs/configs/full/tiny.yaml"
-    with pytest.raises(JobConfigError, match=named.replace(".", r"\.")):
-        load_job_config(path, ["data.num_streams=2", override])
+    overrides = [override] if isinstance(override, str) else list(override)
+    with pytest.raises(JobConfigError, match=re.escape(named)):
+        load_job_config(path, ["data.num_streams=2", *overrides])
 
 
 def test_model_needs_exactly_one_source():

@@ -28,6 +28,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 FORMAT = 1
@@ -68,12 +69,36 @@ class TrainCheckpoint:
 
 
 # ---- local directories ---------------------------------------------------------------------
+# np.savez keeps numpy's own dtypes only: a bfloat16 array (ml_dtypes) comes back from np.load
+# as raw bytes (dtype V2). Such arrays are stored as unsigned ints of their width beside a
+# `dtype:<name>` entry naming the type, and viewed back on reading.
+_DTYPE_KEY = "dtype:"
+
+
+def _portable(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.isbuiltin == 2:  # a dtype registered by another library (ml_dtypes)
+            out[_DTYPE_KEY + name] = np.asarray(a.dtype.name)
+            a = a.view(f"u{a.dtype.itemsize}")
+        out[name] = a
+    return out
+
+
+def _array(npz, name: str) -> np.ndarray:
+    a = npz[name]
+    if _DTYPE_KEY + name in npz.files:
+        a = a.view(getattr(ml_dtypes, str(npz[_DTYPE_KEY + name])))
+    return a
+
+
 def _write_files(ckpt: TrainCheckpoint, directory: Path) -> None:
     arrays = {f"trainable/{i}": a for i, a in enumerate(ckpt.trainable)}
     arrays.update({f"optimizer/{i}": a for i, a in enumerate(ckpt.optimizer)})
     arrays["rng"] = np.asarray(ckpt.rng)
     with open(directory / STATE_FILE, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **_portable(arrays))
     meta = dataclasses.asdict(ckpt)
     for key in ("trainable", "optimizer", "rng"):
         meta.pop(key)
@@ -101,14 +126,17 @@ def read_local(directory: str | os.PathLike) -> TrainCheckpoint:
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{directory} is not a complete checkpoint (no {META_FILE})")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.pop("format", None) != FORMAT:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # a copy cut off mid-file
+        raise IncompleteCheckpointError(f"{directory} is not a complete checkpoint ({e})") from e
+    if not isinstance(meta, dict) or meta.pop("format", None) != FORMAT:
         raise ValueError(f"{meta_path}: unsupported checkpoint format")
     try:
         with np.load(directory / STATE_FILE) as npz:
-            trainable = [npz[f"trainable/{i}"] for i in range(len(meta["trainable_paths"]))]
-            optimizer = [npz[f"optimizer/{i}"] for i in range(len(meta["optimizer_paths"]))]
-            rng = npz["rng"]
+            trainable = [_array(npz, f"trainable/{i}") for i in range(len(meta["trainable_paths"]))]
+            optimizer = [_array(npz, f"optimizer/{i}") for i in range(len(meta["optimizer_paths"]))]
+            rng = _array(npz, "rng")
     except (OSError, zipfile.BadZipFile, EOFError, zlib.error, KeyError) as e:
         raise IncompleteCheckpointError(
             f"{directory} is not a complete checkpoint ({STATE_FILE}: {e})"

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from rwkv_ray.models.rwkv6_config import RWKV6Config
+from rwkv_ray.ops.wkv import WKV_IMPLS
 
 MODES = ("full", "state", "state+shift")
 DTYPES = ("float32", "bfloat16")
@@ -182,6 +183,12 @@ def validate(c: JobConfig) -> None:
         except ValueError as e:
             raise JobConfigError(f"model.config: {e}") from e
     _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+    _check(
+        m.wkv_impl is None or str(m.wkv_impl).strip().lower() in WKV_IMPLS,
+        "model.wkv_impl",
+        f"must be one of {WKV_IMPLS} or null (RWKV_WKV_IMPL, else auto), got {m.wkv_impl!r}",
+    )
+    _check(0 <= m.init_seed < 2**32, "model.init_seed", f"must be in [0, 2**32), got {m.init_seed}")
     _check(m.remat in REMAT_MODES, "model.remat", f"must be one of {REMAT_MODES}, got {m.remat!r}")
     if m.remat_blocks is not None:
         _check(
@@ -236,6 +243,14 @@ def validate(c: JobConfig) -> None:
         "data.num_streams",
         f"must be a multiple of scaling.num_workers ({workers}), got {c.num_streams}",
     )
+    if c.scaling.use_gpu:  # each worker splits its rows over its GPUs
+        rows = c.num_streams // workers * d.batch_size_per_stream
+        _check(
+            rows % gpus == 0,
+            "data.batch_size_per_stream",
+            f"a worker's batch ({c.num_streams // workers} stream(s) x {d.batch_size_per_stream} "
+            f"rows = {rows}) must be a multiple of scaling.gpus_per_worker ({gpus})",
+        )
     o = c.optimizer
     _check(0 < o.lr < math.inf, "optimizer.lr", f"must be > 0 and finite, got {o.lr}")
     _check(0 <= o.weight_decay < math.inf, "optimizer.weight_decay", "must be >= 0, finite")
@@ -255,10 +270,33 @@ def validate(c: JobConfig) -> None:
     _check(s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
     _check(0 <= s.final_lr_fraction <= 1, "schedule.final_lr_fraction", "must be in [0, 1]")
     _check(c.debug.fail_mode in ("raise", "exit"), "debug.fail_mode", "must be raise or exit")
-    _check(c.mlflow.alias.lower() != "latest", "mlflow.alias", "'latest' is reserved by MLflow")
+    if c.mlflow.enabled:
+        _check_mlflow_names(c)
     _check(c.checkpointing.every_steps >= 1, "checkpointing.every_steps", "must be >= 1")
     _check(c.checkpointing.keep >= 1, "checkpointing.keep", "must be >= 1")
     _check(c.checkpointing.max_failures >= -1, "checkpointing.max_failures", "must be >= -1")
+
+
+def _check_mlflow_names(c: JobConfig) -> None:
+    """MLflow's own rules for the registered model's name and alias (checked by MLflow only
+    when the job registers its result, after all the training)."""
+    _check(bool(c.mlflow.experiment.strip()), "mlflow.experiment", "must not be empty")
+    name = c.name if c.mlflow.registered_model is None else c.mlflow.registered_model
+    if not name:
+        return  # not registered
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    name_key = "name" if c.mlflow.registered_model is None else "mlflow.registered_model"
+    for key, check, value in (
+        (name_key + " (the registered model's name)", validation._validate_model_name, name),
+        ("mlflow.alias", validation._validate_model_alias_name, c.mlflow.alias),
+        ("mlflow.alias", validation._validate_model_alias_name_reserved, c.mlflow.alias),
+    ):
+        try:
+            check(value)
+        except MlflowException as e:
+            raise JobConfigError(f"{key}: {e.message}") from e
 
 
 # ---- building from dicts, YAML and overrides -----------------------------------------------
