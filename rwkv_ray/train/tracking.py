@@ -118,37 +118,41 @@ def loss_curve_png(steps: list[int], losses: list[float], path: Path, title: str
     return path
 
 
+def _client(config: JobConfig):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri(config.mlflow.tracking_uri))
+
+
+def create_run(client, config: JobConfig) -> str:
+    """A new run in the job's experiment (created with it), the config as its params."""
+    from mlflow.entities import Param
+
+    experiment = client.get_experiment_by_name(config.mlflow.experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else client.create_experiment(
+            config.mlflow.experiment, artifact_location=artifact_location(client.tracking_uri)
+        )
+    )
+    run = client.create_run(experiment_id, run_name=config.name, tags={"mode": config.mode})
+    params = [Param(k, v) for k, v in flatten(config.to_dict()).items()]
+    for i in range(0, len(params), 90):
+        client.log_batch(run.info.run_id, params=params[i : i + 90])
+    return run.info.run_id
+
+
 class Tracker:
-    """One MLflow run per job (resumed by id after a restart). Use on rank 0 only."""
+    """One MLflow run per job. Use on rank 0 only. `run_id`: the job's run (resumed after a
+    restart); None creates one. Under `run_job` the driver opens the run (`open_job_run`)
+    and marks it failed when the job fails for good (`mark_failed`): a worker that dies
+    cannot."""
 
     def __init__(self, config: JobConfig, run_id: str | None = None):
-        from mlflow.tracking import MlflowClient
-
         self.config = config
-        self.uri = tracking_uri(config.mlflow.tracking_uri)
-        self.client = MlflowClient(self.uri)
-        if run_id is None:
-            experiment = self.client.get_experiment_by_name(config.mlflow.experiment)
-            experiment_id = (
-                experiment.experiment_id
-                if experiment is not None
-                else self.client.create_experiment(
-                    config.mlflow.experiment, artifact_location=artifact_location(self.uri)
-                )
-            )
-            run = self.client.create_run(
-                experiment_id, run_name=config.name, tags={"mode": config.mode}
-            )
-            self.run_id = run.info.run_id
-            self._log_params(config)
-        self.run_id = run_id or self.run_id
-
-    def _log_params(self, config: JobConfig) -> None:
-        from mlflow.entities import Param
-
-        params = [Param(k, v) for k, v in flatten(config.to_dict()).items()]
-        for i in range(0, len(params), 90):
-            self.client.log_batch(self.run_id, params=params[i : i + 90])
+        self.client = _client(config)
+        self.run_id = run_id or create_run(self.client, config)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -157,8 +161,8 @@ class Tracker:
         batch = [Metric(k, float(metrics[k]), now, step) for k in STEP_METRICS if k in metrics]
         self.client.log_batch(self.run_id, metrics=batch)
 
-    def finish(self, model: RWKV6CausalLM, config: JobConfig, export_dir: Path) -> None:
-        """Export, log the artifacts and the loss curve, register a model version."""
+    def export(self, model: RWKV6CausalLM, config: JobConfig, export_dir: Path) -> None:
+        """The export (`export_result`) plus the loss curve, into `export_dir`."""
         export_result(model, config, export_dir)
         history = self.client.get_metric_history(self.run_id, "loss")
         history = sorted(history, key=lambda m: m.step)
@@ -169,9 +173,16 @@ class Tracker:
                 export_dir / "loss_curve.png",
                 f"{config.name} ({config.mode})",
             )
+
+    def publish(self, config: JobConfig, export_dir: Path) -> None:
+        """Log the export as the run's artifacts, register a model version, end the run."""
         self.client.log_artifacts(self.run_id, str(export_dir), artifact_path="export")
         self._register(config)
         self.client.set_terminated(self.run_id)
+
+    def finish(self, model: RWKV6CausalLM, config: JobConfig, export_dir: Path) -> None:
+        self.export(model, config, export_dir)
+        self.publish(config, export_dir)
 
     def _register(self, config: JobConfig) -> None:
         name = config.mlflow.registered_model
@@ -189,3 +200,29 @@ class Tracker:
             name, source=f"{run.info.artifact_uri}/export", run_id=self.run_id
         )
         self.client.set_registered_model_alias(name, config.mlflow.alias, version.version)
+
+
+def open_job_run(config: JobConfig, saved_run_id: str | None) -> str:
+    """On the driver: the job's MLflow run. `saved_run_id` (the one its newest checkpoint
+    names: a resubmitted job) is reopened as RUNNING; without one, or where that run is
+    gone, a new run. Passed to the workers, so a restart before the first checkpoint logs
+    into the same run (not a second one)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(config)
+    if saved_run_id:
+        try:
+            client.update_run(saved_run_id, status="RUNNING")
+            return saved_run_id
+        except MlflowException as e:
+            print(f"MLflow run {saved_run_id} of the last checkpoint is gone ({e}): a new run")
+    return create_run(client, config)
+
+
+def mark_failed(config: JobConfig, run_id: str) -> None:
+    """On the driver, after the job failed for good: the run's status FAILED (not left
+    RUNNING). An MLflow error here is printed, not raised over the job's own error."""
+    try:
+        _client(config).set_terminated(run_id, "FAILED")
+    except Exception as e:  # noqa: BLE001 - the job's error is the one to show
+        print(f"could not mark MLflow run {run_id} failed: {e}")

@@ -79,7 +79,7 @@ def worker_env(config: JobConfig) -> dict[str, str]:
     return env
 
 
-def build_trainer(config: JobConfig):
+def build_trainer(config: JobConfig, mlflow_run_id: str | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.jax import JaxConfig, JaxTrainer
 
@@ -100,7 +100,7 @@ def build_trainer(config: JobConfig):
     )
     return JaxTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict()},
+        train_loop_config={"config": config.to_dict(), "mlflow_run_id": mlflow_run_id},
         # use_gpu=True on CPU too: it is what makes JaxConfig call jax.distributed.initialize.
         jax_config=JaxConfig(use_gpu=True),
         scaling_config=ScalingConfig(
@@ -119,14 +119,32 @@ def run_job(config: JobConfig):
     from rwkv_ray.train.job_paths import resolve_job_paths
 
     config = resolve_job_paths(config)  # the workers get absolute paths
+    run_id = None
     if config.mlflow.enabled:
-        from rwkv_ray.train.tracking import check_tracking_server
+        from rwkv_ray.train.tracking import check_tracking_server, mark_failed, open_job_run
 
         check_tracking_server(tracking_uri(config.mlflow.tracking_uri))
-    result = build_trainer(config).fit()
+        run_id = open_job_run(config, saved_run_id(config))
+    try:
+        result = build_trainer(config, run_id).fit()
+    except BaseException:
+        if run_id is not None:
+            mark_failed(config, run_id)
+        raise
     if result.checkpoint is not None:
         link_latest(config, result.checkpoint.path)
     return result
+
+
+def saved_run_id(config: JobConfig) -> str | None:
+    """The MLflow run id that the job's newest checkpoint names (a resubmitted job)."""
+    from rwkv_ray.train import checkpoint as ckpt_io
+
+    found = ckpt_io.checkpoints_newest_first(run_storage_uri(config), config.s3_endpoint_url)
+    if not found:
+        return None
+    meta = ckpt_io.read_meta(found[0][1], config.s3_endpoint_url)
+    return (meta.get("extra") or {}).get("mlflow_run_id")
 
 
 def link_latest(config: JobConfig, checkpoint_path: str) -> None:

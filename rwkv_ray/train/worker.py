@@ -178,16 +178,20 @@ def report(train, state, config, position, metrics, rank, final=False, tracker=N
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / ckpt_io.checkpoint_name(position["global_step"])
         ckpt_io.write_local(to_checkpoint(train, state, config, position), directory)
+        export_dir = directory / "export"
         if final:
             train.write_back(state)
-            export_dir = directory / "export"
             if tracker is not None:
-                tracker.finish(train.model, config, export_dir)
+                tracker.export(train.model, config, export_dir)
             else:
                 from rwkv_ray.train.tracking import export_result
 
                 export_result(train.model, config, export_dir)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        if final and tracker is not None:
+            # After the report: the result is stored with the final checkpoint before MLflow
+            # (artifacts, the model registry) is asked for anything that could fail.
+            tracker.publish(config, export_dir)
 
 
 def maybe_fail(config: JobConfig, position, rank: int) -> None:
@@ -232,7 +236,8 @@ def train_loop_per_worker(payload: dict) -> None:
     if rank == 0 and config.mlflow.enabled:
         from rwkv_ray.train.tracking import Tracker
 
-        tracker = Tracker(config, run_id=position["extra"].get("mlflow_run_id"))
+        run_id = position["extra"].get("mlflow_run_id") or payload.get("mlflow_run_id")
+        tracker = Tracker(config, run_id=run_id)
         position["extra"]["mlflow_run_id"] = tracker.run_id
     progress = _progress(config, rank, steps, position["global_step"])
     metrics: dict[str, float] = {}
