@@ -163,3 +163,19 @@ def test_a_registry_error_keeps_the_final_checkpoint_and_export(tmp_path, monkey
     assert (Path(latest) / "export" / "model.pth").is_file()
     _, (run,) = runs_of(uri)
     assert run.info.status == "FAILED"
+
+
+def test_a_resubmission_whose_run_is_gone_logs_into_a_new_run(tmp_path, monkeypatch):
+    """The checkpoints name a run the tracking store does not have (mlflow.db moved, or
+    another tracking URI): the resumed job logs into a new run (its first log_batch raised
+    'Run ... not found' on the worker, after the model was built, on every attempt)."""
+    config, _ = run_in_process(tmp_path, monkeypatch)
+    trainer_mod.run_job(config)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    job = config.to_dict()
+    job["schedule"]["max_steps"] = 6
+    job["mlflow"]["tracking_uri"] = other
+    trainer_mod.run_job(JobConfig.from_dict(job))
+    client, (run,) = runs_of(other)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [5, 6]

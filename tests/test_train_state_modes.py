@@ -93,6 +93,18 @@ def test_evaluate_base_vs_tuned_perplexity(tuned, base_pth, tmp_path):
     assert report["tuned"]["perplexity"] < 0.8 * report["base"]["perplexity"], report
 
 
+def test_full_tuning_export_is_scored_in_the_base_precision(base_pth, tmp_path):
+    """bf16 full tuning (mixed_bfloat16): an export of the unchanged base scores exactly as
+    the base (it was loaded as float32: 4.727561 against 4.727817 seen)."""
+    config = JobConfig.from_dict(
+        {**job(base_pth, "full").to_dict(), "model": {"path": str(base_pth), "dtype": "bfloat16"}}
+    )
+    export_dir = export_result(build_model(config), config, tmp_path / "export")
+    held_out = write_dataset(tmp_path / "eval", pattern_tokens(8, SEQ, VOCAB, seed=9))
+    report = evaluate_job(config, tuned=export_dir, dataset_uri=str(held_out))
+    assert report["tuned"]["loss"] == report["base"]["loss"], report
+
+
 def test_perplexity_scores_every_example_whatever_the_batch_size(tuned, tmp_path):
     """10 held-out rows in batches of 8 (a padded last batch), of 5, and 3 rows in a batch
     of 8: the same loss and target count as one row at a time, to float rounding."""

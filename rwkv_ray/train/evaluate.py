@@ -71,10 +71,12 @@ def perplexity(
 def apply_export(model: RWKV6CausalLM, config: JobConfig, export_dir: str | Path):
     """The tuned model: the exported weights (full) or the base with the tuned state."""
     from rwkv_ray.convert import load_model
+    from rwkv_ray.train.step import dtype_policy
 
     export_dir = Path(export_dir)
-    if config.mode == "full":
-        return load_model(export_dir / "model", wkv_impl=config.model.wkv_impl)
+    if config.mode == "full":  # in the base's precision: the two scores differ by tuning only
+        path = export_dir / "model"
+        return load_model(path, dtype=dtype_policy(config), wkv_impl=config.model.wkv_impl)
     from rwkv_ray.generation.state_io import load_state
 
     state = load_state(export_dir / "state.npz", model)

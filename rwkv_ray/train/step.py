@@ -431,7 +431,10 @@ class TrainStep:
         # not partitioned by XLA; see rwkv_ray/ops/wkv_kernel.py `per_device_rows`).
         tokens, loss_mask = self.shard_batch(tokens), self.shard_batch(loss_mask)
         with jax.set_mesh(self.mesh):
-            state, metrics = self.compiled(state, tokens, loss_mask)(state, tokens, loss_mask)
+            compiling = time.perf_counter()
+            step = self.compiled(state, tokens, loss_mask)
+            started += time.perf_counter() - compiling  # a first call's compiling is no step
+            state, metrics = step(state, tokens, loss_mask)
         return state, PendingStep(metrics, started)
 
     def finish(self, step: PendingStep) -> dict[str, float]:

@@ -236,7 +236,8 @@ def train_loop_per_worker(payload: dict) -> None:
     if rank == 0 and config.mlflow.enabled:
         from rwkv_ray.train.tracking import Tracker
 
-        run_id = position["extra"].get("mlflow_run_id") or payload.get("mlflow_run_id")
+        # The driver's run (run_job checked the one the checkpoints name: it may be gone).
+        run_id = payload.get("mlflow_run_id") or position["extra"].get("mlflow_run_id")
         tracker = Tracker(config, run_id=run_id)
         position["extra"]["mlflow_run_id"] = tracker.run_id
     progress = _progress(config, rank, steps, position["global_step"])
