@@ -60,11 +60,23 @@ def test_relative_paths_become_absolute_from_the_working_directory(in_tmp):
     assert resolve_job_paths(relative_sqlite).mlflow.tracking_uri == f"sqlite:///{in_tmp / 't.db'}"
 
 
-def test_a_missing_relative_input_is_named(in_tmp):
-    with pytest.raises(JobConfigError, match=r"data.train: 'out/train' is not in .*absolute path"):
+def test_a_missing_input_is_named(in_tmp):
+    with pytest.raises(JobConfigError, match=r"data.train: 'out/train' does not exist in \S+$"):
         resolve_job_paths(job(data={"train": "out/train"}))
-    with pytest.raises(JobConfigError, match=r"model.path: 'runs/x/latest/export/model' is not"):
+    with pytest.raises(JobConfigError, match=r"model.path: 'runs/x/latest/export/model' does no"):
         resolve_job_paths(job(model={"path": "runs/x/latest/export/model"}, data={"train": "a"}))
+    # Absolute: refused where Ray runs on this machine alone (the workers see its files);
+    # on a cluster the driver's node need not mount what the workers do.
+    missing = str(in_tmp / "nope")
+    for section, key in (("data", "train"), ("model", "path")):
+        given = (
+            job(**{section: {key: missing}})
+            if section == "data"
+            else job(model={"path": missing}, data={"train": "data/train"})
+        )
+        with pytest.raises(JobConfigError, match=rf"{section}.{key}: {missing} does not exist$"):
+            resolve_job_paths(given, workers_see_this_filesystem=True)
+        resolve_job_paths(given)  # a cluster: left to the workers
     # data.eval is read by evaluate only: training goes ahead without it (made absolute).
     config = resolve_job_paths(job(data={"train": "data/train", "eval": "out/eval"}))
     assert config.data.eval == str(in_tmp / "out" / "eval")
@@ -93,7 +105,7 @@ def test_a_submitted_job_refuses_outputs_ray_would_delete(in_tmp, monkeypatch):
     absolute_storage = {"storage_path": str(in_tmp / "runs")}
     with pytest.raises(JobConfigError, match=r"mlflow.tracking_uri: not set"):
         resolve_job_paths(job(data={"train": "data/train"}, checkpointing=absolute_storage))
-    with pytest.raises(JobConfigError, match=r"data.train: 'out/train' is not in .*\.gitignore"):
+    with pytest.raises(JobConfigError, match=r"'out/train' does not exist in .*\.gitignore.*uri$"):
         resolve_job_paths(job(data={"train": "out/train"}, checkpointing=absolute_storage))
     # With MLflow off, absolute storage and data in the upload, the job goes ahead.
     config = resolve_job_paths(

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -189,6 +190,7 @@ BAD = [
     ("unknown state", {"prompt": "hi", "state": "nope"}, 404),
     ("state with a path", {"prompt": "hi", "state": "../tuned"}, 422),
     ("state with a slash", {"prompt": "hi", "state": "a/b"}, 422),
+    ("bad session name", {"prompt": "hi", "session": "a/b"}, 422),
     ("overlong prompt", {"tokens": [5] * 1001, "max_tokens": 1}, 413),
     ("body too large", {"prompt": "x" * 70000}, 413),
 ]
@@ -303,3 +305,44 @@ def test_serve_command_parses():
     add_serve_command(parser.add_subparsers())
     args = parser.parse_args(["serve", "--model", "m.pth", "--port", "9000", "--states-dir", "s"])
     assert (args.model, args.port, args.states_dir, args.func) == ("m.pth", 9000, "s", run_serve)
+
+
+def test_state_and_session_names_explain_themselves():
+    """A registered model named by a job such as the demo's 'demo-state+shift' is a valid
+    state name; a bad name's 422 says what a name may be (it showed the regex)."""
+    from pydantic import ValidationError
+
+    from rwkv_ray.serve.schemas import GenerateRequest
+
+    for state in ("models:/demo-state+shift@candidate", "models:/a+b/3", "runs:/0123abcd/x.npz"):
+        assert GenerateRequest(prompt="x", state=state).state == state
+    with pytest.raises(ValidationError, match=r"'state' must be a state of the states direc"):
+        GenerateRequest(prompt="x", state="../tuned")
+    with pytest.raises(ValidationError, match=r"'session' must be a name of letters"):
+        GenerateRequest(prompt="x", session="a/b")
+
+
+def test_serve_refuses_bad_paths_before_ray_starts(tmp_path, monkeypatch):
+    import ray
+
+    from rwkv_ray.serve.cli_commands import add_serve_command
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    for argv, message in (
+        (["--model", str(tmp_path / "nope")], "no such file or directory"),
+        (["--model", str(tmp_path / "half")], "no model.weights.h5 there"),
+        (
+            ["--model", str(tmp_path / "half" / "config.json"), "--states-dir", "statez"],
+            "--states-dir statez: not a directory",
+        ),
+    ):
+        args = parser.parse_args(["serve", *argv])
+        with pytest.raises(FileNotFoundError, match=re.escape(message)):
+            args.func(args)

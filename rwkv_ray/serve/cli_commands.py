@@ -30,7 +30,27 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlflow-tracking-uri", help="where `state: runs:/...` states are found")
 
 
+def check_paths(args) -> None:
+    """--model and --states-dir checked here, before Ray starts: in a replica a bad path is a
+    deployment failure, half a minute and a long traceback later."""
+    from rwkv_ray.convert import CONFIG_FILE, WEIGHTS_FILE
+
+    model = Path(args.model)
+    if not model.exists():
+        raise FileNotFoundError(f"--model {args.model}: no such file or directory")
+    if model.is_dir():
+        missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (model / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"--model {args.model}: no {' or '.join(missing)} there (a converted model "
+                "directory, from `rwkv-ray convert`, or an official .pth)"
+            )
+    if args.states_dir and not Path(args.states_dir).is_dir():
+        raise FileNotFoundError(f"--states-dir {args.states_dir}: not a directory")
+
+
 def run_serve(args) -> None:
+    check_paths(args)
     import ray
     from ray import serve
 
@@ -60,7 +80,11 @@ def run_serve(args) -> None:
         # Resolved here: a replica's working directory is not this one (./mlflow.db).
         app_args["mlflow_tracking_uri"] = tracking_uri()
     print(f"serving {args.model} on http://{args.host}:{args.port} (Ctrl-C stops)")
-    serve.run(app_builder(app_args), blocking=True)
+    try:
+        serve.run(app_builder(app_args), blocking=True)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        print("stopped")
 
 
 def add_serve_command(subparsers) -> None:

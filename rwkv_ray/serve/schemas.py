@@ -6,9 +6,10 @@ work; `rwkv_ray.generation` re-checks everything (its ValueError becomes a 400).
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # A state or session name: letters, digits, '_', '-', '.', not starting with '.' (no path).
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
@@ -16,9 +17,14 @@ NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 # models:/<name>@<alias> or models:/<name>/<version>, optionally prefixed with "mlflow:".
 MLFLOW_STATE_PATTERN = (
     r"^(mlflow:)?(runs:/[0-9a-fA-F]{8,64}(/[A-Za-z0-9_.-]+){0,8}"
-    r"|models:/[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(@[A-Za-z0-9_-]{1,64}|/[0-9]{1,9}))$"
+    r"|models:/[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}(@[A-Za-z0-9_-]{1,64}|/[0-9]{1,9}))$"
 )
 STATE_PATTERN = f"({NAME_PATTERN})|({MLFLOW_STATE_PATTERN})"
+_NAME_HELP = "letters, digits, '_', '-' and '.', not starting with '.', up to 128"
+_STATE_HELP = (
+    f"a state of the states directory ({_NAME_HELP}), runs:/<run id>[/<path>], "
+    "models:/<name>@<alias> or models:/<name>/<version>"
+)
 MAX_NEW_TOKENS = 4096
 MAX_STOP = 4
 
@@ -47,10 +53,26 @@ class GenerateRequest(_Strict):
     end_token: int | list[int] | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**31)
-    state: str | None = Field(None, pattern=STATE_PATTERN, max_length=600)
-    session: str | None = Field(None, pattern=NAME_PATTERN)
+    state: str | None = Field(None, max_length=600)
+    session: str | None = None
     return_state: bool = False
     stream: bool = False
+
+    # Validators rather than Field(pattern=...): a 422 that says what a name may be, not
+    # "should match pattern" and the regular expression.
+    @field_validator("state")
+    @classmethod
+    def _state_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(STATE_PATTERN, value):
+            raise ValueError(f"'state' must be {_STATE_HELP}; got {value!r}")
+        return value
+
+    @field_validator("session")
+    @classmethod
+    def _session_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(NAME_PATTERN, value):
+            raise ValueError(f"'session' must be a name of {_NAME_HELP}; got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:

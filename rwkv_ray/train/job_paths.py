@@ -43,9 +43,12 @@ def default_tracking_uri() -> str:
     return f"{SQLITE}{Path.cwd() / 'mlflow.db'}"
 
 
-def resolve_job_paths(config: JobConfig) -> JobConfig:
+def resolve_job_paths(config: JobConfig, workers_see_this_filesystem: bool = False) -> JobConfig:
     """`config` with its relative local paths made absolute (JobConfigError naming the
-    key for an input that is not there or an output that would be lost)."""
+    key for an input that is not there or an output that would be lost).
+    `workers_see_this_filesystem`: Ray runs on this machine alone, so an absolute input
+    missing here is missing for the workers too (on a cluster the driver's node need not
+    mount what the workers do, e.g. /models on GPU nodes only, so it is not checked)."""
     cwd, upload = Path.cwd(), submitted_working_dir()
 
     def where() -> str:
@@ -57,12 +60,15 @@ def resolve_job_paths(config: JobConfig) -> JobConfig:
         )
 
     def input_path(key: str, path: str | None, needed: bool = True) -> str | None:
-        if not path or not is_local(path) or Path(path).is_absolute():
+        if not path or not is_local(path):
+            return path
+        if Path(path).is_absolute():
+            if needed and workers_see_this_filesystem and not Path(path).exists():
+                raise JobConfigError(f"{key}: {path} does not exist")
             return path
         if needed and not (cwd / path).exists():
-            raise JobConfigError(
-                f"{key}: {path!r} is not {where()}; give an absolute path or an s3:// uri"
-            )
+            hint = "" if upload is None else "; give an absolute path or an s3:// uri"
+            raise JobConfigError(f"{key}: {path!r} does not exist {where()}{hint}")
         return str(cwd / path)
 
     def model_path(path: str | None) -> str | None:

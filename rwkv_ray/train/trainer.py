@@ -118,7 +118,7 @@ def run_job(config: JobConfig):
         )
     from rwkv_ray.train.job_paths import resolve_job_paths
 
-    config = resolve_job_paths(config)  # the workers get absolute paths
+    config = resolve_job_paths(config, ray_is_this_machine())  # the workers get absolute paths
     run_id = None
     if config.mlflow.enabled:
         from rwkv_ray.train.tracking import check_tracking_server, mark_failed, open_job_run
@@ -134,6 +134,16 @@ def run_job(config: JobConfig):
     if result.checkpoint is not None:
         link_latest(config, result.checkpoint.path)
     return result
+
+
+def ray_is_this_machine() -> bool:
+    """Whether every node of the connected Ray cluster is this machine (a local Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    here = ray.util.get_node_ip_address()
+    return all(node["NodeManagerAddress"] == here for node in ray.nodes() if node["Alive"])
 
 
 def saved_run_id(config: JobConfig) -> str | None:
