@@ -116,7 +116,10 @@ def run_demo(
     name = f"demo-state-{stamp}"
     state = demo_job(name, "state+shift", state_steps, (train, eval_), out_dir, path=str(model_dir))
     result = run_job(state)
-    print(f"[3/4] state tuning (+ time-shift states): loss {result.metrics['loss']:.3f}")
+    print(
+        f"[3/4] state tuning (+ time-shift states): loss {result.metrics['loss']:.3f} -> "
+        f"{final_export(result) / 'state.npz'}"
+    )
     base = build_model(state)
     report = {"base": perplexity(base, eval_, 8)}
     tuned = apply_export(base, state, final_export(result))

@@ -131,6 +131,11 @@ def run_job(config: JobConfig):
         if run_id is not None:
             mark_failed(config, run_id)
         raise
+    if run_id is not None:
+        registered = config.mlflow.registered_model
+        registered = config.name if registered is None else registered  # "": not registered
+        where = f"; registered as models:/{registered}@{config.mlflow.alias}" if registered else ""
+        print(f"MLflow run {run_id} (experiment {config.mlflow.experiment!r}){where}")
     if result.checkpoint is not None:
         link_latest(config, result.checkpoint.path)
     return result
