@@ -190,6 +190,99 @@ def test_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "lines, message",
+    [
+        ('{"text": "ok"}\n{"text": "unterminated}\n',
+         "bad.jsonl:2: invalid JSON (Unterminated string starting at: column 10)"),
+        ('{"text": 5}\n{"text": "ok"}\n',
+         "bad.jsonl:1: field 'text' is a number, expected a string"),
+        ('{"id": 1, "text": "a"}\n\n{"id": "x", "text": "b"}\n',  # blank lines count
+         "bad.jsonl:3: field 'id' is a string, but a number on line 1"),
+    ],
+)  # fmt: skip
+def test_a_bad_jsonl_line_is_named_on_one_line(tmp_path, monkeypatch, capsys, lines, message):
+    """A line that pyarrow's reader refuses used to fail with Ray's remote traceback as the
+    message, and a misleading one: "Extra data: line 2" whatever the problem."""
+    from rwkv_ray import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jsonl").write_text(lines)
+    argv = ["prepare", "bad.jsonl", "--out", "ds", "--seq-len", "16", "--no-progress"]
+    assert cli.main(argv) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "prepare: error:" in ln]
+    assert errors == [f"rwkv-ray prepare: error: {message}"]
+
+
+def test_a_failed_task_on_s3_input_gives_its_cause_on_one_line():
+    """No scan of s3:// inputs: the cause Ray wrapped, without its traceback; a cause that is
+    no user error (a bug) keeps the task error as it is."""
+    from ray.exceptions import RayTaskError
+
+    from rwkv_ray.data.prepare import _input_error
+
+    cfg = PrepareConfig(inputs=["s3://bucket/raw/a.jsonl"], output="out")
+    by_format = {"jsonl": list(cfg.inputs)}
+    traceback = "Traceback (most recent call last):\n  File ...\nJSONDecodeError: Extra data"
+    cause = json.JSONDecodeError("Extra data", '{"a": 1}\n{"a": 2}', 9)
+    error = RayTaskError("ReadArrowJSON", traceback, cause).as_instanceof_cause()
+    assert str(_input_error(cfg, by_format, error)) == (
+        "a Ray task failed on ['s3://bucket/raw/a.jsonl']: "
+        "JSONDecodeError: Extra data: line 2 column 1 (char 9)"
+    )
+    bug = RayTaskError("MapBatches", traceback, KeyError("record")).as_instanceof_cause()
+    assert _input_error(cfg, by_format, bug) is None
+
+
+def test_the_line_scan_of_a_failed_read(tmp_path):
+    """Lines that are not objects or not UTF-8 are named; a .json file holding one JSON array
+    is left alone: Ray reads it whole, and "line 1: invalid JSON" would mislead."""
+    from rwkv_ray.data.prepare import _first_bad_line
+
+    cfg = PrepareConfig(inputs=["x.json"], output="out")
+    doc = tmp_path / "doc.json"
+    doc.write_text(json.dumps([{"text": "a"}, {"text": 5}], indent=1))
+    assert _first_bad_line(cfg, str(doc)) is None
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{}\n[{"text": "a"}]\n')
+    assert _first_bad_line(cfg, str(rows)) == f"{rows}:2: expected a JSON object, got an array"
+    rows.write_bytes(b'{"text": "ok"}\n{"text": "bad \xff"}\n')
+    assert (
+        _first_bad_line(cfg, str(rows))
+        == f"{rows}:2: not UTF-8 text (invalid start byte at byte 14)"
+    )
+
+
+def test_errors_name_the_flag_and_the_setting(tmp_path, capsys):
+    """The same settings come from flags or a YAML file: an error names both spellings."""
+    import argparse
+
+    from rwkv_ray import cli
+    from rwkv_ray.data.cli_commands import add_prepare_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_prepare_arguments(parser)
+    with pytest.raises(
+        PrepareConfigError, match=r"^missing required setting\(s\): --out \(output\)$"
+    ):
+        config_from_args(parser.parse_args(["x.jsonl"]))
+    with pytest.raises(
+        PrepareConfigError,
+        match=r"^missing required setting\(s\): input paths \(inputs\), --out \(output\)$",
+    ):
+        PrepareConfig.from_dict({})
+    src = tmp_path / "in.txt"
+    src.write_text("hello\n")
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    assert cli.main(["prepare", str(src), "--out", str(out)]) == 2  # refused before Ray runs
+    assert capsys.readouterr().err == (
+        f"rwkv-ray prepare: error: {out / 'manifest.json'} exists: "
+        "pass --overwrite (or overwrite: true) to replace it\n"
+    )
+
+
+@pytest.mark.parametrize(
     "key, value",
     [("overwrite", "false"), ("progress", "no"), ("inputs", 5), ("output", 123), ("vocab_path", 7)],
 )

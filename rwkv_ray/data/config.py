@@ -79,9 +79,11 @@ class PrepareConfig:
             raise PrepareConfigError(
                 f"unknown prepare setting(s) {unknown}; known settings: {sorted(known)}"
             )
-        missing = sorted(k for k in ("inputs", "output") if k not in values)
+        # Named as on the command line and in a YAML file: the same keys come from either.
+        required = {"inputs": "input paths (inputs)", "output": "--out (output)"}
+        missing = [name for key, name in required.items() if key not in values]
         if missing:
-            raise PrepareConfigError(f"missing required prepare setting(s) {missing}")
+            raise PrepareConfigError(f"missing required setting(s): {', '.join(missing)}")
         return cls(**values)
 
     @classmethod

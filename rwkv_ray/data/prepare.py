@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -87,6 +88,72 @@ def read_inputs(cfg: PrepareConfig, by_format: Mapping[str, list[str]], s3: S3Op
                     ds = ds.rename_columns({"text": cfg.text_field})
             parts.append(ds)
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def _input_error(
+    cfg: PrepareConfig, by_format: Mapping[str, list[str]], error
+) -> ValueError | None:
+    """A one-line error for a Ray task that failed on the input, or None (not an input
+    problem: the task error stands, traceback and all).
+
+    A failed read says little: Ray's fallback parser reports "Extra data: line 2" for any bad
+    line of a jsonl file and hides pyarrow's reason. So the local jsonl inputs are scanned
+    here, only after a failure (the fast path stays as it is), for the line to name.
+    """
+    from ray.exceptions import RayTaskError
+
+    cause = error
+    while isinstance(cause, RayTaskError) and cause.cause is not None:
+        cause = cause.cause
+    local = [f for f in by_format.get("jsonl", []) if not storage.is_s3(f)]
+    for path in local:
+        problem = _first_bad_line(cfg, path)
+        if problem is not None:
+            return ValueError(problem)
+    if not isinstance(cause, ValueError | OSError):  # a user error, as the CLI counts them
+        return None
+    lines = str(cause).strip().splitlines()  # Ray appends notes on retries to the message
+    message = lines[0] if lines else ""
+    return ValueError(f"a Ray task failed on {list(cfg.inputs)}: {type(cause).__name__}: {message}")
+
+
+_JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+               list: "an array", dict: "an object", type(None): "null"}  # fmt: skip
+
+
+def _first_bad_line(cfg: PrepareConfig, path: str) -> str | None:
+    """``path:line: problem`` for the first line of a jsonl file that is not a JSON object,
+    has a text field that is not a string, or changes the JSON type of a field (pyarrow's
+    reader gives each field one type); None when every line is fine or the file is one JSON
+    array."""
+    text_fields = (cfg.text_field, cfg.prompt_field, cfg.response_field)
+    first_seen: dict[str, tuple[str, int]] = {}  # field -> (its JSON type, first line)
+    first_row = True
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():  # the reader skips blank lines
+                continue
+            if first_row and line.lstrip().startswith(b"["):
+                return None  # a JSON array (a .json file): Ray's fallback reads it whole
+            first_row = False
+            try:
+                row = json.loads(line.rstrip(b"\r\n"))  # a string ends at its line
+            except UnicodeDecodeError as e:
+                return f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})"
+            except json.JSONDecodeError as e:
+                return f"{path}:{n}: invalid JSON ({e.msg}: column {e.colno})"
+            if not isinstance(row, dict):
+                return f"{path}:{n}: expected a JSON object, got {_JSON_TYPES[type(row)]}"
+            for key, value in row.items():
+                if value is None:  # null fits any type
+                    continue
+                kind = _JSON_TYPES[type(value)]
+                if key in text_fields and not isinstance(value, str):
+                    return f"{path}:{n}: field {key!r} is {kind}, expected a string"
+                seen, at = first_seen.setdefault(key, (kind, n))
+                if kind != seen:
+                    return f"{path}:{n}: field {key!r} is {kind}, but {seen} on line {at}"
+    return None
 
 
 def detect_loss_mask(cfg: PrepareConfig, columns: Iterable[str]) -> bool:
@@ -249,6 +316,7 @@ def prepare(config: PrepareConfig | Mapping[str, Any]) -> dict[str, Any]:
     by_format = resolve_inputs(cfg, s3)
     _clear_output(cfg, s3)
     import ray.data
+    from ray.exceptions import RayTaskError
 
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
@@ -256,6 +324,11 @@ def prepare(config: PrepareConfig | Mapping[str, Any]) -> dict[str, Any]:
     ctx.enable_progress_bars = cfg.progress
     try:
         results, with_mask = _run_pipeline(cfg, by_format, s3)
+    except RayTaskError as e:
+        error = _input_error(cfg, by_format, e)
+        if error is None:
+            raise
+        raise error from e
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
     return _finalize(cfg, results, with_mask, s3)
@@ -290,7 +363,9 @@ def _clear_output(cfg: PrepareConfig, s3: S3Options) -> None:
     existing = storage.list_files(cfg.output, s3) if _exists(cfg.output, s3) else []
     manifest = storage.join(cfg.output, MANIFEST)
     if manifest in existing and not cfg.overwrite:
-        raise FileExistsError(f"{manifest} exists: set overwrite to replace the dataset")
+        raise FileExistsError(
+            f"{manifest} exists: pass --overwrite (or overwrite: true) to replace it"
+        )
     for uri in existing:
         name = uri.rsplit("/", 1)[-1]
         staged = f"/{STAGING}/" in uri.replace(os.sep, "/")
@@ -353,6 +428,4 @@ def _tokenizer_info(vocab_path: str | None) -> dict[str, Any]:
 
 
 def _dumps(obj: Any) -> bytes:
-    import json
-
     return (json.dumps(obj, indent=2) + "\n").encode()
