@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rwkv_ray import cli
 
 HEAVY = ("jax", "keras", "ray", "mlflow", "tensorflow")
@@ -65,3 +67,89 @@ def test_user_errors_are_one_line_and_exit_status_2(tmp_path, capsys):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"rwkv-ray {argv[0]}: error: ") and "Traceback" not in err, err
+
+
+GREEDY_IGNORES = (
+    "--search-mode greedy always takes the most likely token: {} would be ignored (sample "
+    "with --search-mode topk or topp)"
+)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--max-new-tokens", "5", "--chunk", "0"], "--chunk must be >= 1, got 0"),
+        (
+            ["--search-mode", "topp"],
+            "--search-mode topp requires --k: the probability mass p of the most likely "
+            "tokens to sample from, e.g. 0.7, or 'p,k' to keep the k most likely first",
+        ),
+        (
+            ["--search-mode", "topk"],
+            "--search-mode topk requires --k: the number of most likely tokens to sample "
+            "from, e.g. 40",
+        ),
+        (["--k", "5", "--seed", "1"], GREEDY_IGNORES.format("--k and --seed")),
+        (["--search-mode", "greedy", "--seed", "1"], GREEDY_IGNORES.format("--seed")),
+        (["--temperature", "0.5"], GREEDY_IGNORES.format("--temperature")),
+    ],
+)
+def test_generate_options_are_refused_before_the_model_loads(tmp_path, capsys, options, message):
+    """Each mistake named by its own option, before the (here missing) model is read:
+    --max-new-tokens 0 blamed --chunk, topp without --k said `k (top-p) must be a number,
+    got None`, --k / --seed / --temperature with greedy search were silently ignored."""
+    argv = ["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi", *options]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"rwkv-ray generate: error: {message}\n"
+
+
+def test_generate_save_state_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """--save-state's directory is made (or refused) first: a missing one lost the state
+    after the whole generation had run."""
+    from rwkv_ray.generation import cli_commands
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi", "--save-state"]
+    cases = [
+        (afile / "s.npz", f"--save-state: cannot create the directory {afile} (File exists)"),
+        (tmp_path, f"--save-state {tmp_path} is a directory, not a file name"),
+    ]
+    for out, message in cases:
+        assert cli.main([*base, str(out)]) == 2
+        assert capsys.readouterr().err == f"rwkv-ray generate: error: {message}\n"
+    new = tmp_path / "new" / "dir"
+    assert cli.main([*base, str(new / "s.npz")]) == 2  # the missing model, found after
+    err = capsys.readouterr().err  # the model's own error: the directory came first
+    assert new.is_dir() and err.startswith("rwkv-ray generate: error: ") and "--save" not in err
+    monkeypatch.setattr(cli_commands.os, "access", lambda path, mode: False)
+    assert cli.main([*base, str(new / "s.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rwkv-ray generate: error: --save-state: the directory {new} is not writable\n"
+
+
+def test_generate_help_explains_the_sampling_options_and_their_defaults(capsys, monkeypatch):
+    """`generate --help` showed no help and no default for --search-mode, --temperature and
+    the --alpha-* options."""
+    monkeypatch.setenv("COLUMNS", "200")  # no option name broken at its hyphens
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for line in [
+        "--max-new-tokens MAX_NEW_TOKENS tokens to generate (default: 100)",
+        "--search-mode {greedy,topk,topp} greedy: always the most likely token (takes no --k, "
+        "--seed or --temperature); topk / topp: sample, with --k (default: greedy)",
+        "--k K required by topk and topp; topk: the number of most likely tokens to sample "
+        "from, e.g. 40; topp: the probability mass p of the most likely tokens to sample "
+        "from, e.g. 0.7, or 'p,k' to keep the k most likely first",
+        "--temperature TEMPERATURE sampling temperature for topk / topp (default: 1.0)",
+        "--alpha-frequency ALPHA_FREQUENCY subtracted from a token's logit per time it was "
+        "generated (the official pipeline's frequency penalty; default: 0.0)",
+        "--alpha-presence ALPHA_PRESENCE subtracted from the logit of every token generated "
+        "so far (the official pipeline's presence penalty; default: 0.0)",
+        "--alpha-decay ALPHA_DECAY the --alpha-frequency counts are multiplied by this after "
+        "each token, in [0, 1] (default: 1.0)",
+        "--seed SEED sampling seed for topk / topp (default: random)",
+    ]:
+        assert line in text, line

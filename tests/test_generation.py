@@ -9,6 +9,7 @@ us, an ordinary embedding row for the official model.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import numpy as np
@@ -22,6 +23,7 @@ from rwkv_ray.generation import (
     compile_counts,
     generate,
     import_peft_state,
+    load_state,
     stream_generate,
 )
 from rwkv_ray.generation import engine as engine_module
@@ -59,6 +61,20 @@ def assert_state_close(ours, ref, what):
     for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
         err = np.abs(np.asarray(a) - b).max() / max(np.abs(b).max(), 1e-12)
         assert err <= RTOL_OF_MAX, f"{what} state[{i}]: error {err:.2e} of max"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny checkpoint with the World vocabulary, for `rwkv-ray generate` (its tokenizer)."""
+    sd = random_state_dict(11, vocab_size=65536, num_layers=1, hidden_size=64, head_size=32)
+    return torch_save(sd, tmp_path_factory.mktemp("world") / "world.pth")
+
+
+def run_cli_generate(*argv: str) -> None:
+    from rwkv_ray import cli
+
+    args = cli.build_parser("generate").parse_args(["generate", *argv])
+    args.func(args)
 
 
 @pytest.fixture(params=[False, True], ids=["unpacked", "packed"])
@@ -299,13 +315,12 @@ def test_top_level_api_exports_generation():
     assert "generate" in rwkv_ray.__all__
 
 
-def test_cli_generate_prints_the_library_text_without_its_stop_string(tmp_path, capsys):
+def test_cli_generate_prints_the_library_text_without_its_stop_string(world, capsys):
     """`rwkv-ray generate --stop S` prints the prompt and the library's text: the stop
     string and the rest of the token holding it never reach the terminal."""
     from rwkv_ray import cli
 
-    sd = random_state_dict(11, vocab_size=65536, num_layers=1, hidden_size=64, head_size=32)
-    path = torch_save(sd, tmp_path / "world.pth")
+    path = world
     model = rwkv_ray.load_model(path)
     free = generate(model, ["Hello"], 12, token_ban=[0])
     stop = free.text[0][3:6]  # three characters from inside the continuation
@@ -317,3 +332,65 @@ def test_cli_generate_prints_the_library_text_without_its_stop_string(tmp_path, 
     capsys.readouterr()
     args.func(args)
     assert capsys.readouterr().out == "Hello" + want.text[0] + "\n"
+
+
+def test_cli_generate_saves_its_state_into_a_directory_it_makes(world, tmp_path, capsys):
+    """--save-state into a directory that does not exist yet: the directory is made before
+    the run and the file holds the run's final state (the whole generation was printed,
+    then `[Errno 2] No such file or directory` lost the state)."""
+    want = generate(rwkv_ray.load_model(world), ["Hello"], 6, token_ban=[0])
+    out = tmp_path / "new" / "states" / "hello.npz"
+    argv = ["--model", str(world), "--prompt", "Hello", "--max-new-tokens", "6"]
+    run_cli_generate(*argv, "--token-ban", "0", "--save-state", str(out))
+    captured = capsys.readouterr()
+    assert captured.out == "Hello" + want.text[0] + "\n"
+    assert captured.err.splitlines()[-1] == f"wrote {out}"
+    saved = load_state(out)
+    for got, expected in zip((*saved, saved.logits), (*want.state, want.state.logits), strict=True):
+        np.testing.assert_array_equal(got, np.asarray(expected))
+
+
+def test_cli_generate_refuses_a_state_of_another_format(world, tmp_path, capsys):
+    """A weights file or junk given as --state: one line saying it is not a state file
+    (numpy's message suggested loading it with allow_pickle)."""
+    from rwkv_ray import cli
+
+    weights = tmp_path / "model.weights.h5"
+    weights.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    argv = ["generate", "--model", str(world), "--prompt", "Hello", "--state", str(weights)]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"rwkv-ray generate: error: {weights} is not a state file (an .npz written by "
+        "save_state; an RWKV-PEFT state is a .pth, read by import_peft_state)\n"
+    )
+
+
+def test_cli_generate_gives_the_wkv_fallback_notice_before_any_text(world, monkeypatch):
+    """The 'auto' WKV fallback notice (stderr) comes before the prompt is printed, once
+    for all chunks: it came from the first forward, in the middle of the printed text."""
+    from rwkv_ray.generation import cli_commands
+    from rwkv_ray.ops import wkv as wkv_module
+
+    for name in ("RWKV_WKV_IMPL", "OPS_KERNEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(wkv_module, "_fallback_logged", False)
+    # The same fallback on any machine (a GPU's kernel would need no notice).
+    monkeypatch.setattr(wkv_module, "kernel_status", lambda: (False, "no kernel in this test"))
+    events = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            events.append(("notice", record.getMessage()))
+
+    monkeypatch.setattr(cli_commands, "_write", lambda text: events.append(("text", text)))
+    handler = Record()
+    wkv_module.logger.addHandler(handler)
+    try:
+        run_cli_generate(
+            "--model", str(world), "--prompt", "Hello", "--max-new-tokens", "4", "--chunk", "2"
+        )
+    finally:
+        wkv_module.logger.removeHandler(handler)
+    notices = [event for event in events if event[0] == "notice"]
+    assert notices == [("notice", "WKV impl 'auto' uses 'chunked': no kernel in this test")]
+    assert events[0] == notices[0] and events[1] == ("text", "Hello")

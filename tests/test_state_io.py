@@ -5,6 +5,8 @@ with the file merged into the base checkpoint. Logit tolerance: 1e-4 of the larg
 
 from __future__ import annotations
 
+import pickle
+
 import jax
 import numpy as np
 import pytest
@@ -113,6 +115,31 @@ def test_mismatched_state_file_is_refused(ckpt, tmp_path):
     for read in (load_state, lambda p, _: read_state_metadata(p)):
         with pytest.raises(ValueError, match="cut.npz is not a readable state file"):
             read(tmp_path / "cut.npz", model)
+
+
+def test_a_file_of_another_format_is_not_a_state_file(ckpt, tmp_path):
+    """A weights file, junk, an empty file, a pickle or an .npy is refused with one message
+    (numpy's suggested loading a pickle with allow_pickle, or an .npy failed in `with`)."""
+    _, _, model = ckpt
+    files = {
+        "model.weights.h5": b"\x89HDF\r\n\x1a\n" + bytes(64),
+        "broken.npz": b"not a zip",
+        "empty.npz": b"",
+        "pickled.npz": pickle.dumps({"wkv": [1.0]}),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    np.save(tmp_path / "array.npy", np.zeros(3, np.float32))
+    for name in [*files, "array.npy"]:
+        path = tmp_path / name
+        message = (
+            f"{path} is not a state file (an .npz written by save_state; an RWKV-PEFT state "
+            "is a .pth, read by import_peft_state)"
+        )
+        for read in (lambda p: load_state(p, model), read_state_metadata):
+            with pytest.raises(ValueError) as error:
+                read(path)
+            assert str(error.value) == message
 
 
 def test_save_refuses_a_state_of_another_shape(ckpt, tmp_path):

@@ -43,6 +43,7 @@ VERSION = 1
 PIECES = ("att_shift", "wkv", "ffn_shift")
 PEFT_KEY = re.compile(r"^blocks\.(\d+)\.att\.time_state$")
 PEFT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # how an .npz (a zip; the second: empty) starts
 
 
 def _config(model_or_config) -> RWKV6Config:
@@ -106,6 +107,14 @@ def save_state(state, path: str | os.PathLike, model_or_config, row: int | None 
 def _read_npz(path, names: list[str], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The named arrays of a state file (`optional` ones where present), read at once; a
     file that is not a whole .npz (a cut-off copy, another format) is a ValueError."""
+    with open(path, "rb") as f:
+        magic = f.read(len(ZIP_MAGIC[0]))
+    if magic not in ZIP_MAGIC:
+        # np.load would take it for a pickle, and its refusal suggests allow_pickle=True.
+        raise ValueError(
+            f"{path} is not a state file (an .npz written by save_state; an RWKV-PEFT "
+            "state is a .pth, read by import_peft_state)"
+        )
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [name for name in names if name not in data.files]
