@@ -171,6 +171,20 @@ def test_parquet_directory(tmp_path, tok):
     assert manifest["totals"]["examples"] == 14 and len(manifest["shards"]) == 4
 
 
+def test_fewer_rows_than_shards(tmp_path, tok, capsys):
+    """2 rows, 8 shards: 2 shards of one example each (Ray's empty blocks carry no columns:
+    the write stage failed on them with KeyError 'Field "record" does not exist')."""
+    src = tmp_path / "two.jsonl"
+    src.write_text('{"text": "hello there"}\n{"text": "second row"}\n')
+    manifest = prepare({"inputs": [str(src)], "output": str(tmp_path / "ds"), "seq_len": T,
+                        "num_shards": 8})  # fmt: skip
+    assert manifest["totals"]["examples"] == 2 and len(manifest["shards"]) == 2
+    got = _read_all(tmp_path / "ds", manifest)
+    rows = [{"text": "hello there"}, {"text": "second row"}]
+    np.testing.assert_array_equal(got["text"], _expected(tok, rows)[0])
+    assert "2 examples fill only 2 of 8 shards" in capsys.readouterr().out
+
+
 def test_clear_errors(tmp_path):
     out = str(tmp_path / "ds")
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):

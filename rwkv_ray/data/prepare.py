@@ -281,6 +281,8 @@ def _sink_class():
             with os.fdopen(fd, "wb") as f:
                 for block in blocks:
                     table = BlockAccessor.for_block(block).to_arrow()
+                    if table.num_rows == 0:  # more shards than rows: Ray's empty blocks
+                        continue  # carry no columns
                     for rec in table.column("record").to_pylist():
                         if rec:
                             f.write(rec)
