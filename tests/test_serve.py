@@ -191,6 +191,7 @@ BAD = [
     ("state with a path", {"prompt": "hi", "state": "../tuned"}, 422),
     ("state with a slash", {"prompt": "hi", "state": "a/b"}, 422),
     ("bad session name", {"prompt": "hi", "session": "a/b"}, 422),
+    ("session name with ..", {"prompt": "hi", "session": "a..b"}, 422),  # DELETE refused it
     ("overlong prompt", {"tokens": [5] * 1001, "max_tokens": 1}, 413),
     ("body too large", {"prompt": "x" * 70000}, 413),
 ]

@@ -155,6 +155,83 @@ def test_cancel_frees_the_slot(tiny):
     assert tokens == generate(model, [[5, 6]], 5, token_ban=NO_PAD).tokens[0]
 
 
+def favour(model, token: int) -> None:
+    """Make `token` the most likely next token after any input: the final norm's output
+    is steered to a constant (its beta), and the head's column of `token` points along it."""
+    weights = {v.path.split("/")[-2] + "/" + v.path.split("/")[-1]: v for v in model.weights}
+    weights["ln_out/gamma"].assign(np.asarray(weights["ln_out/gamma"].value) * 0.05)
+    weights["ln_out/beta"].assign(np.ones(model.config.hidden_size, np.float32))
+    head = np.array(model.head.kernel.value)
+    head[:, token] = 3.0
+    model.head.kernel.assign(head)
+
+
+def test_a_token_the_tokenizer_lacks_fails_nobody(tiny):
+    """The model's ids 65530..65535 have no World tokenizer entry; sampling can draw one.
+    Decoding it for a stop string raised, and the batcher failed every request of the
+    call (a 400 for both); a response's text raised (a 500). Now it decodes to nothing."""
+    model = rwkv_ray.load_model(tiny[1])
+    favour(model, VOCAB - 1)
+    batcher = ContinuousBatcher(model, **SMALL)
+    try:
+        odd = batcher.submit([9, 10], 6, token_ban=NO_PAD, stop=["xyz"])
+        other = batcher.submit([5, 6, 7], 6, token_ban=[0, VOCAB - 1])
+        tokens = drain(odd), drain(other)
+    finally:
+        batcher.close()
+    assert tokens[0] == [VOCAB - 1] * 6 and odd.result.text == [""]
+    alone = generate(model, [[5, 6, 7]], 6, token_ban=[0, VOCAB - 1])
+    assert tokens[1] == alone.tokens[0] and other.result.text == alone.text
+    assert generate(model, [[9, 10]], 3, token_ban=NO_PAD, stop=["xyz"]).text == [""]
+
+
+def test_a_cancelled_request_waiting_to_run_alone_ends_at_once(tiny):
+    """A penalty_window request queued behind another such request: its cancel ended it
+    only once the one before had finished (and its session stayed claimed till then)."""
+    batcher = ContinuousBatcher(tiny[0], **SMALL)
+    try:
+        alone = dict(token_ban=NO_PAD, penalty=1.2, penalty_window=8)
+        first = batcher.submit([5, 6], 4096, **alone)
+        next(iter(first))  # running alone
+        waiting = batcher.submit([7, 8], 4, **alone)
+        time.sleep(0.2)  # waiting for the first
+        waiting.cancel()
+        assert drain(waiting) == [] and waiting.result is None
+        assert first.result is None  # ended while the first still runs
+        first.cancel()
+        drain(first)
+        stats = batcher.describe()
+    finally:
+        batcher.close()
+    assert (stats["cancelled"], stats["alone"], stats["admitted"]) == (2, 0, 0)
+
+
+def test_a_model_version_registered_from_a_run_uses_the_configured_server(
+    tiny, tmp_path, monkeypatch
+):
+    """models:/<name>/<version> whose source is runs:/<id>/export (what
+    mlflow.register_model records) was downloaded through MLflow's global default store,
+    not the server's tracking URI: "Run ... not found" (a 404)."""
+    from mlflow.tracking import MlflowClient
+
+    from rwkv_ray.serve.mlflow_states import MlflowStates
+
+    model = tiny[0]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("e", str(tmp_path / "artifacts")))
+    export = tmp_path / "export"
+    export.mkdir()
+    tuned = generate(model, [[5, 6]], 2, token_ban=NO_PAD).state
+    save_state(tuned, export / "state.npz", model)
+    client.log_artifacts(run.info.run_id, str(export), "export")
+    client.create_registered_model("m")
+    client.create_model_version("m", source=f"runs:/{run.info.run_id}/export")
+    state = MlflowStates(model, uri, tmp_path / "cache").get("models:/m/1")
+    np.testing.assert_array_equal(np.asarray(state.wkv), np.asarray(tuned.wkv))
+
+
 # ---- over HTTP ---------------------------------------------------------------------------
 
 
@@ -204,6 +281,9 @@ def test_session_conflict_and_client_disconnect(server, tiny):
         assert json.loads(first[6:])["token"] > 0
         conflict = post(f"{url}/v1/generate", dict(body, max_tokens=2))
         assert conflict.status_code == 409, conflict.text
+        # Deleting it now would be undone when the turn ends (it stores its state).
+        deleting = requests.delete(f"{url}/v1/sessions/busy", timeout=30)
+        assert deleting.status_code == 409, deleting.text
     deadline = time.monotonic() + 30
     while (now := stats(url))["busy"] or now["busy_sessions"]:
         assert time.monotonic() < deadline, now

@@ -48,6 +48,7 @@ from rwkv_ray.generation import engine as eng
 from rwkv_ray.generation.generate import GenerationResult, GenerationStream, _prepare, _start
 from rwkv_ray.generation.sampling import PenaltyState, SamplerFeatures
 from rwkv_ray.generation.state import GenerationState
+from rwkv_ray.generation.text_stream import generated_bytes
 
 _STATS = ("admitted", "finished", "cancelled", "alone", "decode_calls", "row_steps", "max_busy")
 _SAMPLING_KEYS = (
@@ -124,7 +125,7 @@ class BatchStream:
         if not request.stop or token in request.end_tokens:
             return None
         seen = len(self._text)
-        self._text += request.tokenizer.decode_bytes([token])
+        self._text += generated_bytes(request.tokenizer, [token])
         for stop in request.stop:
             needle = stop.encode("utf-8")
             at = self._text.find(needle, max(0, seen - len(needle) + 1))
@@ -349,21 +350,28 @@ class ContinuousBatcher:
         self.stats["decode_calls"] += 1
         self.stats["row_steps"] += int(active.sum())
         for slot, stream in busy:
-            new = [int(t) for t, a in zip(tokens[slot], active[slot], strict=True) if a]
-            stop_text = None
-            for i, token in enumerate(new):
-                stop_text = stream._stop_hit(token)
-                if stop_text is not None:
-                    new = new[: i + 1]
-                    break
-            stream.tokens += new
-            if new:
-                stream._put(("tokens", new))
+            try:
+                self._take(slot, stream, tokens, active, done, ended)
+            except Exception as err:  # this request's host-side work failed: it alone ends
+                self._end(slot, None, err)
+
+    def _take(self, slot: int, stream: BatchStream, tokens, active, done, ended) -> None:
+        """Hand a decode call's tokens of `slot` to its stream; end it where it is done."""
+        new = [int(t) for t, a in zip(tokens[slot], active[slot], strict=True) if a]
+        stop_text = None
+        for i, token in enumerate(new):
+            stop_text = stream._stop_hit(token)
             if stop_text is not None:
-                self._end(slot, self._result(slot, stream, "stop", stop_text))
-            elif done[slot]:
-                reason = "end_token" if ended[slot] else "length"
-                self._end(slot, self._result(slot, stream, reason, None))
+                new = new[: i + 1]
+                break
+        stream.tokens += new
+        if new:
+            stream._put(("tokens", new))
+        if stop_text is not None:
+            self._end(slot, self._result(slot, stream, "stop", stop_text))
+        elif done[slot]:
+            reason = "end_token" if ended[slot] else "length"
+            self._end(slot, self._result(slot, stream, reason, None))
 
     def _result(self, slot: int, stream: BatchStream, reason: str, stop_text) -> GenerationResult:
         state = None
@@ -399,16 +407,22 @@ class ContinuousBatcher:
 
     def _run_alone(self, stream: BatchStream) -> None:
         """A request the batch cannot hold: the library's stream, one such at a time."""
+        # Waiting for the one before it: a cancel ends the wait (and frees its session).
+        while not self._alone_lock.acquire(timeout=0.05):
+            if stream.cancelled:
+                self.stats["cancelled"] += 1
+                self._finish(stream, None)
+                return
         try:
-            with self._alone_lock:
-                library = GenerationStream(self.model, stream.request)
-                for step in library:
-                    if stream.cancelled:
-                        self._finish(stream, None)
-                        return
-                    if step[0] is not None:
-                        stream.tokens.append(step[0])
-                        stream._put(("tokens", [step[0]]))
+            library = GenerationStream(self.model, stream.request)
+            for step in library:
+                if stream.cancelled:
+                    self.stats["cancelled"] += 1
+                    self._finish(stream, None)
+                    return
+                if step[0] is not None:
+                    stream.tokens.append(step[0])
+                    stream._put(("tokens", [step[0]]))
             result = library.result
             if not stream.need_state:
                 result.state = None
@@ -416,6 +430,8 @@ class ContinuousBatcher:
             self._finish(stream, result)
         except Exception as err:
             self._finish(stream, None, err)
+        finally:
+            self._alone_lock.release()
 
 
 # Module-level compiled functions: batchers of one model (engine) share their compilations.

@@ -44,6 +44,7 @@ from rwkv_ray.generation.sampling import (
     make_sampling_params,
 )
 from rwkv_ray.generation.state import GenerationState, check_state, state_logits
+from rwkv_ray.generation.text_stream import generated_bytes
 from rwkv_ray.models import RWKV6State
 
 FINISH_REASONS = ("end_token", "stop", "length")
@@ -70,7 +71,8 @@ class GenerationResult:
                 continue
             if self.finish_reason[b] == "end_token" and tokens and tokens[-1] in self.end_tokens:
                 tokens = tokens[:-1]
-            out.append(_tokenizer(self.tokenizer).decode(tokens))
+            text = generated_bytes(_tokenizer(self.tokenizer), tokens)
+            out.append(text.decode("utf-8", errors="replace"))
         return out
 
 
@@ -370,7 +372,7 @@ class GenerationStream:
             if token is None or token in self.request.end_tokens:
                 continue
             seen = len(texts[b])
-            texts[b] += tokenizer.decode_bytes([token])
+            texts[b] += generated_bytes(tokenizer, [token])
             for stop in self.request.stop:
                 needle = stop.encode("utf-8")
                 at = texts[b].find(needle, max(0, seen - len(needle) + 1))

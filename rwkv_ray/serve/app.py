@@ -205,9 +205,14 @@ class RWKVServer:
 
     @api.delete("/v1/sessions/{session}", dependencies=[Depends(_auth)])
     def delete_session(self, session: str) -> dict:
-        _checked(check_name, session)
-        if not self.sessions.delete(session):
-            raise HTTPException(404, f"unknown session {session!r}")
+        _checked(check_name, session, "session")
+        with self._session_lock:  # a turn in flight would store the session again at its end
+            if session in self._in_flight:
+                raise HTTPException(
+                    409, f"session {session!r} has a request in flight; retry when it ends"
+                )
+            if not self.sessions.delete(session):
+                raise HTTPException(404, f"unknown session {session!r}")
         return {"deleted": session}
 
     @api.post("/v1/generate", dependencies=[Depends(_auth)])
@@ -215,7 +220,7 @@ class RWKVServer:
         req = await _read(request, GenerateRequest, self.max_body_bytes)
         ids = self._prompt(req.prompt, req.tokens)
         need_state = req.return_state or req.session is not None
-        stream = self._submit(ids, req.max_tokens, req, req.state, req.session, need_state)
+        stream = await self._submit(ids, req.max_tokens, req, req.state, req.session, need_state)
         if req.stream:
             events = self._generate_events(stream, ids, req)
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -237,7 +242,7 @@ class RWKVServer:
                 404, f"unknown model {req.model!r}; this server has {self.model_name!r}"
             )
         ids = self._prompt(req.prompt, None)
-        stream = self._submit(ids, req.max_tokens, req, None, None, False)
+        stream = await self._submit(ids, req.max_tokens, req, None, None, False)
         head = {
             "id": f"cmpl-{secrets.token_hex(12)}",
             "object": "text_completion",
@@ -266,9 +271,11 @@ class RWKVServer:
             )
         return ids
 
-    def _submit(self, ids, max_tokens, req, state_name, session, need_state):
+    async def _submit(self, ids, max_tokens, req, state_name, session, need_state):
         """Queue the request on the batcher (from the event loop, so that its stream is
-        async). Claims the session first: 409 while another turn of it is in flight."""
+        async). Claims the session first: 409 while another turn of it is in flight. A
+        named state is resolved on a thread: an MLflow lookup or download would stall every
+        other stream of this replica."""
         if session is not None:
             with self._session_lock:
                 if session in self._in_flight:
@@ -277,7 +284,10 @@ class RWKVServer:
                     )
                 self._in_flight.add(session)
         try:
-            state = self._start_state(state_name, session)
+            if state_name is None:
+                state = self._start_state(state_name, session)
+            else:
+                state = await asyncio.to_thread(self._start_state, state_name, session)
             return _checked(
                 self.batcher.submit,
                 ids,

@@ -95,7 +95,9 @@ class MlflowStates:
             path = path or DEFAULT_PATH
             if not path.endswith(".npz"):
                 path = f"{path.rstrip('/')}/{STATE_FILE}"
-            self._client().get_run(run_id)  # an unknown run fails here, clearly
+            key = f"runs/{run_id}/{path}"
+            if key not in self._states:  # a state loaded once needs no server round trip
+                self._client().get_run(run_id)  # an unknown run fails here, clearly
 
             def download(folder: Path) -> str:
                 return download_artifacts(
@@ -105,12 +107,18 @@ class MlflowStates:
                     tracking_uri=self.tracking_uri,
                 )
 
-            return f"runs/{run_id}/{path}", download
-        version = self._model_version(uri[len("models:/") :])
+            return key, download
+        spec = uri[len("models:/") :]
+        if "@" not in spec and f"models/{spec}" in self._states:  # a numbered version
+            return f"models/{spec}", None
+        version = self._model_version(spec)
 
         def download(folder: Path) -> str:
+            # The source is often runs:/<id>/export: resolved by this tracking server too.
             source = f"{version.source.rstrip('/')}/{STATE_FILE}"
-            return download_artifacts(artifact_uri=source, dst_path=str(folder))
+            return download_artifacts(
+                artifact_uri=source, dst_path=str(folder), tracking_uri=self.tracking_uri
+            )
 
         return f"models/{version.name}/{version.version}", download
 

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # A state or session name: letters, digits, '_', '-', '.', not starting with '.' (no path).
-NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 # A tuned state logged to MLflow (`rwkv_ray.serve.mlflow_states`): runs:/<id>[/<path>],
 # models:/<name>@<alias> or models:/<name>/<version>, optionally prefixed with "mlflow:".
 MLFLOW_STATE_PATTERN = (
@@ -20,7 +20,7 @@ MLFLOW_STATE_PATTERN = (
     r"|models:/[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}(@[A-Za-z0-9_-]{1,64}|/[0-9]{1,9}))$"
 )
 STATE_PATTERN = f"({NAME_PATTERN})|({MLFLOW_STATE_PATTERN})"
-_NAME_HELP = "letters, digits, '_', '-' and '.', not starting with '.', up to 128"
+_NAME_HELP = "letters, digits, '_', '-' and '.', not starting with '.', no '..', up to 128"
 _STATE_HELP = (
     f"a state of the states directory ({_NAME_HELP}), runs:/<run id>[/<path>], "
     "models:/<name>@<alias> or models:/<name>/<version>"

@@ -25,11 +25,11 @@ class UnknownStateError(KeyError):
     """No state of that name in the registry."""
 
 
-def check_name(name: str) -> str:
-    """Return `name` if it is a valid state name, else raise ValueError."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+def check_name(name: str, what: str = "state") -> str:
+    """Return `name` if it is a valid state (or session) name, else raise ValueError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
-            f"invalid state name {name!r}: use letters, digits, '_', '-', '.' (no paths)"
+            f"invalid {what} name {name!r}: use letters, digits, '_', '-', '.' (no paths)"
         )
     return name
 
