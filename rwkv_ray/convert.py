@@ -11,6 +11,7 @@ A `.pth` is read by `rwkv_ray.pth.load_pth`, which never executes code from the 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
@@ -213,11 +214,43 @@ def load_model(path: str | os.PathLike, dtype=None, wkv_impl: str | None = None)
                     f"{path} is not a converted model: {needed.name} is missing"
                 )
         model = _build(RWKV6Config.from_json(config_path), dtype, wkv_impl)
+        check_weights_file(model, weights_path)
         model.load_weights(weights_path)
         return model
     if path.is_file():
         return load_pth_model(path, dtype, wkv_impl)
     raise FileNotFoundError(f"no model at {path}")
+
+
+def check_weights_file(model: RWKV6CausalLM, path: str | os.PathLike) -> None:
+    """ValueError naming the array shapes that differ where a Keras weights file does not fit
+    `model`'s config (Keras' own error names none: "Layer 'att' expected 16 variables, but
+    received 0 variables during loading"). A file h5py cannot read is left to Keras."""
+    import h5py
+
+    found: collections.Counter = collections.Counter()
+
+    def count(_, item) -> None:
+        if isinstance(item, h5py.Dataset):
+            found[tuple(item.shape)] += 1
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(count)
+    except OSError:
+        return
+    wanted = collections.Counter(tuple(v.shape) for v in model.weights)
+    if found == wanted:
+        return
+    c = model.config
+    raise ValueError(
+        f"{path} does not fit the config: the file has arrays of shapes "
+        f"{sorted((found - wanted).elements())[:6]} that the model has not, the model needs "
+        f"{sorted((wanted - found).elements())[:6]} (the config: num_layers {c.num_layers}, "
+        f"hidden_size {c.hidden_size}, head_size {c.head_size}, intermediate_size "
+        f"{c.intermediate_size}, vocab_size {c.vocab_size}, mix_lora_size {c.mix_lora_size}, "
+        f"decay_lora_size {c.decay_lora_size})"
+    )
 
 
 def convert_checkpoint(pth_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -3,6 +3,7 @@ and the seed-compatible `build_transformer_model`."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 
@@ -175,6 +176,92 @@ def test_build_transformer_model_seed_compat(tmp_path):
     assert len(built.causal_lm.trainable_weights) == 2 * 3
     with pytest.raises(ValueError, match="rwkv7"):
         build_transformer_model(tmp_path / "seed.json", model="rwkv7")
+
+
+def test_seed_readme_workflow_runs(tmp_path):
+    """The seed README's code, through rwkv_ray.compat: `rwkv.inputs` / `rwkv.outputs`
+    (AttributeError before), state tuning with Keras fit, `rwkv.save_weights` read back by
+    `keras_weights_path` and by `load_weights` (a different layout: "28 objects could not
+    be loaded"), `RWKV.generate` with the seed's settings, `build_cache_model` named, the
+    seed's batch tokenizer, and head size from num_attention_heads alone (it took 64)."""
+    import keras
+
+    from rwkv_ray.compat import RWKV_TOKENIZER
+
+    source = torch_save(random_state_dict(6, **SHAPE), tmp_path / "m.pth")
+    rwkv_ray.convert.convert_checkpoint(source, tmp_path / "dir")
+    seed_config = {
+        "vocab_size": 61,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "hidden_size": 128,
+        "intermediate_size": 448,
+        "decomposer_size": 8,
+        "time_decay_size": 16,
+    }  # no attention_head_size: the seed takes hidden_size // num_attention_heads
+    (tmp_path / "seed.json").write_text(json.dumps(seed_config))
+    four_heads = RWKV6Config.from_dict({**seed_config, "num_attention_heads": 4})
+    assert four_heads.head_size == 32  # was 64 (our default), whatever the heads
+    settings = dict(config_path=tmp_path / "seed.json", model="rwkv6", return_keras_model=False)
+    RWKV = build_transformer_model(  # noqa: N806 - the seed README's names
+        keras_weights_path=tmp_path / "dir" / "model.weights.h5", sequence_length=8,
+        with_lm="softmax", penalty=1.5, **settings,
+    )  # fmt: skip
+    rwkv = RWKV.model
+    assert [tuple(t.shape) for t in rwkv.inputs] == [(None, 8)]
+    assert rwkv.inputs[0].name == "Input-Token" and tuple(rwkv.outputs[0].shape) == (None, 8, 61)
+    RWKV.enable_state_tunig()
+    rwkv.compile(optimizer=keras.optimizers.AdamW(1e-2), loss="sparse_categorical_crossentropy")
+    x = np.array([[0, 5, 9, 33, 2, 60, 7, 8]], "int32")
+    rwkv.fit({"Input-Token": x}, x, epochs=1, verbose=0)
+    rwkv.save_weights(tmp_path / "tuned.weights.h5")
+    tuned = np.asarray(rwkv(x))
+    again = build_transformer_model(keras_weights_path=tmp_path / "tuned.weights.h5", **settings)
+    np.testing.assert_array_equal(np.asarray(again.model(x)), tuned)
+    fresh = build_transformer_model(**settings)
+    fresh.model.load_weights(tmp_path / "tuned.weights.h5")
+    np.testing.assert_array_equal(np.asarray(fresh.model(x)), tuned)
+
+    result = RWKV.generate([[5, 9, 33]], 4, token_ban=[0])
+    expected = rwkv_ray.generate(RWKV.causal_lm, [[5, 9, 33]], 4, token_ban=[0], penalty=1.5)
+    assert result.tokens == expected.tokens
+    assert rwkv_ray.generate(rwkv, [[5, 9, 33]], 4, token_ban=[0]).tokens == (
+        rwkv_ray.generate(RWKV.causal_lm, [[5, 9, 33]], 4, token_ban=[0]).tokens
+    )
+    with pytest.raises(NotImplementedError, match=r"replaced by RWKV.generate"):
+        RWKV.build_cache_model([8], 0, "greedy", None, False, 0)
+    tokenizer = RWKV_TOKENIZER()
+    ids = tokenizer.encode(["hello world", "我是中国人"])
+    assert ids[0] == tokenizer.encode("hello world")[0] == [34550, 40213]
+    assert tokenizer.decode([np.array([0, 0, *ids[1]])]) == ["我是中国人"]
+
+
+def test_the_seed_model_follows_the_global_dtype_policy(tmp_path):
+    """keras.config.set_dtype_policy("mixed_bfloat16"), as the seed's layers follow it (the
+    model ran in float32: only floatx was read)."""
+    import keras
+
+    source = torch_save(random_state_dict(6, **SHAPE), tmp_path / "m.pth")
+    rwkv_ray.convert.convert_checkpoint(source, tmp_path / "dir")
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        built = build_transformer_model(tmp_path / "dir" / "config.json", return_keras_model=False)
+    finally:
+        keras.config.set_dtype_policy(before)
+    assert built.causal_lm.backbone.dtype_policy.name == "mixed_bfloat16"
+
+
+def test_a_weights_file_of_other_sizes_names_them(tmp_path):
+    """Keras said "Layer 'att' expected 16 variables, but received 0 variables"."""
+    source = torch_save(random_state_dict(6, **SHAPE), tmp_path / "m.pth")
+    rwkv_ray.convert.convert_checkpoint(source, tmp_path / "dir")
+    config = json.loads((tmp_path / "dir" / "config.json").read_text())
+    (tmp_path / "dir" / "config.json").write_text(json.dumps({**config, "mix_lora_size": 16}))
+    with pytest.raises(
+        ValueError, match=r"does not fit the config: .*\(5, 8, 128\).*\(5, 16, 128\)"
+    ):
+        rwkv_ray.load_model(tmp_path / "dir")
 
 
 def test_info_counts_the_checkpoints_parameters(tmp_path, capsys):

@@ -45,7 +45,7 @@ from rwkv_ray.generation.sampling import (
 )
 from rwkv_ray.generation.state import GenerationState, check_state, state_logits
 from rwkv_ray.generation.text_stream import generated_bytes
-from rwkv_ray.models import RWKV6State
+from rwkv_ray.models import RWKV6CausalLM, RWKV6State
 
 FINISH_REASONS = ("end_token", "stop", "length")
 
@@ -272,6 +272,19 @@ def _result(request: _Request, carry, reasons=None, stop_text=None) -> Generatio
     )
 
 
+def _causal_lm(model) -> RWKV6CausalLM:
+    """`model`, or the RWKV6CausalLM that an object of the seed's API wraps (`RWKV` and
+    `RWKV.model` of `rwkv_ray.compat`); TypeError for anything else."""
+    if isinstance(model, RWKV6CausalLM):
+        return model
+    inner = getattr(model, "causal_lm", None)
+    if isinstance(inner, RWKV6CausalLM):
+        return inner
+    raise TypeError(
+        f"model must be an RWKV6CausalLM (rwkv_ray.load_model), got {type(model).__name__}"
+    )
+
+
 def generate(
     model,
     prompts,
@@ -295,6 +308,7 @@ def generate(
     """Generate up to `max_new_tokens` per prompt (semantics in the module docstring).
 
     Without `stop`, the whole decode loop runs on the device (one `lax.while_loop`)."""
+    model = _causal_lm(model)
     sampling = dict(
         search_mode=search_mode,
         k=k,
@@ -408,6 +422,7 @@ def stream_generate(
 ) -> GenerationStream:
     """Like `generate`, but returns a `GenerationStream` that yields each step's tokens as
     they are produced (one compiled step per token). Arguments are validated now."""
+    model = _causal_lm(model)
     sampling = dict(
         search_mode=search_mode,
         k=k,

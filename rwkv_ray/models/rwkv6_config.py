@@ -212,6 +212,9 @@ def _from_seed_names(values: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value  # rejected later by name if unknown
     heads = values.get("num_attention_heads")
+    if heads and "hidden_size" in out and "head_size" not in out:
+        # The seed's default (bert4keras3): attention_head_size = hidden_size // heads.
+        out["head_size"] = out["hidden_size"] // heads
     if heads is not None and "hidden_size" in out and "head_size" in out:
         if heads * out["head_size"] != out["hidden_size"]:
             raise ConfigError(
