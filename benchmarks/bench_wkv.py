@@ -7,7 +7,8 @@ the whole output, final state and every gradient. Times are the median of >= 10 
 warm-up, each synchronized (JAX: block_until_ready; torch: CUDA events); and, for both alike,
 the median of >= 10 means over 10 calls issued back to back and synchronized once ("b2b").
 
-    python benchmarks/bench_wkv.py [--out benchmarks/results/wkv_vs_fla.json] [--configs 16:4,32:4]
+    python benchmarks/bench_wkv.py [--out benchmarks/results/wkv_vs_fla.json]
+        [--configs 16:0:0:factored_tf32,32:4:0:factored_tf32]   # chunk:warps:stages:mode
 """
 
 from __future__ import annotations
