@@ -6,8 +6,10 @@ import argparse
 import importlib
 import json
 import math
+import os
 import pickle
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -45,17 +47,42 @@ EPILOG = """examples:
 USER_ERRORS = (OSError, ValueError, pickle.UnpicklingError, yaml.YAMLError)
 
 
-def _convert(args) -> None:
-    from rwkv_ray.convert import convert_checkpoint
+class _Stages:
+    """One stderr line per stage of a long command, with the seconds since the start
+    (a 1.6B checkpoint is gigabytes: reading and writing it takes a while)."""
 
-    out = convert_checkpoint(args.checkpoint, args.out_dir)
+    def __init__(self):
+        self.started = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        print(f"[{time.perf_counter() - self.started:5.1f} s] {what}", file=sys.stderr, flush=True)
+
+
+def _size(path) -> str:
+    return f"{os.path.getsize(path) / 2**30:.2f} GiB" if os.path.isfile(path) else "a directory"
+
+
+def _convert(args) -> None:
+    from rwkv_ray.convert import load_pth_model, save_model
+
+    stage = _Stages()
+    stage(f"reading {args.checkpoint} ({_size(args.checkpoint)})")
+    model = load_pth_model(args.checkpoint)
+    stage(f"writing {args.out_dir}")
+    out = save_model(model, args.out_dir)
+    stage("done")
     print(f"wrote {out / 'config.json'} and {out / 'model.weights.h5'}")
 
 
 def _export(args) -> None:
     from rwkv_ray.convert import export_checkpoint, load_model
 
-    path = export_checkpoint(load_model(args.model), args.out, dtype=args.dtype)
+    stage = _Stages()
+    stage(f"reading {args.model} ({_size(args.model)})")
+    model = load_model(args.model)
+    stage(f"writing {args.out}")
+    path = export_checkpoint(model, args.out, dtype=args.dtype)
+    stage("done")
     print(f"wrote {path}")
 
 

@@ -29,11 +29,20 @@ def torch_tensors(path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("time_state", [False, True])
-def test_round_trip_is_exact(tmp_path, dtype, time_state):
+def test_round_trip_is_exact(tmp_path, dtype, time_state, capsys):
     sd = random_state_dict(1, time_state=time_state, **SHAPE)
     source = torch_save(sd, tmp_path / "source.pth", dtype=dtype)
     assert cli_main(["convert", str(source), str(tmp_path / "converted")]) == 0
     assert cli_main(["export", str(tmp_path / "converted"), str(tmp_path / "back.pth")]) == 0
+    stages = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert stages == [  # one line per stage of the long work, with the seconds so far
+        f"reading {source} ({source.stat().st_size / 2**30:.2f} GiB)",
+        f"writing {tmp_path / 'converted'}",
+        "done",
+        f"reading {tmp_path / 'converted'} (a directory)",
+        f"writing {tmp_path / 'back.pth'}",
+        "done",
+    ]
     original, back = torch_tensors(source), torch_tensors(tmp_path / "back.pth")
     assert sorted(original) == sorted(back)
     for key, tensor in original.items():
