@@ -85,6 +85,33 @@ def test_interpret_matches_plain_form(t, dtype, silu):
     check(2, t, 3, 64, dtype, seed=t, silu=silu)
 
 
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
+def test_padded_rows_leave_d_gamma_finite_at_any_eps(interpret):
+    """eps 0 (or one that flushes to 0) made a padded zero row's x_hat 0 * inf = NaN, and
+    d gamma's sum turned NaN in every channel (T = 17: 47 padded rows). T = 0: empty out
+    (it raised inside Pallas); eps must be a number when tracing (named, not a deep error)."""
+    if not interpret and jax.default_backend() != "gpu":
+        pytest.skip("needs a CUDA GPU (JAX_PLATFORMS=cuda)")
+    y, g, gamma, beta, dout = make(1, 17, 2, 16, jnp.float32, seed=3)
+    y = y.at[0, 0, 0].set(jnp.arange(16.0))  # make's constant row: NaN at eps 0 in any form
+
+    def grads(fn, eps):
+        loss = lambda *a: jnp.sum(fn(*a, eps) * dout)  # noqa: E731
+        return jax.grad(loss, argnums=range(4))(y, g, gamma, beta)
+
+    for eps in (0.0, 1e-40):
+        ours = grads(lambda *a: group_norm_gate(*a, interpret=interpret), eps)
+        ref = grads(lambda y, g, gm, bt, e: group_norm_heads(y, gm, bt, e) * g, eps)
+        for name, a, b in zip(("dy", "dg", "dgamma", "dbeta"), ours, ref, strict=True):
+            assert np.all(np.isfinite(np.asarray(a))), (eps, name)
+            assert rel(a, b) < 1e-5, (eps, name, rel(a, b))
+    empty = jnp.zeros((1, 0, 2, 16))
+    out = group_norm_gate(empty, empty, gamma, beta, EPS, interpret=interpret)
+    assert out.shape == (1, 0, 2, 16)
+    with pytest.raises(TypeError, match="eps must be a number known when tracing"):
+        jax.jit(lambda e: group_norm_gate(y, g, gamma, beta, e, interpret=interpret))(EPS)
+
+
 def test_rejects_mismatched_shapes():
     y = jnp.zeros((1, 4, 2, 16))
     with pytest.raises(ValueError, match="g has shape"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -132,6 +133,30 @@ def test_splits_the_batch_per_device_under_a_mesh():
     result = run_script(SHARDED)
     assert result["shard_map"] and result["all_gathers"] == 0, result
     assert result["max_rel_err"] < 1e-6, result
+
+
+def test_no_rows_and_mixed_dtypes_as_the_plain_form():
+    """B * T = 0: five empty outputs (it raised inside Pallas). a in bf16 beside a float32
+    xx: float32 out, as the plain form's (it was a's bf16: 1.7e-3 off a float64 evaluation;
+    the plain form rounds maa to a's bf16 first: 6.9e-4 there)."""
+    from rwkv_ray.ops.token_mix import mix_slots, mix_slots_plain
+
+    c = 64
+    maa = jnp.linspace(-1, 1, 5 * c).reshape(5, c)
+    empty = jnp.zeros((2, 0, c))
+    outs = mix_slots(empty, empty, maa, [empty] * 5, interpret=True)
+    assert [o.shape for o in outs] == [(2, 0, c)] * 5
+    ks = jax.random.split(jax.random.PRNGKey(0), 7)
+    a = jax.random.normal(ks[0], (1, 17, c)).astype(jnp.bfloat16)
+    xx = jax.random.normal(ks[1], (1, 17, c))
+    mixes = [jax.random.normal(k, (1, 17, c)) for k in ks[2:]]
+    ours = mix_slots(a, xx, maa, mixes, interpret=True)
+    plain = mix_slots_plain(a, xx, maa, mixes)
+    f64 = [np.asarray(x, np.float64) for x in (a, xx, maa)]
+    for s, (o, p) in enumerate(zip(ours, plain, strict=True)):
+        assert o.dtype == p.dtype == jnp.float32
+        truth = f64[0] + f64[1] * (f64[2][s] + np.asarray(mixes[s], np.float64))
+        assert rel(o, truth) < 1e-6 and rel(o, truth) <= rel(p, truth), (rel(o, truth), s)
 
 
 @pytest.mark.gpu

@@ -50,13 +50,17 @@ def _forward_kernel(y_ref, g_ref, gamma_ref, beta_ref, out_ref, *, eps, silu):
 
 def _backward_kernel(
     y_ref, g_ref, gamma_ref, beta_ref, dout_ref, dy_ref, dg_ref, dgamma_ref, dbeta_ref, *,
-    eps, silu,
+    eps, silu, t,
 ):  # fmt: skip
     """dy, dg (of the pre-activation where silu), and this block's sums of d gamma and
     d beta over its rows (as the plain form's autodiff: the gate's product and the cast to
-    bf16 transposed in bf16)."""
+    bf16 transposed in bf16). `t`: the rows before the padding."""
     dtype = dy_ref.dtype
     x_hat, rstd = _stats(y_ref[...].astype(F32), eps)
+    # A padded (zero) row's x_hat is 0 * rsqrt(0 + eps): NaN where eps is 0 or flushes to 0,
+    # which d gamma's sum would spread to every channel.
+    row = pl.program_id(1) * ROWS + jax.lax.broadcasted_iota(jnp.int32, x_hat.shape, 0)
+    x_hat = jnp.where(row < t, x_hat, 0.0)
     gamma = gamma_ref[...][None, :]
     z = (x_hat * gamma + beta_ref[...][None, :]).astype(dtype)
     dout = dout_ref[...].astype(dtype)
@@ -94,8 +98,8 @@ def _padded(x, rows):
     return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _group_norm_gate(y, g, gamma, beta, eps, silu, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _group_norm_gate(y, g, gamma, beta, eps, silu, t, interpret):
     b, t, h, n = y.shape
     piece, head, _ = _specs(ROWS, n)
     return pl.pallas_call(
@@ -110,18 +114,19 @@ def _group_norm_gate(y, g, gamma, beta, eps, silu, interpret):
     )(y, g, gamma, beta)
 
 
-def _group_norm_gate_fwd(y, g, gamma, beta, eps, silu, interpret):
-    return _group_norm_gate(y, g, gamma, beta, eps, silu, interpret), (y, g, gamma, beta)
+def _group_norm_gate_fwd(y, g, gamma, beta, eps, silu, t, interpret):
+    out = _group_norm_gate(y, g, gamma, beta, eps, silu, t, interpret)
+    return out, (y, g, gamma, beta)
 
 
-def _group_norm_gate_bwd(eps, silu, interpret, residuals, dout):
+def _group_norm_gate_bwd(eps, silu, t, interpret, residuals, dout):
     y, g, gamma, beta = residuals
-    b, t, h, n = y.shape
+    b, padded, h, n = y.shape
     piece, head, partial = _specs(ROWS, n)
-    blocks = jax.ShapeDtypeStruct((b, t // ROWS, h, n), F32)
+    blocks = jax.ShapeDtypeStruct((b, padded // ROWS, h, n), F32)
     dy, dg, dgamma, dbeta = pl.pallas_call(
-        functools.partial(_backward_kernel, eps=eps, silu=silu),
-        grid=(b, t // ROWS, h),
+        functools.partial(_backward_kernel, eps=eps, silu=silu, t=t),
+        grid=(b, padded // ROWS, h),
         in_specs=[piece, piece, head, head, piece],
         out_specs=[piece, piece, partial, partial],
         out_shape=(
@@ -154,13 +159,18 @@ def group_norm_gate(y, g, gamma, beta, eps, *, gate_silu=False, interpret=False)
         if x.shape != (h, n):
             raise ValueError(f"{name} has shape {x.shape}, expected {(h, n)}")
     t = y.shape[1]
+    try:
+        eps = float(eps)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise TypeError(f"eps must be a number known when tracing (it is compiled in): {e}") from e
+    if t == 0:  # no rows: no program to run
+        return jnp.zeros(y.shape, y.dtype)
 
     def per_device(y, g, gamma, beta):
-        # Padded rows are zeros: finite statistics, zero gradient (their dout is zero).
+        # Padded rows are zeros: zero gradient (their dout is zero; the backward masks them).
         out = _group_norm_gate(
-            _padded(y, ROWS), _padded(g, ROWS), gamma, beta, float(eps), bool(gate_silu),
-            interpret,
-        )  # fmt: skip
+            _padded(y, ROWS), _padded(g, ROWS), gamma, beta, eps, bool(gate_silu), t, interpret
+        )
         return out[:, :t]
 
     # Under a data-parallel mesh each device norms its own rows (as the WKV kernel does).

@@ -145,7 +145,8 @@ _mix.defvjp(_mix_fwd, _mix_bwd)
 
 def mix_slots(a, xx, maa, mixes, *, interpret=False):
     """`mix_slots_plain`'s five outputs through the Pallas kernels: a, xx and each mixes[s]
-    [B, T, C] in one dtype, maa [5, C] (taken in float32; its gradient is float32). C needs a
+    [B, T, C] (run in their promoted dtype, as the plain form's), maa [5, C] (taken in
+    float32; its gradient is float32). C needs a
     width of COLUMN_BLOCKS dividing it (`column_block`). Differentiable in every argument;
     `interpret=True` runs Pallas' interpreter (CPU)."""
     if len(mixes) != SLOTS:
@@ -158,6 +159,10 @@ def mix_slots(a, xx, maa, mixes, *, interpret=False):
         raise ValueError(f"maa has shape {maa.shape}, expected {(SLOTS, c)}")
     if column_block(c) is None:
         raise ValueError(f"C = {c} is a multiple of none of {COLUMN_BLOCKS}: use mix_slots_plain")
+    dtype = jnp.result_type(a, xx, *mixes)  # mix_slots_plain's: nothing rounded to a's
+    if b * t == 0:  # no rows: no program to run
+        return [jnp.zeros(a.shape, dtype)] * SLOTS
+    a = a.astype(dtype)
     block = ROWS * SUBTILES
 
     def per_device(a, xx, maa, *mixes):
