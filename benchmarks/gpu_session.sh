@@ -22,6 +22,9 @@
 #    GPU: a fix needs the dr and dk kernels to round their cumsums alike (wkv_kernel_intra.py).
 # 3. Kernel v12 (22a944e) measured on an H200 only: `kernel` on an H100 gives its figure of
 #    record (on the H200 0.48-0.49 forward, 0.498-0.500 f+b against fla, back to back).
+# Done on 2026-11-29 (10:17-10:20, nvidia-h200 x1): `pytest -m gpu tests/test_group_norm_gate.py
+# tests/test_token_mix.py` at 13ca5dd (padded rows masked in the ln_x + gate backward):
+# 10 passed.
 # Done on 2026-11-29 (08:31-08:55, nvidia-h200 x1): the GPU rows of 453f22a's dtype casts
 # (float16, mixed, T = 0) and the strong-decay rows (17 passed; the "loop" d log_w trial:
 # 5.1e-3 on the GPU either way, 9% slower fallback, not kept), `gpu-tests` at f439bdd
