@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # A state or session name: letters, digits, '_', '-', '.', not starting with '.' (no path).
 NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
@@ -25,6 +25,10 @@ _STATE_HELP = (
     f"a state of the states directory ({_NAME_HELP}), runs:/<run id>[/<path>], "
     "models:/<name>@<alias> or models:/<name>/<version>"
 )
+_NAMES = {  # field -> (its pattern, what it may be)
+    "state": (STATE_PATTERN, _STATE_HELP),
+    "session": (NAME_PATTERN, f"a name of {_NAME_HELP}"),
+}
 MAX_NEW_TOKENS = 4096
 MAX_STOP = 4
 
@@ -60,18 +64,12 @@ class GenerateRequest(_Strict):
 
     # Validators rather than Field(pattern=...): a 422 that says what a name may be, not
     # "should match pattern" and the regular expression.
-    @field_validator("state")
+    @field_validator("state", "session")
     @classmethod
-    def _state_name(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(STATE_PATTERN, value):
-            raise ValueError(f"'state' must be {_STATE_HELP}; got {value!r}")
-        return value
-
-    @field_validator("session")
-    @classmethod
-    def _session_name(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(NAME_PATTERN, value):
-            raise ValueError(f"'session' must be a name of {_NAME_HELP}; got {value!r}")
+    def _name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        pattern, what = _NAMES[info.field_name]
+        if value is not None and not re.fullmatch(pattern, value):
+            raise ValueError(f"'{info.field_name}' must be {what}; got {value!r}")
         return value
 
     @model_validator(mode="after")

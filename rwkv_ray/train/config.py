@@ -152,6 +152,11 @@ class JobConfig:
         """The data streams worker `rank` reads."""
         return list(range(rank, self.num_streams, self.scaling.num_workers))
 
+    @property
+    def registered_model_name(self) -> str:
+        """The MLflow registered model the result goes to ("": not registered)."""
+        return self.name if self.mlflow.registered_model is None else self.mlflow.registered_model
+
     def model_config(self) -> RWKV6Config | None:
         return None if self.model.config is None else RWKV6Config.from_dict(self.model.config)
 
@@ -281,7 +286,7 @@ def _check_mlflow_names(c: JobConfig) -> None:
     """MLflow's own rules for the registered model's name and alias (checked by MLflow only
     when the job registers its result, after all the training)."""
     _check(bool(c.mlflow.experiment.strip()), "mlflow.experiment", "must not be empty")
-    name = c.name if c.mlflow.registered_model is None else c.mlflow.registered_model
+    name = c.registered_model_name
     if not name:
         return  # not registered
     from mlflow.exceptions import MlflowException

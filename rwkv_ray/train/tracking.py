@@ -185,8 +185,7 @@ class Tracker:
         self.publish(config, export_dir)
 
     def _register(self, config: JobConfig) -> None:
-        name = config.mlflow.registered_model
-        name = config.name if name is None else name
+        name = config.registered_model_name
         if not name:
             return
         from mlflow.exceptions import MlflowException

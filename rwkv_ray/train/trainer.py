@@ -132,8 +132,7 @@ def run_job(config: JobConfig):
             mark_failed(config, run_id)
         raise
     if run_id is not None:
-        registered = config.mlflow.registered_model
-        registered = config.name if registered is None else registered  # "": not registered
+        registered = config.registered_model_name
         where = f"; registered as models:/{registered}@{config.mlflow.alias}" if registered else ""
         print(f"MLflow run {run_id} (experiment {config.mlflow.experiment!r}){where}")
     if result.checkpoint is not None:
